@@ -258,6 +258,22 @@ def test_topk_ternary_matches_compeft_by_hand():
     assert body[6:10] == struct.pack("<f", np.float32(s)) and body[10] == 0x40 and len(body) == 11
 
 
+def test_sign_by_hand_and_mean_magnitude_is_the_least_squares_scale():
+    x = torch.tensor([0.5, -2.0, 0.1, 3.0, -0.2, 0.0, 1.0, -1.0, 4.0])
+    payload, out = roundtrip(make_codec("sign"), {"w": x})
+    s = sum(abs(v) for v in x.tolist()) / 9
+    np.testing.assert_allclose(out["w"].numpy(), [s, -s, s, s, -s, s, s, -s, s], rtol=1e-6)
+    # header + f32 scale + 2 sign bytes: signs 0,1,0,0,1,0,0,1 | 0 (+7 pad bits) = 0x49, 0x00
+    assert payload[HEADER:] == struct.pack("<f", np.float32(s)) + bytes([0x49, 0x00])
+    # for fixed signs, sum((x - c*sign x)^2) is minimised at c = mean|x|
+    err = lambda c: float(((x - c * torch.where(x < 0, -1.0, 1.0)) ** 2).sum())  # noqa: E731
+    assert err(s) < min(err(s * 0.95), err(s * 1.05))
+    # per-block scales: blocks [0.5,-2,0.1,3], [-0.2,0,1,-1], [4]
+    _, out = roundtrip(make_codec("sign", block_size=4), {"w": x})
+    b = [5.6 / 4, 2.2 / 4, 4.0]
+    np.testing.assert_allclose(out["w"].numpy(), [b[0], -b[0], b[0], b[0], -b[1], b[1], b[1], -b[1], b[2]], rtol=1e-6)
+
+
 def test_standalone_ternary_keeps_zeros_zero():
     x = torch.tensor([[0.5, 0.0], [-1.5, 0.25]])
     _, out = roundtrip(make_codec("ternary"), {"w": x})
@@ -290,6 +306,9 @@ def ceil_div(a, b):
         ("randk+fp16", None, lambda n: 5 + 2 * ceil_div(n, 10)),
         ("randk+int8", 8, lambda n: 5 + 4 * ceil_div(ceil_div(n, 10), 8) + ceil_div(n, 10)),
         ("randk+int4", None, lambda n: 5 + 4 + ceil_div(ceil_div(n, 10), 2)),
+        ("sign", None, lambda n: 4 + ceil_div(n, 8)),
+        ("sign", 32, lambda n: 4 * ceil_div(n, 32) + ceil_div(n, 8)),
+        ("randk+sign", None, lambda n: 5 + 4 + ceil_div(ceil_div(n, 10), 8)),
     ],
 )
 def test_layout_only_sizes_match_hand_formula(name, block, per_tensor):
@@ -372,8 +391,9 @@ def test_error_feedback_bookkeeping_is_exact(name):
         torch.testing.assert_close(sent_total[k] + residual[k].double(), true_total[k], rtol=0, atol=1e-9)
 
 
-def test_error_feedback_ternary_within_one_rounding():
-    codec = make_codec("topk+ternary", ratio=0.1)
+@pytest.mark.parametrize("name", ["topk+ternary", "sign"])
+def test_error_feedback_ternary_within_one_rounding(name):
+    codec = make_codec(name, ratio=0.1)
     comp = compensate(rand_delta(0), {})
     decoded = codec.decode(codec.encode(comp), layout_of(comp))
     residual = residual_after(comp, decoded)

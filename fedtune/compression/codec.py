@@ -10,6 +10,7 @@ fp16, bf16     dense        fp16/bf16 2n
 int8           dense        int8      4*nblocks(n) + n
 int4           dense        int4      4*nblocks(n) + ceil(n/2)
 ternary        nonzero      ternary   5 + I + 4 + ceil(nnz/8)
+sign           dense        sign      4*nblocks(n) + ceil(n/8)   (1 bit / entry)
 topk           topk         fp32      5 + I + 4k
 topk+V         topk         V         5 + I + V.nbytes(k)
 randk          randk        fp32      5 + 4k            (indices from the seed)
@@ -36,7 +37,7 @@ import torch
 
 from fedtune.compression import wire
 from fedtune.compression.sparsify import Dense, NonZero, RandK, Sparsifier, TopK
-from fedtune.compression.values import Bf16, Fp16, Fp32, IntQuant, Ternary, ValueCoder
+from fedtune.compression.values import Bf16, Fp16, Fp32, IntQuant, Sign, Ternary, ValueCoder
 from fedtune.delta import Delta
 from fedtune.errors import ConfigError, PayloadError
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 Layout = Mapping[str, tuple[int, ...]]
 
 SPARSIFIERS = ("topk", "randk")
-VALUE_CODERS = ("fp16", "bf16", "int8", "int4", "ternary")
+VALUE_CODERS = ("fp16", "bf16", "int8", "int4", "ternary", "sign")
 VALID_CODECS: tuple[str, ...] = (
     ("none", *VALUE_CODERS, *SPARSIFIERS)
     + tuple(f"topk+{v}" for v in VALUE_CODERS)
@@ -240,6 +241,7 @@ def make_codec(
         "int8": lambda: IntQuant(8, block_size),
         "int4": lambda: IntQuant(4, block_size),
         "ternary": lambda: Ternary(ternary_alpha),
+        "sign": lambda: Sign(block_size),
     }[value_name]()
     if sparse_name == "topk":
         sparsifier: Sparsifier = TopK(ratio)

@@ -24,7 +24,7 @@ class CompressionConfig:
             global adapter so that server and clients stay identical.
         ratio: fraction of entries top-k / rand-k keep per tensor, in (0, 1];
             ``k = min(n, ceil(ratio * n))``.
-        block_size: values per int8/int4 scale; None = one scale per tensor.
+        block_size: values per int8/int4/sign scale; None = one scale per tensor.
             Flower's run_config cannot hold None: leave the key out instead.
         ternary_alpha: ComPEFT's alpha; ternary values are ``alpha * std``.
         randk_unbiased: decode rand-k values scaled by ``n/k`` (unbiased but
