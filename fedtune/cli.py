@@ -45,6 +45,25 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def cmd_centralized(args) -> int:
+    from fedtune.centralized import run_centralized
+
+    cfg = _load_config(args)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.output.name}-centralized"
+    run_centralized(cfg, out, progress=lambda s: print(s, flush=True))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from fedtune.report import report
+
+    text, written = report(args.run_dirs, out=args.out, metric=args.metric, plots=not args.no_plots)
+    print(text)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models with Flower")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config and print it resolved")
     _add_config_args(p)
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser(
+        "centralized",
+        help="train the centralized baseline of a config (pooled data, the federated run's total local steps)",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", "-o", help="run directory (default: runs/NAME-centralized)")
+    p.set_defaults(func=cmd_centralized)
+    p = sub.add_parser("report", help="summary table and PNG plots of one or more run directories")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; ratios are given to the first")
+    p.add_argument("--out", "-o", help="write the plots (all runs overlaid) here instead of into each run directory")
+    p.add_argument("--metric", "-m", help="held-out metric to report (default: accuracy, or perplexity for causal LMs)")
+    p.add_argument("--no-plots", action="store_true", help="print the table only")
+    p.set_defaults(func=cmd_report)
     deploy_cli.register(sub)
     return parser
 

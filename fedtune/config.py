@@ -241,6 +241,34 @@ class SimulationConfig(_Section):
 
 
 @dataclass(frozen=True)
+class EvalConfig(_Section):
+    """Optional held-out metrics for causal LMs, computed at every evaluation (see ``fedtune.metrics``).
+
+    ``rouge_examples`` held-out prompts are answered by greedy generation (at most
+    ``max_new_tokens`` tokens) and scored with ROUGE-L F1 against the reference
+    responses. ``forgetting_examples`` texts from ``forgetting_source``, never used
+    for tuning, give a perplexity to compare before (round 0) and after tuning:
+    ``auto`` takes the chatterbot categories left out of ``data.domains`` when
+    tuning on chatterbot with a subset of domains, else Rotten Tomatoes review text
+    (``rotten_tomatoes``); ``chatterbot`` forces the former. 0 turns a metric off.
+    """
+
+    SECTION = "eval"
+    rouge_examples: int = 0
+    max_new_tokens: int = 32
+    forgetting_examples: int = 0
+    forgetting_source: str = "auto"
+
+    def problems(self) -> list[str]:
+        e: list[str] = []
+        _positive("eval", "rouge_examples", self.rouge_examples, e, allow_zero=True)
+        _positive("eval", "max_new_tokens", self.max_new_tokens, e)
+        _positive("eval", "forgetting_examples", self.forgetting_examples, e, allow_zero=True)
+        _choice("eval", "forgetting_source", self.forgetting_source, ("auto", "chatterbot", "rotten_tomatoes"), e)
+        return e
+
+
+@dataclass(frozen=True)
 class OutputConfig(_Section):
     """Where a run writes its adapter, metrics and summary."""
 
@@ -293,6 +321,7 @@ class FedtuneConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     compression: Any = field(default_factory=_compression_default)
     privacy: Any = field(default_factory=_privacy_default)
     aggregation: Any = field(default_factory=_aggregation_default)
@@ -321,6 +350,7 @@ class FedtuneConfig:
 _CORE = {
     "model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig,
     "federation": FederationConfig, "simulation": SimulationConfig, "output": OutputConfig,
+    "eval": EvalConfig,
 }
 _EXTENSIONS = ("compression", "privacy", "aggregation", "zo")
 SECTIONS = (*_CORE, *_EXTENSIONS)
