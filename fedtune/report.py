@@ -273,20 +273,28 @@ def plot_bytes_vs_metric(runs: Sequence[Run], metric: str, path: Path) -> None:
 
 
 def client_losses(run: Run) -> tuple[dict[str, list[tuple[int, float]]], list[tuple[int, float]]]:
-    """Per-client ``train_loss`` series (clients named in order of node id) and the aggregated mean."""
+    """Per-client ``train_loss`` series and the aggregated mean.
+
+    Clients are named by their ``partition-id`` where the client metrics carry one,
+    else numbered in order of node id.
+    """
     per: dict[int | str, list[tuple[int, float]]] = {}
     mean: list[tuple[int, float]] = []
+    by_partition = False
     for r in sorted(run.records, key=lambda r: r["round"]):
         for c in r.get("clients") or []:
             loss = c.get("train_loss")
             if loss is not None and math.isfinite(float(loss)):
-                who = c.get("partition-id", c.get("node", "?"))
+                if c.get("partition-id") is not None:
+                    by_partition, who = True, int(c["partition-id"])
+                else:
+                    who = c.get("node", "?")
                 per.setdefault(who, []).append((int(r["round"]), float(loss)))
         loss = (r.get("train") or {}).get("train_loss")
         if loss is not None and math.isfinite(float(loss)):
             mean.append((int(r["round"]), float(loss)))
     order = sorted(per, key=lambda k: (0, k, "") if isinstance(k, (int, float)) else (1, 0, str(k)))
-    named = {f"client {i}": per[k] for i, k in enumerate(order)}
+    named = {f"client {k if by_partition else i}": per[k] for i, k in enumerate(order)}
     return named, mean
 
 

@@ -93,6 +93,9 @@ def test_client_losses_per_client_and_mean(tmp_path):
     # named in node-id order: node 7 is client 0
     assert per == {"client 0": [(1, 0.8), (2, 0.4)], "client 1": [(1, 1.2), (2, 0.6)]}
     assert mean == [(1, 1.0), (2, 0.5)]
+    rows = [{"round": 1, "clients": [{"node": 99, "partition-id": 3.0, "train_loss": 0.5}]}]
+    (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert client_losses(load_run(tmp_path / "r"))[0] == {"client 3": [(1, 0.5)]}
 
 
 @pytest.mark.parametrize(
