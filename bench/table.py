@@ -5,6 +5,8 @@ Each row runs in a fresh `fedtune simulate` process (Flower simulation, Ray).
 
     python bench/table.py --config simulations/configs/default.toml \
         --row "none:" --row "fp16:compression.codec=fp16" --out bench/results/compression
+
+A value may be a TOML list: ``--row "het:adapter.r=16,aggregation.lora_mode=hetero,aggregation.client_ranks=[2,4,8,16]"``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+
+def parse_row(spec: str) -> tuple[str, list[str]]:
+    """``"NAME:key=value,key=value"`` -> (NAME, overrides); commas inside ``[...]`` or ``{...}`` stay in their value."""
+    name, _, rest = spec.partition(":")
+    overrides, depth, cur = [], 0, ""
+    for ch in rest:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            overrides.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    overrides.append(cur)
+    return name, [o.strip() for o in overrides if o.strip()]
 
 
 def run_row(config: str, name: str, overrides: list[str], out: Path, extra: list[str]) -> dict:
@@ -79,8 +96,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results = []
     for spec in args.row:
-        name, _, rest = spec.partition(":")
-        overrides = [o for o in rest.split(",") if o]
+        name, overrides = parse_row(spec)
         print(f"== {name}: {overrides}", flush=True)
         results.append(run_row(args.config, name, overrides, out, args.extra))
         print(json.dumps(results[-1]), flush=True)

@@ -453,10 +453,7 @@ def _cross_check(cfg: FedtuneConfig) -> None:
     if agg.lora_mode == "ffa" and not cfg.adapter.ffa:
         errors.append("aggregation.lora_mode: 'ffa' needs adapter.ffa = true (A frozen on every client)")
     if agg.lora_mode == "hetero":
-        errors.append(
-            "aggregation.lora_mode: 'hetero' is available in the library (fedtune.aggregation.HeteroLoRA) "
-            "but not yet in the federated loop; use 'naive', 'exact' or 'ffa'"
-        )
+        errors.extend(_hetero_problems(cfg))
     if agg.lora_mode == "exact" and agg.server_optimizer not in ("fedavg", "fedprox"):
         errors.append(
             f"aggregation.lora_mode: 'exact' re-factors the mean product; it cannot be combined with "
@@ -464,6 +461,35 @@ def _cross_check(cfg: FedtuneConfig) -> None:
         )
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _hetero_problems(cfg: FedtuneConfig) -> list[str]:
+    """What ``aggregation.lora_mode = 'hetero'`` (clients at their own LoRA rank) cannot be combined with."""
+    e: list[str] = []
+    ranks = cfg.aggregation.client_ranks or ()
+    if cfg.adapter.method not in ("lora", "dora"):
+        e.append(f"aggregation.lora_mode: 'hetero' needs LoRA factors; adapter.method is {cfg.adapter.method!r} (use 'lora' or 'dora')")
+    if cfg.adapter.ffa:
+        e.append("aggregation.lora_mode: 'hetero' re-factors A every round, so A cannot stay frozen; set adapter.ffa = false")
+    above = sorted({r for r in ranks if r > cfg.adapter.r})
+    if above:
+        e.append(
+            f"aggregation.client_ranks: {above} above adapter.r = {cfg.adapter.r}, the rank of the global adapter; "
+            f"set adapter.r = max(client_ranks) = {max(ranks)}"
+        )
+    if cfg.train.mode != "backprop":
+        e.append(f"aggregation.lora_mode: 'hetero' needs train.mode = 'backprop', got {cfg.train.mode!r}")
+    if cfg.privacy.mode == "client-central":
+        e.append(
+            "privacy.mode: 'client-central' averages same-shape deltas on the server; it cannot be combined with "
+            "aggregation.lora_mode = 'hetero' (use 'client-local' or 'sample')"
+        )
+    if cfg.compression.downlink != "none":
+        e.append(
+            "compression.downlink: the compressed broadcast is one copy for all clients, but with "
+            "aggregation.lora_mode = 'hetero' each client gets the global at its own rank; set it to 'none'"
+        )
+    return e
 
 
 def parse_value(text: str) -> Any:

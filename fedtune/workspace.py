@@ -32,6 +32,7 @@ class Workspace:
     _parts: list[list[int]] | None = None
     _initial: Delta | None = None
     _files: dict[str, list[dict]] = field(default_factory=dict)
+    _rank_models: dict[int, object] = field(default_factory=dict)
 
     @property
     def task(self) -> str:
@@ -46,6 +47,22 @@ class Workspace:
         if self._initial is None:
             self._initial = adapters.get_state(self.model)
         return {k: v.clone() for k, v in self._initial.items()}
+
+    def model_for_rank(self, rank: int):
+        """The peft model with LoRA at ``rank`` (heterogeneous ranks): ``model`` itself at
+        ``adapter.r``, else one built on a second copy of the base model, cached per rank.
+
+        A second base copy costs its memory once per rank a process serves; peft
+        injects LoRA layers into the base in place, so two ranks cannot share one.
+        """
+        if rank == self.cfg.adapter.r:
+            return self.model
+        if rank not in self._rank_models:
+            from dataclasses import replace
+
+            base = models.load_base(self.resolved, self.cfg.model, self.tokenizer, self.device)
+            self._rank_models[rank] = adapters.wrap(base, replace(self.cfg.adapter, r=rank), self.task)
+        return self._rank_models[rank]
 
     def trainable_keys(self) -> list[str]:
         return adapters.trainable_keys(self.model)

@@ -566,6 +566,8 @@ def dataclass_error():
         ({"robust": "median", "lora_mode": "exact"}, "robust"),
         ({"robust": "krum", "server_optimizer": "fedadam"}, "robust"),
         ({"lora_mode": "hetero", "server_optimizer": "fedyogi"}, "hetero"),
+        ({"lora_mode": "hetero", "client_ranks": [4, -2]}, "client_ranks"),
+        ({"lora_mode": "exact", "client_ranks": [4, 8]}, "client_ranks"),
         ({"lora_modes": "naive"}, "lora_modes"),
     ],
 )

@@ -4,10 +4,10 @@ Pure functions on ``dict[str, Tensor]``; no Flower import. Robust rules and
 server optimizers named in `AggregationConfig` are Flower's strategies.
 """
 
-from fedtune.aggregation.aggregator import Aggregator, ExactLoRA, FFALoRA, NaiveLoRA, build_aggregator
+from fedtune.aggregation.aggregator import Aggregator, ExactLoRA, FactoredHeteroLoRA, FFALoRA, NaiveLoRA, build_aggregator
 from fedtune.aggregation.config import AggregationConfig
 from fedtune.aggregation.fedprox import proximal_term
-from fedtune.aggregation.hetero import HeteroLoRA, hetero_update
+from fedtune.aggregation.hetero import HeteroLoRA, cut_to_rank, hetero_round, hetero_update
 from fedtune.aggregation.lora import (
     AggregationReport,
     LayerReport,
@@ -29,6 +29,7 @@ __all__ = [
     "AggregationReport",
     "Aggregator",
     "ExactLoRA",
+    "FactoredHeteroLoRA",
     "FFALoRA",
     "HeteroLoRA",
     "LayerReport",
@@ -36,10 +37,12 @@ __all__ = [
     "LoraScaling",
     "NaiveLoRA",
     "build_aggregator",
+    "cut_to_rank",
     "dense_mean",
     "dense_svds",
     "factors_for_rank",
     "ffa_mean",
+    "hetero_round",
     "hetero_update",
     "lora_layers",
     "naive_mean",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from fedtune.aggregation.config import AggregationConfig
-from fedtune.aggregation.hetero import HeteroLoRA
+from fedtune.aggregation.hetero import HeteroLoRA, hetero_round
 from fedtune.aggregation.lora import (
     AggregationReport,
     RankSpec,
@@ -62,6 +62,24 @@ class ExactLoRA:
 
     def aggregate(self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None) -> tuple[Delta, AggregationReport]:
         return product_space_mean(states, weights, self.scaling, self.rank, reference=reference)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredHeteroLoRA:
+    """Heterogeneous client ranks with the global held as factors at ``rank`` (`hetero_round`).
+
+    Stateless, unlike `HeteroLoRA`: ``reference`` (required) is the global the
+    clients' factors were cut from, so a checkpoint of the global is all a
+    resumed server needs. This is what the federated loop uses.
+    """
+
+    scaling: ScalingSpec
+    rank: int
+
+    def aggregate(self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None) -> tuple[Delta, AggregationReport]:
+        if reference is None:
+            raise ValueError("FactoredHeteroLoRA needs reference=: the global state the clients' factors were cut from")
+        return hetero_round(reference, states, weights, self.scaling, self.rank)
 
 
 def build_aggregator(config: AggregationConfig, scaling: ScalingSpec) -> Aggregator:

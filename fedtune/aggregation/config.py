@@ -52,7 +52,13 @@ class AggregationConfig:
             ``"ffa"`` keeps A frozen and averages B only, which is exact
             (FFA-LoRA, Sun et al. 2024, arXiv:2403.12313); ``"hetero"`` lets
             clients use different ranks (FlexLoRA, Bai et al. 2024,
-            arXiv:2402.11505; HetLoRA, Cho et al. 2024).
+            arXiv:2402.11505; HetLoRA, Cho et al. 2024): the global adapter
+            stays at ``adapter.r`` and each client trains at its own rank.
+        client_ranks: the clients' LoRA ranks under ``"hetero"``: client
+            (partition id) i trains at ``client_ranks[i % len(client_ranks)]``,
+            so a list of ``federation.num_clients`` entries gives every client
+            its own. ``None``: every client at ``adapter.r``. A TOML list, or
+            a string of ints separated by commas or spaces (flat run configs).
         rank: output rank of ``"exact"`` mode: ``None`` keeps the clients'
             rank, an int fixes it, ``"lossless"`` grows it to the sum of the
             clients' ranks so nothing is truncated.
@@ -74,6 +80,7 @@ class AggregationConfig:
     """
 
     lora_mode: str = "naive"
+    client_ranks: tuple[int, ...] | None = None
     rank: int | str | None = None
     max_update_norm: float | None = None
     robust: str = "none"
@@ -91,6 +98,12 @@ class AggregationConfig:
         _choice("lora_mode", self.lora_mode, LORA_MODES)
         _choice("robust", self.robust, ROBUST_RULES)
         _choice("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        if self.client_ranks is not None:
+            object.__setattr__(self, "client_ranks", _ranks("client_ranks", self.client_ranks))
+            if self.lora_mode != "hetero":
+                raise ConfigError(
+                    f"client_ranks={list(self.client_ranks)!r} is only used by lora_mode='hetero', got lora_mode={self.lora_mode!r}"
+                )
         if self.rank is not None and self.rank != "lossless":
             if not _is_int(self.rank) or self.rank < 1:
                 raise ConfigError(f"rank must be a positive int, 'lossless' or None, got {self.rank!r}")
@@ -152,6 +165,12 @@ class AggregationConfig:
         if self.lora_mode == "hetero" and opt not in ("fedavg", "fedprox"):
             raise ConfigError(f"lora_mode='hetero' needs server_optimizer 'fedavg' or 'fedprox', got {opt!r}")
 
+    def client_rank(self, partition_id: int, default: int) -> int:
+        """LoRA rank of the client with ``partition_id`` under ``"hetero"``; ``default`` (``adapter.r``) if unset."""
+        if not self.client_ranks:
+            return default
+        return self.client_ranks[int(partition_id) % len(self.client_ranks)]
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> AggregationConfig:
         """Build from a flat mapping (TOML table, Flower run_config); unknown keys are rejected.
@@ -173,6 +192,25 @@ class AggregationConfig:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ranks(name: str, value: object) -> tuple[int, ...]:
+    """A non-empty tuple of positive ints from a list, one int, or ``"2,4,8"`` / ``"2 4 8"``."""
+    items: object = value
+    if isinstance(value, str):
+        items = [v for v in value.replace(",", " ").split()]
+        try:
+            items = [int(v) for v in items]
+        except ValueError:
+            raise ConfigError(f"{name} must be a list of positive ints, got {value!r}") from None
+    elif _is_int(value):
+        items = [value]
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ConfigError(f"{name} must be a non-empty list of positive ints, got {value!r}")
+    bad = [v for v in items if not _is_int(v) or v < 1]
+    if bad:
+        raise ConfigError(f"{name} must hold positive ints, got {bad[0]!r} in {list(items)!r}")
+    return tuple(items)
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

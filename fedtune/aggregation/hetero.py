@@ -11,6 +11,10 @@ part of the global a rank-r_i client could not hold (``G - T_{r_i}(G)``) is
 pulled toward zero every round. `hetero_update` instead averages what each
 client *changed*: ``G + sum_i w_i (D_i - T_{r_i}(G))``. When every client holds
 the full global (r_i >= rank G) both coincide.
+
+In the federated loop (`hetero_round`) the global is held as factors at a fixed
+rank R >= every r_i, so a checkpoint of those factors is the whole server state,
+and client i starts from ``cut_to_rank(global, r_i)``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from fedtune.aggregation.lora import (
     _scaling,
     _svd_of_product,
     _weights,
+    factors_for_rank,
     lora_layers,
     refactor,
     to_dense,
@@ -60,6 +65,43 @@ def hetero_update(
     """
     svds = None if global_dense is None else _state_svds(global_dense, scaling)
     return _hetero_step(svds, states, weights, scaling, max_rank)[0]
+
+
+def cut_to_rank(state: State, rank: int, scaling: ScalingSpec) -> Delta:
+    """The factors a rank-``rank`` client starts from: ``state`` itself when its LoRA layers are
+    at ``rank`` already, else their truncated SVD at ``rank`` (`factors_for_rank`).
+
+    Server and client both call this on the same global, so a client that was
+    sent the global at a higher rank cuts it itself and the server knows what it
+    started from without being told.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"rank must be a positive int, got {rank!r}")
+    held = {state[a].shape[0] for a, _ in lora_layers(state).values()}
+    if held <= {rank}:
+        return {k: v.detach().clone() for k, v in state.items()}
+    return factors_for_rank(state, rank, scaling)
+
+
+def hetero_round(
+    global_state: State,
+    states: Sequence[State],
+    weights: Sequence[float],
+    scaling: ScalingSpec,
+    rank: int,
+) -> tuple[Delta, AggregationReport]:
+    """One server round of heterogeneous ranks on a global held as rank-``rank`` factors.
+
+    `hetero_update` from ``global_state`` (client i started from
+    ``cut_to_rank(global_state, r_i)`` and sends its trained factors, r_i <=
+    ``rank``), truncated to ``rank`` and re-factored with A aligned to
+    ``global_state``'s (directions the update leaves empty keep its A rows, with
+    a zero B). The report's residual is what the cut to ``rank`` drops.
+    """
+    svds = _state_svds(global_state, scaling)
+    dense, new_svds, parts = _hetero_step(svds, states, weights, scaling, rank)
+    out, _ = refactor(dense, rank, scaling, reference=global_state, svds=new_svds)
+    return out, AggregationReport.from_parts(parts)
 
 
 def _state_svds(state: State, scaling: ScalingSpec) -> dict[str, Svd]:

@@ -2,7 +2,11 @@
 
 Only the trainable part of the adapter leaves the client, as ``local - global``,
 after (in this order) client-level DP clipping and noise, then compression with
-optional error feedback. The base model is loaded once per process
+optional error feedback. With heterogeneous LoRA ranks
+(``aggregation.lora_mode = "hetero"``) a client trains a model at its own rank
+(``aggregation.client_ranks``), cuts the global to that rank if the server sent
+it at a higher one (`fedtune.aggregation.cut_to_rank`), and reports its rank in
+the ``lora-rank`` metric. The base model is loaded once per process
 (:mod:`fedtune.workspace`); what must outlive a round (error-feedback residual,
 the client's copy of the broadcast adapter, DP accountant) lives in Flower's
 per-node ``context.state``.
@@ -86,7 +90,7 @@ def encode_update(delta: Delta, context: Context, cfg: FedtuneConfig, round_seed
     return ConfigRecord({"codec": codec.name, "payload": payload})
 
 
-def _train_dp_sgd(ws, data, cfg: FedtuneConfig, context: Context, gen: torch.Generator, extra_loss) -> dict:
+def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: torch.Generator, extra_loss) -> dict:
     """One round of DP-SGD (opacus) over the trainable adapter; the accountant persists in context.state."""
     from functools import partial
 
@@ -102,7 +106,7 @@ def _train_dp_sgd(ws, data, cfg: FedtuneConfig, context: Context, gen: torch.Gen
     if cfg.privacy.target_epsilon is not None:
         total = cfg.federation.rounds * cfg.train.local_steps
     pt = make_private(
-        ws.model, make_optimizer(ws.model, cfg.train), loader, cfg.privacy, generator=gen, total_steps=total,
+        model, make_optimizer(model, cfg.train), loader, cfg.privacy, generator=gen, total_steps=total,
         accountant_state=dict(prev) if prev is not None else None,
     )
     try:
@@ -142,26 +146,33 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         data = ws.client_data(pid)
     rnd = int(conf["server-round"])
     global_state = receive_global(msg, context, cfg)
-    adapters.set_state_(ws.model, global_state)
+    model, rank = ws.model, None
+    if cfg.aggregation.lora_mode == "hetero":
+        from fedtune.aggregation import LoraScaling, cut_to_rank
+
+        rank = cfg.aggregation.client_rank(pid, cfg.adapter.r)
+        model = ws.model_for_rank(rank)
+        global_state = cut_to_rank(global_state, rank, LoraScaling.from_peft_config(model.peft_config["default"]))
+    adapters.set_state_(model, global_state)
     gen = torch.Generator().manual_seed(client_seed(cfg.train.seed, rnd, pid))
     extra_loss = None
     mu = float(conf.get("proximal-mu", 0.0))
     if mu > 0:
         from fedtune.aggregation import proximal_term
 
-        anchors = {n: p.detach().clone() for n, p in ws.model.named_parameters() if p.requires_grad}
-        named = [(n, p) for n, p in ws.model.named_parameters() if p.requires_grad]
+        anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         extra_loss = lambda: proximal_term(named, anchors, mu)  # noqa: E731
     privacy = cfg.privacy
     if privacy.mode == "sample":
-        metrics = _train_dp_sgd(ws, data, cfg, context, gen, extra_loss)
+        metrics = _train_dp_sgd(ws, model, data, cfg, context, gen, extra_loss)
     else:
         metrics = train_local(
-            ws.model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
+            model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
             extra_loss=extra_loss,
         )
-    keys = ws.trainable_keys()
-    local = adapters.get_state(ws.model)
+    keys = adapters.trainable_keys(model)
+    local = adapters.get_state(model)
     delta = subtract({k: local[k] for k in keys}, {k: global_state[k] for k in keys})
     if privacy.mode == "client-local":
         # local DP: clip and noise before anything leaves (compression is post-processing)
@@ -171,6 +182,8 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         noise_gen = torch.Generator().manual_seed(client_seed(cfg.train.seed + 7919, rnd, pid))
         delta = add_gaussian_noise(delta, local_noise_std(privacy.noise_multiplier, privacy.clip_norm), noise_gen)
         metrics["update-norm"] = float(norm)
+    if rank is not None:
+        metrics["lora-rank"] = rank  # the server learns which cut to send this node next round
     update = encode_update(delta, context, cfg, int(conf.get("round-seed", 0)))
     reply = RecordDict(
         {

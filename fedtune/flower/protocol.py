@@ -1,12 +1,14 @@
 """Names of the records fedtune's ServerApp and ClientApp exchange.
 
 Server -> client (train): ``config`` (ConfigRecord: server-round, round-seed,
-version, proximal-mu) and either ``arrays`` (the full adapter, ArrayRecord) or
+version, proximal-mu) and either ``arrays`` (the full adapter, ArrayRecord; with
+heterogeneous LoRA ranks, the global cut to the node's rank once it is known) or
 ``downlink`` (ConfigRecord: from-version, keys, payloads = compressed broadcasts
 the client applies to its copy).
 
 Client -> server: ``update`` (ArrayRecord of the fp32 delta, or ConfigRecord with
-a codec ``payload``) and ``metrics`` (MetricRecord with num-examples).
+a codec ``payload``) and ``metrics`` (MetricRecord with num-examples; with
+heterogeneous LoRA ranks also ``lora-rank``, the rank the client trained at).
 """
 
 ARRAYS = "arrays"

@@ -6,6 +6,11 @@ is reproducible and a resumed run samples what the uninterrupted one would
 have. Aggregation math is Flower's (the strategy's ``aggregate_train``): each
 accepted reply is turned into global + delta before it reaches the strategy,
 so FedAvg, FedAdam, Krum, ... all see ordinary model arrays.
+
+With heterogeneous LoRA ranks (``aggregation.lora_mode = "hetero"``) each node
+is sent the global cut to its rank (`HeteroRanks`), its reply is rebuilt as
+the factors it trained, and `fedtune.aggregation.hetero_round` folds them into
+the global, which stays at ``adapter.r``; the strategy then only averages metrics.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from flwr.serverapp.strategy import Strategy
 from fedtune import adapters, config, workspace
 from fedtune.config import FedtuneConfig
 from fedtune.delta import Delta
-from fedtune.aggregation import validate_update
+from fedtune.aggregation import Layout, validate_update
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
@@ -147,6 +152,50 @@ class Broadcast:
         self.node_version[node] = rnd
 
 
+class HeteroRanks:
+    """Heterogeneous LoRA ranks: the rank each node trains at, and the global cut to it.
+
+    A node's rank is learned from its replies (the ``lora-rank`` metric). Until
+    then it is sent the global at full rank and cuts it itself with the same
+    function (`fedtune.aggregation.cut_to_rank`), so both sides agree on the
+    factors it started from; from the next round on it is sent only its cut.
+    """
+
+    def __init__(self, scaling, global_rank: int):
+        self.scaling = scaling
+        self.global_rank = global_rank
+        self.node_rank: dict[int, int] = {}
+        self._sent: dict[int, int] = {}
+        self._cuts: dict[tuple[int, int], Delta] = {}
+
+    def begin_round(self, state: Delta) -> None:
+        self._sent.clear()
+        self._cuts = {(self.global_rank, self.global_rank): state}
+
+    def _cut(self, src: int, rank: int) -> Delta:
+        from fedtune.aggregation import cut_to_rank
+
+        if (src, rank) not in self._cuts:
+            self._cuts[(src, rank)] = cut_to_rank(self._cut(self.global_rank, src), rank, self.scaling)
+        return self._cuts[(src, rank)]
+
+    def content_for(self, node: int, config: ConfigRecord) -> RecordDict:
+        rank = self.node_rank.get(node, self.global_rank)
+        self._sent[node] = rank
+        return RecordDict({P.CONFIG: config, P.ARRAYS: to_arrayrecord(self._cut(self.global_rank, rank))})
+
+    def start_for(self, node: int, metrics) -> tuple[int, Delta]:
+        """(rank, factors the node started from) for its reply; PayloadError if the rank is unusable."""
+        raw = metrics.get("lora-rank")
+        if not isinstance(raw, int) or isinstance(raw, bool) or not 1 <= raw <= self.global_rank:
+            raise PayloadError(f"metrics 'lora-rank' must be an int in 1..{self.global_rank} (adapter.r), got {raw!r}")
+        rank, sent = int(raw), self._sent[node]
+        self.node_rank[node] = rank
+        if rank > sent:  # it padded a rank-`sent` cut: not the T_rank(G) start hetero_round assumes
+            raise PayloadError(f"trained at rank {rank} from factors sent at rank {sent}; it gets rank {rank} next round")
+        return rank, self._cut(sent, rank)
+
+
 class ServerLoop:
     """One federated run on a Flower ``Grid``."""
 
@@ -158,6 +207,7 @@ class ServerLoop:
         self.progress = progress or (lambda s: log.info(s))
         self.strategy = build_strategy(cfg)
         self.broadcast: Broadcast | None = None
+        self.hetero: HeteroRanks | None = None
         self.worst_sample_eps = 0.0
         if cfg.compression.codec != "none":
             from fedtune.compression import build_codec
@@ -175,6 +225,7 @@ class ServerLoop:
             "strategy": {k: v for k, v in vars(self.strategy).items() if not callable(v)},
             "accountant": self.accountant.state_dict() if self.accountant is not None else None,
             "broadcast": vars(self.broadcast) if self.broadcast is not None else None,
+            "hetero_node_rank": dict(self.hetero.node_rank) if self.hetero is not None else None,
             "worst_sample_eps": self.worst_sample_eps,
         }
         config_text = config.to_toml(self.cfg)
@@ -210,6 +261,8 @@ class ServerLoop:
             self.accountant.load_state_dict(extras["accountant"])
         if self.broadcast is not None and extras["broadcast"] is not None:
             vars(self.broadcast).update(extras["broadcast"])
+        if self.hetero is not None and extras.get("hetero_node_rank"):
+            self.hetero.node_rank.update(extras["hetero_node_rank"])
         self.worst_sample_eps = extras["worst_sample_eps"]
         return meta
 
@@ -248,11 +301,13 @@ class ServerLoop:
         mode = self.cfg.aggregation.lora_mode
         if mode == "naive" or self.cfg.adapter.method == "prompt":
             return None  # Flower's strategy averages key by key
-        from fedtune.aggregation import ExactLoRA, FFALoRA, LoraScaling
+        from fedtune.aggregation import ExactLoRA, FactoredHeteroLoRA, FFALoRA, LoraScaling
 
         if mode == "ffa":
             return FFALoRA(atol=0.0)
         pcfg = ws.model.peft_config["default"]
+        if mode == "hetero":
+            return FactoredHeteroLoRA(LoraScaling.from_peft_config(pcfg), self.cfg.adapter.r)
         return ExactLoRA(LoraScaling.from_peft_config(pcfg), self.cfg.aggregation.rank)
 
     def decode_update(self, record, layout: dict[str, tuple[int, ...]], round_seed: int) -> Delta:
@@ -295,6 +350,8 @@ class ServerLoop:
         layout = {k: tuple(state[k].shape) for k in keys}
         expected = {k: (layout[k], torch.float32) for k in keys}
         self.lora_aggregator = self._lora_aggregator(ws)
+        if cfg.aggregation.lora_mode == "hetero":
+            self.hetero = HeteroRanks(self.lora_aggregator.scaling, cfg.adapter.r)
         n_params = sum(state[k].numel() for k in keys)
         self.accountant = self._privacy_accountant()
         if cfg.compression.downlink != "none":
@@ -349,6 +406,10 @@ class ServerLoop:
                 self.broadcast.advance(rnd, state)
                 for m in msgs:
                     m.content = self.broadcast.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
+            if self.hetero is not None:
+                self.hetero.begin_round(state)
+                for m in msgs:
+                    m.content = self.hetero.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
             down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in msgs}
             replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
             accepted, rejected, up, client_metrics = [], [], {}, []
@@ -364,17 +425,25 @@ class ServerLoop:
                     continue
                 up[node] = wire_bytes(r.content)
                 try:
-                    delta = self.decode_update(r.content[P.UPDATE], layout, round_seed)
-                    validate_update(delta, expected, max_norm=cfg.aggregation.max_update_norm)
                     m = r.content[P.METRICS]
+                    start, node_expected = state, expected
+                    if self.hetero is not None:
+                        rank, start = self.hetero.start_for(node, m)
+                        node_expected = Layout(expected).for_rank(rank)
+                    node_layout = {k: shape for k, (shape, _) in node_expected.items()}
+                    delta = self.decode_update(r.content[P.UPDATE], node_layout, round_seed)
+                    validate_update(delta, node_expected, max_norm=cfg.aggregation.max_update_norm)
                     if float(m.get("num-examples", 0)) <= 0:
                         raise PayloadError("metrics have no positive 'num-examples'")
                 except (PayloadError, KeyError, TypeError, ValueError) as exc:  # a bad update, never a crash
                     rejected.append({"node": node, "reason": str(exc)})
                     continue
                 # the same keys, in the same order, as the global record the strategy saw
-                full = {k: state[k] + delta[k] if k in delta else state[k] for k in state}
-                r.content = RecordDict({P.ARRAYS: to_arrayrecord(full), P.METRICS: m})
+                full = {k: start[k] + delta[k] if k in delta else start[k] for k in start}
+                # mixed ranks cannot be averaged array by array: the strategy gets the global
+                # (and only aggregates the metrics), hetero_round aggregates the factors below
+                arrays = global_arrays if self.hetero is not None else to_arrayrecord(full)
+                r.content = RecordDict({P.ARRAYS: arrays, P.METRICS: m})
                 accepted.append(r)
                 decoded.append((delta, full, float(m["num-examples"])))
                 if self.broadcast is not None:
