@@ -24,9 +24,9 @@ import torch
 
 from fedtune import adapters, config, workspace
 from fedtune.config import FedtuneConfig
-from fedtune.metrics import extra_eval, forgetting_summary
+from fedtune.metrics import forgetting_summary, held_out_metrics
 from fedtune.rundir import RunDir, replace_dir
-from fedtune.train import batch_stream, evaluate, make_optimizer, train_local
+from fedtune.train import batch_stream, make_optimizer, train_local
 
 
 def clients_per_round(cfg: FedtuneConfig) -> int:
@@ -42,19 +42,6 @@ def steps_per_round(cfg: FedtuneConfig) -> int:
 def pooled_train_data(ws: workspace.Workspace) -> list[dict]:
     """Every client's tokenized training examples, in partition order."""
     return [ex for pid in range(ws.cfg.federation.num_clients) for ex in ws.client_data(pid)]
-
-
-def _evaluate(ws: workspace.Workspace, cfg: FedtuneConfig, *, final: bool) -> dict[str, float]:
-    test = ws.test_data()
-    limit = cfg.federation.round_eval_examples
-    if not final and limit:
-        test = test[:limit]
-    out = evaluate(
-        ws.model, test, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-        batch_size=cfg.train.eval_batch_size, num_labels=cfg.model.num_labels,
-    )
-    out.update(extra_eval(ws, cfg))
-    return out
 
 
 def run_centralized(
@@ -81,7 +68,7 @@ def run_centralized(
     if cfg.train.mode != "backprop":
         say(f"note: train.mode is {cfg.train.mode!r}; the centralized baseline trains with backprop")
 
-    metrics = _evaluate(ws, cfg, final=False)
+    metrics = held_out_metrics(ws, cfg, final=False)
     records = [{"round": 0, "eval": metrics, "bytes_up": 0, "bytes_down": 0, "steps_total": 0}]
     run.append_metrics(records[0])
     say(f"round 0: {_fmt(metrics)}")
@@ -99,7 +86,7 @@ def run_centralized(
         }
         last = rnd == rounds
         if rnd % cfg.federation.eval_every == 0 or last:
-            record["eval"] = metrics = _evaluate(ws, cfg, final=last)
+            record["eval"] = metrics = held_out_metrics(ws, cfg, final=last)
         record["seconds"] = time.monotonic() - t0
         run.append_metrics(record)
         records.append(record)

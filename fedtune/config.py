@@ -169,6 +169,9 @@ class TrainConfig(_Section):
     eval_batch_size: int = 64
     max_grad_norm: float = 0.0
     logit_adjustment: float = 0.0
+    # "bf16": forward passes autocast to bfloat16 (HF Trainer's bf16=True); weights,
+    # gradients and optimizer state stay float32. ~1.7x faster on CPUs with AVX512-BF16/AMX.
+    mixed_precision: str = "no"
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -177,6 +180,7 @@ class TrainConfig(_Section):
         for name in ("local_steps", "batch_size", "lr", "eval_batch_size"):
             _positive("train", name, getattr(self, name), e)
         _choice("train", "optimizer", self.optimizer, ("adamw", "sgd"), e)
+        _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16"), e)
         _choice("train", "mode", self.mode, ("backprop", "zo"), e)
         if not 0 <= self.momentum < 1:
             e.append(f"train.momentum: must be in [0, 1), got {self.momentum!r}")

@@ -11,6 +11,8 @@
 
 :func:`extra_eval` is what an evaluation of a causal-LM run calls, after the
 adapter to evaluate is loaded into the model; it reads its sizes from ``[eval]``.
+:func:`held_out_metrics` is the one evaluation every run (federated, zeroth-order,
+centralized) reports each round.
 """
 
 from __future__ import annotations
@@ -145,6 +147,28 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int) -> list[dict]:
 
 
 _FORGETTING: dict[tuple, list[dict]] = {}
+
+
+def held_out_metrics(ws, cfg: FedtuneConfig, *, final: bool = True) -> dict[str, float]:
+    """Metrics of the adapter now loaded in ``ws.model`` on the held-out split.
+
+    Intermediate rounds (``final=False``) may use a fixed prefix of the (shuffled)
+    test split, ``federation.round_eval_examples`` long; causal LMs add
+    :func:`extra_eval`'s ROUGE-L and forgetting when ``[eval]`` asks for them.
+    """
+    from fedtune.train import evaluate
+
+    test = ws.test_data()
+    limit = cfg.federation.round_eval_examples
+    if not final and limit:
+        test = test[:limit]
+    out = evaluate(
+        ws.model, test, task=ws.task, pad_id=ws.pad_id, device=ws.device,
+        batch_size=cfg.train.eval_batch_size, num_labels=cfg.model.num_labels,
+        mixed_precision=cfg.train.mixed_precision,
+    )
+    out.update(extra_eval(ws, cfg))
+    return out
 
 
 def extra_eval(ws, cfg: FedtuneConfig) -> dict[str, float]:

@@ -16,6 +16,11 @@ from fedtune.config import CAUSAL_LM, TrainConfig
 from fedtune.data import collate
 
 
+def autocast(device: torch.device, mixed_precision: str):
+    """The forward-pass context for ``train.mixed_precision`` ("no" or "bf16")."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+
+
 def batch_stream(data: list[dict], batch_size: int, generator: torch.Generator) -> Iterator[list[dict]]:
     """Endless shuffled mini-batches (a fresh permutation per epoch)."""
     if not data:
@@ -94,14 +99,15 @@ def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optim
 
             empty_batch_step(opt)
             continue
-        if adjust is not None:
-            labels = batch.pop("labels")
-            out = model(**batch)
-            loss = torch.nn.functional.cross_entropy(out.logits.float() + adjust, labels)
-            out.loss = loss
-        else:
-            out = model(**batch)
-            loss = out.loss
+        with autocast(device, cfg.mixed_precision):
+            if adjust is not None:
+                labels = batch.pop("labels")
+                out = model(**batch)
+                loss = torch.nn.functional.cross_entropy(out.logits.float() + adjust, labels)
+                out.loss = loss
+            else:
+                out = model(**batch)
+                loss = out.loss.float()
         if extra_loss is not None:
             loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -117,7 +123,7 @@ def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optim
 @torch.no_grad()
 def evaluate(
     model, data: list[dict], *, task: str, pad_id: int, device: torch.device, batch_size: int = 64,
-    num_labels: int = 2,
+    num_labels: int = 2, mixed_precision: str = "no",
 ) -> dict[str, float]:
     """Held-out metrics: accuracy, macro-F1 and loss (classification); loss and perplexity (causal LM)."""
     was_training = model.training
@@ -129,7 +135,8 @@ def evaluate(
     for i in range(0, len(order), batch_size):
         batch = collate([data[j] for j in order[i : i + batch_size]], pad_id, task)
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(**batch)
+        with autocast(device, mixed_precision):
+            out = model(**batch)
         if task == CAUSAL_LM:
             logits = out.logits[:, :-1].float()
             labels = batch["labels"][:, 1:]

@@ -38,7 +38,7 @@ from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
 from fedtune.rundir import RunDir, replace_dir
-from fedtune.train import evaluate
+from fedtune.metrics import forgetting_summary, held_out_metrics
 
 log = logging.getLogger("fedtune")
 
@@ -327,14 +327,7 @@ class ServerLoop:
     def _evaluate(self, ws: workspace.Workspace, state: Delta, *, final: bool = True) -> dict[str, float]:
         """Held-out metrics; intermediate rounds may use a fixed prefix of the (shuffled) test split."""
         adapters.set_state_(ws.model, state)
-        test = ws.test_data()
-        limit = self.cfg.federation.round_eval_examples
-        if not final and limit:
-            test = test[:limit]
-        return evaluate(
-            ws.model, test, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-            batch_size=self.cfg.train.eval_batch_size, num_labels=self.cfg.model.num_labels,
-        )
+        return held_out_metrics(ws, self.cfg, final=final)
 
     def main(self, grid: Grid) -> dict[str, Any]:
         cfg = self.cfg
@@ -524,6 +517,9 @@ class ServerLoop:
             "stopped_early": stopped,
             "rounds_completed": len(history),
         }
+        forgetting = forgetting_summary([*self.run.read_metrics(), {"round": -1, "eval": metrics}])
+        if forgetting:
+            summary["forgetting"] = forgetting
         self.run.write_summary(summary)
         priv = summary["privacy"]
         if cfg.privacy.enabled:
