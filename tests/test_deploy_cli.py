@@ -8,7 +8,9 @@ The strings fedtune hands to Flower are checked with Flower's own parser
 from __future__ import annotations
 
 import ipaddress
+import os
 import shlex
+import sys
 import tomllib
 from pathlib import Path
 
@@ -179,18 +181,72 @@ def test_superlink_command_needs_certs_unless_insecure(tmp_path, execs, capsys):
     assert "--insecure" in execs[0] and execs[0][execs[0].index("--host") + 1] == "127.0.0.1"
 
 
-def test_supernode_command_execs_flower(tmp_path, execs):
+def test_supernode_command_supervises_supernode_and_worker(tmp_path, execs, monkeypatch):
     pki = _certs(tmp_path)
     assert cli.main(["deploy", "keys", "--out", str(tmp_path / "k"), "--name", "silo-1"]) == 0
     argv_in = ["deploy", "supernode", "--superlink", "sl.example.org:8000", "--certs", str(pki),
                "--key", str(tmp_path / "k" / "silo-1"), "--partition-id", "0", "--num-partitions", "2",
                "--port", "29100"]
-    assert cli.main(argv_in) == 0
+    supervised = []
+    monkeypatch.setattr(dcli, "supervise", lambda node, worker: supervised.append((node, worker)) or 0)
+    assert cli.main(argv_in) == 0 and not execs
+    ((node, worker),) = supervised
+    assert Path(node[0]).name == "flower-supernode" and Path(node[0]).is_absolute()
+    assert node[node.index("--root-certificates") + 1] == str(pki / "ca.crt")
+    assert node[node.index("--isolation") + 1] == "process"
+    assert worker == dcli.worker_argv(29100, parent_pid=os.getpid())
+    assert worker[worker.index("--runtime-api-address") + 1] == "127.0.0.1:29100"
+    # Flower's own process model: exec flower-supernode, nothing to supervise
+    assert cli.main(argv_in + ["--isolation", "subprocess"]) == 0
     (argv,) = execs
-    assert Path(argv[0]).name == "flower-supernode"
-    assert argv[argv.index("--root-certificates") + 1] == str(pki / "ca.crt")
+    assert Path(argv[0]).name == "flower-supernode" and argv[argv.index("--isolation") + 1] == "subprocess"
+    assert len(supervised) == 1
     assert cli.main(argv_in + ["--data-path", str(tmp_path / "missing.csv")]) == 2
     assert cli.main([*argv_in[:5], str(tmp_path / "nope"), *argv_in[6:]]) == 2
+
+
+def test_supernode_argv_isolation_and_worker_argv():
+    kw = dict(ca_cert="c", private_key="k", partition_id=0, num_partitions=1, port=2)
+    assert "--isolation" not in dcli.supernode_argv("h:1", **kw)
+    assert dcli.supernode_argv("h:1", isolation="process", **kw)[-2:] == ["--isolation", "process"]
+    with pytest.raises(ConfigError, match="--isolation"):
+        dcli.supernode_argv("h:1", isolation="thread", **kw)
+    argv = dcli.worker_argv(9094, python="/py")
+    assert argv[0] == "/py" and Path(argv[1]) == Path(dcli.__file__).with_name("worker.py")
+    assert argv[2:] == ["--runtime-api-address", "127.0.0.1:9094"]
+    assert dcli.worker_argv(9094, parent_pid=7)[-2:] == ["--parent-pid", "7"]
+    with pytest.raises(ConfigError, match="--port"):
+        dcli.worker_argv(0)
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_supervise_returns_the_supernode_status_and_stops_the_worker(tmp_path):
+    pid_file = tmp_path / "worker.pid"
+    worker = _py(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    node = _py(f"import os, time\nwhile not os.path.exists({str(pid_file)!r}): time.sleep(0.05)\nraise SystemExit(3)")
+    assert dcli.supervise(node, worker, poll=0.05) == 3
+    assert _gone(int(pid_file.read_text()))  # stopped and reaped, not left behind
+
+
+def test_supervise_restarts_a_dying_worker_then_gives_up(tmp_path):
+    pid_file = tmp_path / "node.pid"
+    node = _py(f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    count = tmp_path / "count"
+    worker = _py(f"open({str(count)!r}, 'a').write('x'); raise SystemExit(1)")
+    assert dcli.supervise(node, worker, max_restarts=2, poll=0.05) == 1
+    assert count.read_text() == "xxx"  # first start + 2 restarts
+    assert not pid_file.exists() or _gone(int(pid_file.read_text()))
 
 
 def test_register_command_runs_flwr_and_prints_the_run_line(tmp_path, monkeypatch, capsys):

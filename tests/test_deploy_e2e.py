@@ -1,14 +1,31 @@
-"""A real deployment on loopback: TLS, SuperNode authentication, a silo lost mid-run.
+"""A real deployment on loopback: TLS, SuperNode authentication, a silo lost mid-run,
+and a server killed after round 1 and resumed.
 
-One SuperLink and four SuperNodes run as separate processes started through
-``fedtune deploy``; three keys are registered, the fourth is refused. Two rounds
-of the tiny config run with ``flwr run --stream``; silo-3 is SIGKILLed (its whole
-process group: SuperNode, SuperExec, ClientApp, as when a machine dies) once it
-has received round 1, and the run still finishes with the other two silos.
+One SuperLink (with a ``--database``, so registrations survive its restart) and
+four SuperNodes run as separate processes started through ``fedtune deploy``;
+three keys are registered, the fourth is refused. Each SuperNode runs in
+``--isolation process`` beside one long-lived ClientApp process
+(``fedtune/deploy/worker.py``) that keeps the model loaded across rounds.
+
+``test_deploy_server_killed_and_resumed``: run A goes two rounds of the tiny
+config (``flwr run --stream``, two of the three silos sampled per round)
+uninterrupted; run B is the same run, but the SuperLink (and with it the
+ServerApp) is SIGKILLed as soon as B's round-1 checkpoint is on disk, then
+restarted, and a resumed ServerApp completes B. B must end with the same
+adapter, bit for bit, and the same metrics as A.
+
+``test_deploy_tls_auth_dropout`` (after it, with warm silos): two rounds with all
+three silos; silo-3 is SIGKILLed (its whole process group: supervisor,
+SuperNode, ClientApp worker, as when a machine dies) once it has received round
+1, and the run still finishes with the other two silos.
+
+The refused fourth SuperNode runs with ``--isolation subprocess`` (Flower's own
+process model, no worker).
 
 ``flwr run --stream`` exits 0 even when the ServerApp failed, so the run's own
 outputs (``summary.json``, ``metrics.jsonl``) and ``flwr ls`` are the evidence.
-Takes 1.5-3 minutes on 2 shared cores; see docs/deploy-notes.md for the flags.
+The two tests share one deployment (module fixture) and take about 3 minutes on
+2 shared cores; see docs/deploy-notes.md for the flags.
 """
 
 from __future__ import annotations
@@ -26,6 +43,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from fedtune.deploy.cli import connection_toml, run_argv
 
@@ -35,10 +54,14 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 FEDTUNE = [sys.executable, "-m", "fedtune", "deploy"]
-# A healthy 3-silo round takes ~30 s on 2 loaded cores (a fresh ClientApp process per
-# message imports torch and builds the model). Round 1 ends when the SuperLink reports
-# the dead silo NODE_UNAVAILABLE (no heartbeat for up to 60 s) or at this timeout.
+# A healthy round of warm silos takes 6-10 s (mostly Flower's 3-s polls), a silo's
+# first round 20-30 s more (its ClientApp builds the model). A round with a killed
+# silo ends when the SuperLink reports it NODE_UNAVAILABLE (no heartbeat for up to
+# 60 s) or at the round timeout.
 ROUND_TIMEOUT = 90.0
+WARM_ROUND_TIMEOUT = 25.0
+# The ServerApp's resume switch for this test (see _resume_shim).
+RESUME_ENV = "FEDTUNE_E2E_RESUME"
 
 
 def _free_port(lo: int, hi: int) -> int:
@@ -67,17 +90,27 @@ def _tail(path: Path, n: int = 4000) -> str:
     return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
 class Procs:
     """Processes this test started, each leading its own process group."""
 
     def __init__(self, env: dict[str, str], logdir: Path):
-        self.env, self.logdir, self.procs = env, logdir, {}
+        self.env, self.logdir, self.procs, self.gone = env, logdir, {}, []
 
-    def start(self, name: str, argv: list[str], home: Path) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], home: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
         home.mkdir(exist_ok=True)
-        log = (self.logdir / f"{name}.log").open("wb")
+        if name in self.procs:
+            self.gone.append(self.procs.pop(name))
+        log = (self.logdir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, "FLWR_HOME": str(home)},
+            argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {}), "FLWR_HOME": str(home)},
             start_new_session=True,
         )
         log.close()
@@ -88,153 +121,273 @@ class Procs:
         return self.logdir / f"{name}.log"
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        proc = self.procs[name]
+        self._killpg(self.procs[name], sig)
+
+    @staticmethod
+    def _killpg(proc: subprocess.Popen, sig: int) -> None:
         try:
             os.killpg(proc.pid, sig)  # the group we created: this process and its children only
         except ProcessLookupError:
             pass
 
     def stop_all(self) -> None:
-        for name in reversed(list(self.procs)):
-            self.kill(name, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for name, proc in self.procs.items():
+        procs = [*self.gone, *self.procs.values()]
+        for proc in reversed(procs):
+            self._killpg(proc, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-            self.kill(name, signal.SIGKILL)  # stragglers in the group (SuperExec, app processes)
+            self._killpg(proc, signal.SIGKILL)  # stragglers in the group (SuperExec, app processes)
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
 
 
-def test_deploy_tls_auth_dropout(tmp_path):
-    t_start = time.monotonic()
-    app = tmp_path / "app"
-    app.mkdir()
-    shutil.copy(ROOT / "pyproject.toml", app)
-    for d in ("fedtune", "server", "clients", "simulations"):
-        shutil.copytree(ROOT / d, app / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    out = tmp_path / "run"
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = {
-        **os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-    pki, keys = tmp_path / "pki", tmp_path / "keys"
-    subprocess.run([*FEDTUNE, "certs", "--out", str(pki), "--host", "localhost"], check=True, env=env,
-                   capture_output=True)
-    subprocess.run([*FEDTUNE, "keys", "--out", str(keys), "--name", "silo-1", "--name", "silo-2", "--name", "silo-3",
-                    "--name", "rogue"], check=True, env=env, capture_output=True)
-    port = _free_port(19000, 19899)
-    cli_home = tmp_path / "home-cli"
-    cli_home.mkdir()
-    (cli_home / "config.toml").write_text(
-        '[superlink]\ndefault = "e2e"\n\n' + connection_toml("e2e", f"127.0.0.1:{port}", pki / "ca.crt")
+def _resume_shim(app: Path) -> None:
+    """The shipped ServerApp never resumes under ``flwr run`` (no run-config key for it
+    yet); this copy resumes when the SuperLink that starts it has RESUME_ENV=1."""
+    (app / "server" / "app.py").write_text(
+        "import os\n\n"
+        "from fedtune.env import setup_environment\n"
+        "from fedtune.flower.apps import make_server_app\n\n"
+        "setup_environment()\n"
+        f"app = make_server_app(resume=os.environ.get({RESUME_ENV!r}) == '1')\n"
     )
-    cli_env = {**env, "FLWR_HOME": str(cli_home)}
-    procs = Procs(env, logs)
-    timings: dict[str, float] = {}
-    try:
-        procs.start("superlink", [*FEDTUNE, "superlink", "--certs", str(pki), "--host", "127.0.0.1",
-                                  "--port", str(port)], tmp_path / "home-superlink")
-        _wait_for(lambda: "Uvicorn running on https" in _tail(procs.log("superlink"), 100_000), 60,
-                  "the SuperLink", [procs.log("superlink")])
-        timings["superlink_ready"] = time.monotonic() - t_start
 
-        regs = [subprocess.Popen([*FEDTUNE, "register", str(keys / f"silo-{i}.pub"), "--connection", "e2e"],
-                                 env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+class Deployment:
+    """A SuperLink and silo-1..3 on loopback, TLS and SuperNode authentication on."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.app = tmp / "app"
+        self.app.mkdir()
+        shutil.copy(ROOT / "pyproject.toml", self.app)
+        for d in ("fedtune", "server", "clients", "simulations"):
+            shutil.copytree(ROOT / d, self.app / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        _resume_shim(self.app)
+        logs = tmp / "logs"
+        logs.mkdir()
+        self.env = {
+            **os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.pki, self.keys = tmp / "pki", tmp / "keys"
+        self.port = _free_port(19000, 19899)
+        self.cli_home = tmp / "home-cli"
+        self.cli_env = {**self.env, "FLWR_HOME": str(self.cli_home)}
+        self.procs = Procs(self.env, logs)
+        self.node_ids: dict[str, int] = {}
+        self.timings: dict[str, float] = {}
+        self.warm = False
+
+    def setup(self) -> None:
+        t0 = time.monotonic()
+        subprocess.run([*FEDTUNE, "certs", "--out", str(self.pki), "--host", "localhost"], check=True, env=self.env,
+                       capture_output=True)
+        subprocess.run([*FEDTUNE, "keys", "--out", str(self.keys), "--name", "silo-1", "--name", "silo-2",
+                        "--name", "silo-3", "--name", "rogue"], check=True, env=self.env, capture_output=True)
+        self.cli_home.mkdir()
+        (self.cli_home / "config.toml").write_text(
+            '[superlink]\ndefault = "e2e"\n\n' + connection_toml("e2e", f"127.0.0.1:{self.port}", self.pki / "ca.crt")
+        )
+        self.start_superlink()
+        self.timings["superlink_ready"] = time.monotonic() - t0
+
+        regs = [subprocess.Popen([*FEDTUNE, "register", str(self.keys / f"silo-{i}.pub"), "--connection", "e2e"],
+                                 env=self.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for i in (1, 2, 3)]
         for reg in regs:
             text, _ = reg.communicate(timeout=60)
             assert reg.returncode == 0 and "registered successfully" in text, text
 
-        def supernode(name: str, pid: int) -> None:
-            procs.start(name, [
-                *FEDTUNE, "supernode", "--superlink", f"127.0.0.1:{port}", "--certs", str(pki),
-                "--key", str(keys / name), "--partition-id", str(pid), "--num-partitions", "3",
-                "--port", str(_free_port(29000, 29899)),
-            ], tmp_path / f"home-{name}")
-
         for i in (1, 2, 3):
-            supernode(f"silo-{i}", i - 1)
-        supernode("rogue", 0)
+            self.start_supernode(f"silo-{i}", i - 1)
+        self.start_supernode("rogue", 0, isolation="subprocess")  # Flower's process model: no worker
 
-        # the unregistered key is refused at activation and the SuperNode exits
-        assert procs.procs["rogue"].wait(timeout=90) != 0
-        rogue_log = _tail(procs.log("rogue"), 100_000)
+        # the unregistered key is refused at activation; its SuperNode exits, and so does fedtune's
+        # supervisor, stopping the ClientApp worker it started
+        assert self.procs.procs["rogue"].wait(timeout=90) != 0
+        rogue_log = _tail(self.procs.log("rogue"), 100_000)
         assert "Failed to activate SuperNode" in rogue_log, rogue_log
-        assert "No SuperNode found with the given public key" in _tail(procs.log("superlink"), 1_000_000)
-
-        node_ids: dict[str, int] = {}
+        assert "No SuperNode found with the given public key" in _tail(self.procs.log("superlink"), 1_000_000)
 
         def all_online() -> bool:
             for i in (1, 2, 3):
-                m = re.search(r"SuperNode ID: (\d+)", _tail(procs.log(f"silo-{i}"), 100_000))
+                m = re.search(r"SuperNode ID: (\d+)", _tail(self.procs.log(f"silo-{i}"), 100_000))
                 if m:
-                    node_ids[f"silo-{i}"] = int(m.group(1))
-            return len(node_ids) == 3
+                    self.node_ids[f"silo-{i}"] = int(m.group(1))
+            return len(self.node_ids) == 3
 
-        _wait_for(all_online, 90, "three SuperNodes", [procs.log(f"silo-{i}") for i in (1, 2, 3)])
+        _wait_for(all_online, 90, "three SuperNodes", [self.procs.log(f"silo-{i}") for i in (1, 2, 3)])
+        assert self.online() == 3
+        for i in (1, 2, 3):  # --isolation process, with the ClientApp worker beside it
+            log = _tail(self.procs.log(f"silo-{i}"), 100_000)
+            assert "--isolation process" in log and "worker.py --runtime-api-address" in log, log
+        assert "--isolation subprocess" in rogue_log and "worker.py" not in rogue_log
+        self.timings["nodes_online"] = time.monotonic() - t0
+
+    def start_superlink(self, env: dict[str, str] | None = None) -> None:
+        offset = _size(self.procs.log("superlink"))
+        self.procs.start("superlink", [
+            *FEDTUNE, "superlink", "--certs", str(self.pki), "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.tmp / "superlink.db"),
+        ], self.tmp / "home-superlink", env)
+        _wait_for(lambda: b"Uvicorn running on https" in self.procs.log("superlink").read_bytes()[offset:],
+                  60, "the SuperLink", [self.procs.log("superlink")])
+
+    def start_supernode(self, name: str, partition: int, isolation: str | None = None) -> None:
+        self.procs.start(name, [
+            *FEDTUNE, "supernode", "--superlink", f"127.0.0.1:{self.port}", "--certs", str(self.pki),
+            "--key", str(self.keys / name), "--partition-id", str(partition), "--num-partitions", "3",
+            "--port", str(_free_port(29000, 29899)), *(["--isolation", isolation] if isolation else []),
+        ], self.tmp / f"home-{name}")
+
+    def online(self) -> int:
         listed = subprocess.run([str(BIN / "flwr"), "supernode", "list", "e2e", "--format", "json"],
-                                env=cli_env, capture_output=True, text=True, timeout=60)
-        assert listed.stdout.count('"online"') == 3, listed.stdout + listed.stderr
-        timings["nodes_online"] = time.monotonic() - t_start
+                                env=self.cli_env, capture_output=True, text=True, timeout=60)
+        return listed.stdout.count('"online"')
 
-        argv = run_argv(app, "e2e", config="simulations/configs/tiny.toml", overrides=[
+    def start_run(self, name: str, out: Path, *, round_timeout: float = ROUND_TIMEOUT,
+                  overrides: tuple[str, ...] = ()) -> subprocess.Popen:
+        argv = run_argv(self.app, "e2e", config="simulations/configs/tiny.toml", overrides=[
             f"output.dir={out}", "federation.num_clients=3", "federation.min_train_clients=2",
-            f"federation.round_timeout={ROUND_TIMEOUT}", "federation.rounds=2",
+            f"federation.round_timeout={round_timeout}", "federation.rounds=2", *overrides,
         ], exe=str(BIN / "flwr"))
-        t_run = time.monotonic()
-        run = procs.start("flwr-run", argv, cli_home)
+        return self.procs.start(name, argv, self.cli_home)
 
-        # kill silo-3 once it has taken round 1's message (its first), before it can answer
-        def silo3_in_round1() -> bool:
-            return "Receiving: train message" in _tail(procs.log("silo-3"), 100_000)
-
-        _wait_for(silo3_in_round1, 120, "silo-3 to receive round 1", [procs.log("flwr-run"), procs.log("silo-3")])
-        procs.kill("silo-3")
-        timings["killed_after_run_start"] = time.monotonic() - t_run
-
+    def finish(self, name: str, timeout: float) -> None:
         try:
-            run.wait(timeout=4 * ROUND_TIMEOUT + 60)
+            self.procs.procs[name].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            pytest.fail("flwr run did not finish\n" + _tail(procs.log("flwr-run")) + _tail(procs.log("superlink")))
-        timings["run_wall"] = time.monotonic() - t_run
+            pytest.fail(f"{name} did not finish\n" + _tail(self.procs.log(name)) + _tail(self.procs.log("superlink")))
+        self.warm = True  # every live silo's worker has the model loaded
 
-        ls = subprocess.run([str(BIN / "flwr"), "ls", "e2e", "--format", "json"], env=cli_env,
+    def runs(self) -> str:
+        ls = subprocess.run([str(BIN / "flwr"), "ls", "e2e", "--format", "json"], env=self.cli_env,
                             capture_output=True, text=True, timeout=60)
-        assert "finished:completed" in ls.stdout, ls.stdout + _tail(procs.log("flwr-run"))
+        return ls.stdout
 
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["rounds_completed"] == 2 and summary["num_clients"] == 3
-        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["round"] for r in rows] == [0, 1, 2]
-        dead, alive = node_ids["silo-3"], {node_ids["silo-1"], node_ids["silo-2"]}
-        r1, r2 = rows[1], rows[2]
-        # round 1: all three sampled, silo-3's update missing; either no reply at all, or
-        # the SuperLink's NODE_UNAVAILABLE error reply (its source is the SuperLink, not silo-3)
-        assert r1["sampled"] == 3 and r1["accepted"] == 2
-        assert {c["node"] for c in r1["clients"]} == alive
-        assert len(r1["rejected"]) <= 1
-        assert all("Node Unavailable" in rej["reason"] for rej in r1["rejected"]), r1["rejected"]
-        # round 2: only the two live silos contribute
-        assert r2["accepted"] == 2 and {c["node"] for c in r2["clients"]} == alive
-        assert dead not in {int(k) for k in r2["bytes_up_per_client"]}
-        assert 0.0 <= summary["final"]["accuracy"] <= 1.0
 
-        timings["total"] = time.monotonic() - t_start
-        report = {
-            "timings_s": {k: round(v, 1) for k, v in timings.items()},
-            "round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]],
-            "sampled": [r["sampled"] for r in rows[1:]], "accepted": [r["accepted"] for r in rows[1:]],
-            "rejected": [r["rejected"] for r in rows[1:]],
-            "final": summary["final"],
-        }
-        print("deploy e2e:", json.dumps(report))
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    dep = Deployment(tmp_path_factory.mktemp("deploy"))
+    try:
+        dep.setup()
+        yield dep
     finally:
-        procs.stop_all()
+        dep.procs.stop_all()
+        print("deploy e2e timings:", json.dumps({k: round(v, 1) for k, v in dep.timings.items()}))
+
+
+def test_deploy_server_killed_and_resumed(deployment):
+    dep = deployment
+    assert dep.online() == 3, "run this test before the one that kills silo-3"
+    # two of the three silos per round, the same two in both runs (sampling is seeded by
+    # (seed, round) over the sorted node ids): a sum of two updates does not depend on the
+    # order replies arrive in, so the two runs can be compared bit for bit
+    over = ("federation.fraction_train=0.5",)
+
+    # A: uninterrupted
+    whole = dep.tmp / "run-whole"
+    t0 = time.monotonic()
+    dep.start_run("run-whole", whole, overrides=over)
+    dep.finish("run-whole", 300)
+    dep.timings["resume_uninterrupted_wall"] = time.monotonic() - t0
+
+    # B: the SuperLink and its ServerApp die once round 1's checkpoint is written
+    broken = dep.tmp / "run-resumed"
+    t0 = time.monotonic()
+    dep.start_run("run-broken", broken, overrides=over)
+    meta = broken / "checkpoint" / "meta.json"
+    _wait_for(lambda: meta.is_file() and json.loads(meta.read_text())["round"] >= 1, 300,
+              "round 1's checkpoint", [dep.procs.log("run-broken"), dep.procs.log("superlink")])
+    dep.procs.kill("superlink")  # SuperLink, its SuperExec and the flwr-serverapp process
+    assert json.loads(meta.read_text())["round"] == 1, "the server got past round 1 before it was killed"
+    assert not (broken / "summary.json").exists()
+    dep.procs.kill("run-broken")  # its `flwr run --stream` would keep retrying the dead SuperLink
+    dep.timings["resume_killed_after"] = time.monotonic() - t0
+
+    t1 = time.monotonic()
+    dep.start_superlink(env={RESUME_ENV: "1"})
+    _wait_for(lambda: dep.online() == 3, 120, "the silos to reconnect",
+              [dep.procs.log(f"silo-{i}") for i in (1, 2, 3)])
+    dep.timings["resume_superlink_back_and_silos_online"] = time.monotonic() - t1
+    dep.start_run("run-resume", broken, overrides=over)
+    dep.finish("run-resume", 300)
+    dep.timings["resume_resumed_wall"] = time.monotonic() - t1
+    assert "resumed after round 1" in _tail(dep.procs.log("run-resume"), 100_000), _tail(dep.procs.log("run-resume"))
+
+    a, b = _rows(whole), _rows(broken)
+    assert [r["round"] for r in b] == [0, 1, 2]  # nothing lost, nothing twice
+    for rows in (a, b):
+        assert [(r["sampled"], r["accepted"]) for r in rows[1:]] == [(2, 2), (2, 2)]
+    nodes = [[sorted(c["node"] for c in r["clients"]) for r in rows[1:]] for rows in (a, b)]
+    assert nodes[0] == nodes[1]
+    sa, sb = json.loads((whole / "summary.json").read_text()), json.loads((broken / "summary.json").read_text())
+    assert sb["rounds_completed"] == sa["rounds_completed"] == 2
+    assert sb["final"] == sa["final"]
+    assert sb["total_bytes_up"] == sa["total_bytes_up"]
+    assert [r["eval"] for r in b if "eval" in r] == [r["eval"] for r in a if "eval" in r]
+    wa = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    wb = load_file(str(broken / "adapter" / "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0)
+    print("deploy e2e resume:", json.dumps({
+        "round_seconds_whole": [round(r.get("seconds", 0.0), 1) for r in a[1:]],
+        "round_seconds_resumed": [round(r.get("seconds", 0.0), 1) for r in b[1:]],
+        "final": sb["final"],
+    }))
+
+
+def test_deploy_tls_auth_dropout(deployment):
+    dep = deployment
+    out = dep.tmp / "run-dropout"
+    seen = _size(dep.procs.log("silo-3"))
+    # warm silos answer within seconds, so a short timeout ends the killed silo's rounds
+    # before the SuperLink's ~60-s heartbeat verdict; cold ones first build the model
+    timeout = WARM_ROUND_TIMEOUT if dep.warm else ROUND_TIMEOUT
+    t_run = time.monotonic()
+    dep.start_run("run-dropout", out, round_timeout=timeout)
+
+    # kill silo-3 once it has taken round 1's message (its first of this run), before it can answer
+    def silo3_in_round1() -> bool:
+        return b"Receiving: train message" in dep.procs.log("silo-3").read_bytes()[seen:]
+
+    _wait_for(silo3_in_round1, 120, "silo-3 to receive round 1", [dep.procs.log("run-dropout"), dep.procs.log("silo-3")])
+    dep.procs.kill("silo-3")
+    dep.timings["dropout_killed_after_run_start"] = time.monotonic() - t_run
+    dep.finish("run-dropout", 4 * timeout + 120)
+    dep.timings["dropout_run_wall"] = time.monotonic() - t_run
+    assert "finished:completed" in dep.runs(), dep.runs() + _tail(dep.procs.log("run-dropout"))
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2 and summary["num_clients"] == 3
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    dead, alive = dep.node_ids["silo-3"], {dep.node_ids["silo-1"], dep.node_ids["silo-2"]}
+    r1, r2 = rows[1], rows[2]
+    # round 1: all three sampled, silo-3's update missing; either no reply at all (round
+    # timeout), or the SuperLink's NODE_UNAVAILABLE error reply (its source is the
+    # SuperLink, not silo-3)
+    assert r1["sampled"] == 3 and r1["accepted"] == 2
+    assert {c["node"] for c in r1["clients"]} == alive
+    assert len(r1["rejected"]) <= 1
+    assert all("Node Unavailable" in rej["reason"] for rej in r1["rejected"]), r1["rejected"]
+    # round 2: only the two live silos contribute (silo-3 is sampled again if the SuperLink
+    # still lists it online, and again answers nothing or NODE_UNAVAILABLE)
+    assert r2["accepted"] == 2 and {c["node"] for c in r2["clients"]} == alive
+    assert all("Node Unavailable" in rej["reason"] for rej in r2["rejected"]), r2["rejected"]
+    assert dead not in {int(k) for k in r2["bytes_up_per_client"]}
+    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+    print("deploy e2e dropout:", json.dumps({
+        "round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]],
+        "sampled": [r["sampled"] for r in rows[1:]], "accepted": [r["accepted"] for r in rows[1:]],
+        "rejected": [r["rejected"] for r in rows[1:]], "final": summary["final"],
+    }))

@@ -1,7 +1,8 @@
 """Building blocks for cross-silo deployment (SuperLink + SuperNodes).
 
-Nothing here imports `flwr`; the deployment commands these files feed are
-described in ``docs/deploy-notes.md``.
+Only :mod:`fedtune.deploy.worker` (the long-lived ClientApp process beside a
+SuperNode) imports ``flwr``, and it runs in its own process; the deployment
+commands these files feed are described in ``docs/deploy-notes.md``.
 """
 
 from fedtune.deploy.certs import (

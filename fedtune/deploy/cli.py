@@ -1,10 +1,17 @@
 """``fedtune deploy ...``: thin wrappers over Flower's deployment commands.
 
 Every command that starts a Flower process builds its argv with a pure function
-(``superlink_argv``, ``supernode_argv``, ``register_argv``, ``run_argv``), prints
-it, and runs it, so what fedtune does can always be redone by hand. The flags
-are the ones verified in ``docs/deploy-notes.md`` (flwr 1.41): TLS and SuperNode
-authentication by default, plain text only with an explicit ``--insecure``.
+(``superlink_argv``, ``supernode_argv``, ``worker_argv``, ``register_argv``,
+``run_argv``), prints it, and runs it, so what fedtune does can always be redone
+by hand. The flags are the ones verified in ``docs/deploy-notes.md`` (flwr 1.41):
+TLS and SuperNode authentication by default, plain text only with an explicit
+``--insecure``.
+
+``fedtune deploy supernode`` starts the SuperNode with ``--isolation process``
+and, next to it, one long-lived ClientApp process (:mod:`fedtune.deploy.worker`)
+that keeps torch and the base model loaded across rounds; it supervises both and
+stops both, by PID, when either ends or it is signalled. ``--isolation
+subprocess`` is Flower's default (a fresh ``flwr-clientapp`` per message).
 
 Nothing here imports ``flwr``; ``fedtune.cli`` registers the subcommands with
 :func:`register`.
@@ -18,8 +25,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,6 +45,7 @@ __all__ = [
     "server_hosts",
     "superlink_argv",
     "supernode_argv",
+    "worker_argv",
 ]
 
 CA_CERT = "ca.crt"
@@ -45,6 +55,7 @@ SERVER_KEY = "server.key"
 # certificate must name 127.0.0.1 whatever address the silos use (deploy-notes §1).
 LOOPBACK = "127.0.0.1"
 SUPERLINK_PORT = 8000  # flower-superlink's own default
+ISOLATION_MODES = ("process", "subprocess")  # flower-supernode --isolation
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d+)$")
 
@@ -123,12 +134,19 @@ def supernode_argv(
     port: int,
     data_path: str | None = None,
     insecure: bool = False,
+    isolation: str | None = None,
     exe: str = "flower-supernode",
 ) -> list[str]:
     """``flower-supernode`` dialing ``superlink`` (``HOST:PORT``) over TLS, signing its
-    requests with ``private_key``; ``port`` is its local Runtime API (one per host)."""
+    requests with ``private_key``; ``port`` is its local Runtime API (one per host).
+
+    ``isolation="process"`` makes the SuperNode launch no ClientApp itself: an
+    executor started beside it (:func:`worker_argv`) claims the tasks.
+    """
     _check_address("--superlink", superlink)
     _check_port("--port", port)
+    if isolation is not None and isolation not in ISOLATION_MODES:
+        raise ConfigError(f"--isolation: expected one of {', '.join(ISOLATION_MODES)}, got {isolation!r}")
     argv = [exe, "--superlink", superlink]
     if insecure:
         if private_key is not None:
@@ -139,6 +157,19 @@ def supernode_argv(
             raise ConfigError("--certs and --key are required unless --insecure is given")
         argv += ["--root-certificates", str(ca_cert), "--auth-supernode-private-key", str(private_key)]
     argv += ["--node-config", node_config(partition_id, num_partitions, data_path), "--port", str(port)]
+    if isolation is not None:
+        argv += ["--isolation", isolation]
+    return argv
+
+
+def worker_argv(port: int, *, parent_pid: int | None = None, python: str | None = None) -> list[str]:
+    """The long-lived ClientApp process for the SuperNode whose Runtime API is on
+    ``127.0.0.1:port`` (its ``--port``); it exits when ``parent_pid`` is gone."""
+    _check_port("--port", port)
+    argv = [python or sys.executable, str(Path(__file__).with_name("worker.py")),
+            "--runtime-api-address", f"{LOOPBACK}:{port}"]
+    if parent_pid is not None:
+        argv += ["--parent-pid", str(parent_pid)]
     return argv
 
 
@@ -271,6 +302,81 @@ def _exec(argv: list[str]) -> int:
     return 0  # pragma: no cover
 
 
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM this child when the supervisor dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    _announce(argv)
+    preexec = _die_with_parent if sys.platform.startswith("linux") else None
+    try:
+        return subprocess.Popen(argv, preexec_fn=preexec)  # noqa: PLW1509 - single-threaded here
+    except OSError as err:
+        raise FedtuneError(f"cannot start {argv[0]}: {err.strerror or err}") from err
+
+
+def _stop(procs: Sequence[subprocess.Popen], grace: float = 15.0) -> None:
+    """SIGTERM each (the SuperNode then deactivates itself at the SuperLink), SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def supervise(node_argv: list[str], worker: list[str], *, max_restarts: int = 3, poll: float = 0.2) -> int:
+    """Run the SuperNode and its ClientApp worker until the SuperNode ends or a
+    signal arrives; restart a worker that dies (a crash in training code), at most
+    ``max_restarts`` times a minute. Returns the SuperNode's exit status (0 when
+    stopped by SIGINT/SIGTERM/SIGHUP)."""
+    stop_signal: list[int] = []
+
+    def on_signal(signum, _frame):
+        stop_signal.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    node = _start(node_argv)
+    procs = [node]
+    rc = 1
+    try:
+        procs.append(_start(worker))
+        restarts: list[float] = []
+        while not stop_signal:
+            if node.poll() is not None:
+                rc = node.returncode
+                break
+            if procs[1].poll() is not None:
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > max_restarts:
+                    print(f"fedtune: the ClientApp worker exited {len(restarts)} times within a minute "
+                          f"(last status {procs[1].returncode}); stopping the SuperNode", file=sys.stderr, flush=True)
+                    rc = 1
+                    break
+                print(f"fedtune: the ClientApp worker exited with status {procs[1].returncode}; restarting it",
+                      file=sys.stderr, flush=True)
+                procs[1] = _start(worker)
+            time.sleep(poll)
+        else:
+            rc = 0
+    finally:
+        _stop(procs)
+        for s, h in old.items():
+            signal.signal(s, h)
+    return rc
+
+
 # ---- commands ---------------------------------------------------------------------
 
 
@@ -332,9 +438,12 @@ def cmd_supernode(args) -> int:
     argv = supernode_argv(
         args.superlink, ca_cert=ca, private_key=key if not args.insecure else args.key,
         partition_id=args.partition_id, num_partitions=args.num_partitions, port=args.port,
-        data_path=args.data_path, insecure=args.insecure,
+        data_path=args.data_path, insecure=args.insecure, isolation=args.isolation,
     )
-    return _exec(argv)
+    if args.isolation == "subprocess":
+        return _exec(argv)
+    argv[0] = _executable(argv[0])
+    return supervise(argv, worker_argv(args.port, parent_pid=os.getpid()))
 
 
 def cmd_register(args) -> int:
@@ -411,6 +520,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-partitions", type=int, required=True, help="number of silos (= federation.num_clients)")
     p.add_argument("--data-path", help="local data for this silo (passed as node_config data-path)")
     p.add_argument("--port", type=int, required=True, help="local Runtime API port; unique per SuperNode on a host")
+    p.add_argument("--isolation", choices=ISOLATION_MODES, default="process",
+                   help="process (default): one long-lived ClientApp process keeps the model loaded across "
+                        "rounds; subprocess: Flower's default, a fresh flwr-clientapp process per message")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (testing only)")
     p.set_defaults(func=cmd_supernode)
 
