@@ -26,7 +26,7 @@ from fedtune import adapters, config, workspace
 from fedtune.config import FedtuneConfig
 from fedtune.metrics import forgetting_summary, held_out_metrics
 from fedtune.rundir import RunDir, replace_dir
-from fedtune.train import batch_stream, make_optimizer, train_local
+from fedtune.train import batch_stream, make_optimizer, round_lr, train_local
 
 
 def clients_per_round(cfg: FedtuneConfig) -> int:
@@ -77,6 +77,8 @@ def run_centralized(
     stream = batch_stream(pooled, cfg.train.batch_size, gen)
     for rnd in range(1, rounds + 1):
         t0 = time.monotonic()
+        for group in optimizer.param_groups:  # the clients' per-round schedule, on the same step boundaries
+            group["lr"] = round_lr(cfg.train, rnd, rounds)
         train = train_local(
             ws.model, pooled, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
             steps=per_round, optimizer=optimizer, batches=stream,

@@ -172,6 +172,10 @@ class TrainConfig(_Section):
     # "bf16": forward passes autocast to bfloat16 (HF Trainer's bf16=True); weights,
     # gradients and optimizer state stay float32. ~1.7x faster on CPUs with AVX512-BF16/AMX.
     mixed_precision: str = "no"
+    # Client learning rate across rounds: "constant", or "cosine" from lr in round 1
+    # down to lr * lr_min_ratio in the last round (the local steps of one round share it).
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -181,6 +185,8 @@ class TrainConfig(_Section):
             _positive("train", name, getattr(self, name), e)
         _choice("train", "optimizer", self.optimizer, ("adamw", "sgd"), e)
         _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16"), e)
+        _choice("train", "lr_schedule", self.lr_schedule, ("constant", "cosine"), e)
+        _fraction("train", "lr_min_ratio", self.lr_min_ratio, e, open_low=False)
         _choice("train", "mode", self.mode, ("backprop", "zo"), e)
         if not 0 <= self.momentum < 1:
             e.append(f"train.momentum: must be in [0, 1), got {self.momentum!r}")

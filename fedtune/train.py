@@ -21,6 +21,19 @@ def autocast(device: torch.device, mixed_precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
+def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:
+    """The client learning rate of round ``rnd`` (1-based) out of ``rounds``.
+
+    ``"cosine"`` anneals from ``lr`` (round 1) to ``lr * lr_min_ratio`` (last round)
+    along half a cosine, as FL learning-rate decay across rounds is usually done.
+    """
+    if cfg.lr_schedule == "constant" or rounds <= 1:
+        return cfg.lr
+    t = min(max(rnd - 1, 0), rounds - 1) / (rounds - 1)
+    lo = cfg.lr * cfg.lr_min_ratio
+    return lo + (cfg.lr - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
 def batch_stream(data: list[dict], batch_size: int, generator: torch.Generator) -> Iterator[list[dict]]:
     """Endless shuffled mini-batches (a fresh permutation per epoch)."""
     if not data:

@@ -39,3 +39,33 @@ def test_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(tiny_cf
 def test_mixed_precision_rejects_unknown_mode(tiny_cfg):
     with pytest.raises(ConfigError, match="mixed_precision"):
         config.from_dict({**tiny_cfg.to_dict(), "train": {**tiny_cfg.to_dict()["train"], "mixed_precision": "fp8"}})
+
+
+def test_cosine_round_lr_anneals_from_lr_to_the_floor(tiny_cfg):
+    import math
+
+    from fedtune.train import round_lr
+
+    t = tiny_cfg.replace(**{"train.lr": 1e-3, "train.lr_schedule": "cosine", "train.lr_min_ratio": 0.1}).train
+    lrs = [round_lr(t, r, 5) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4)
+    assert lrs[2] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 2)))  # midpoint: halfway
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert round_lr(tiny_cfg.train, 3, 5) == tiny_cfg.train.lr  # constant by default
+
+
+def test_clients_train_at_the_round_lr(tiny_cfg, tmp_path):
+    """Round 2 of 2 with a cosine schedule to a zero floor: the client trains at lr 0 and sends a zero delta."""
+    from fedtune.flower.client import handle_train
+    from fedtune.flower.local import LocalGrid
+    from fedtune.flower.server import ServerLoop
+
+    cfg = tiny_cfg.replace(**{"federation.rounds": 2, "train.lr_schedule": "cosine", "train.lr_min_ratio": 0.0,
+                              "train.local_steps": 2})
+    grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
+    loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
+    loop.main(grid)
+    import json
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["eval"]["loss"] != rows[0]["eval"]["loss"]  # round 1 learned at lr
+    assert rows[2]["eval"]["loss"] == pytest.approx(rows[1]["eval"]["loss"], abs=1e-7)  # round 2: lr 0

@@ -25,7 +25,7 @@ from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord
-from fedtune.train import train_local
+from fedtune.train import round_lr, train_local
 
 
 def partition_id(context: Context, cfg: FedtuneConfig) -> int:
@@ -154,6 +154,8 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         model = ws.model_for_rank(rank)
         global_state = cut_to_rank(global_state, rank, LoraScaling.from_peft_config(model.peft_config["default"]))
     adapters.set_state_(model, global_state)
+    if cfg.train.lr_schedule != "constant":
+        cfg = cfg.replace(**{"train.lr": round_lr(cfg.train, rnd, cfg.federation.rounds)})
     gen = torch.Generator().manual_seed(client_seed(cfg.train.seed, rnd, pid))
     extra_loss = None
     mu = float(conf.get("proximal-mu", 0.0))
