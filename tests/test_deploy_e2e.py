@@ -24,8 +24,9 @@ process model, no worker).
 
 ``flwr run --stream`` exits 0 even when the ServerApp failed, so the run's own
 outputs (``summary.json``, ``metrics.jsonl``) and ``flwr ls`` are the evidence.
-The two tests share one deployment (module fixture) and take about 3 minutes on
-2 shared cores; see docs/deploy-notes.md for the flags.
+The two tests share one deployment (module fixture) and take about 4 minutes on
+2 shared cores (246-254 s at load average 4-5); see docs/deploy-notes.md for the
+flags.
 """
 
 from __future__ import annotations
