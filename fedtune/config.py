@@ -562,12 +562,14 @@ def from_run_config(run_config: Mapping[str, Any], base_dir: str | Path | None =
     The key ``config`` (optional) names a TOML file, relative to ``base_dir``;
     ``overrides`` (optional) is a space-separated list of ``SECTION.KEY=VALUE``
     (Flower only accepts run-config keys declared in ``pyproject.toml``, so
-    fedtune's own keys travel inside this one string); any other key is a
-    dotted override itself.
+    fedtune's own keys travel inside this one string); ``resume`` is the
+    ServerApp's switch (see `fedtune.flower.apps`), not part of the config; any
+    other key is a dotted override itself.
     """
     import shlex
 
     flat = dict(run_config)
+    flat.pop("resume", None)
     path = flat.pop("config", None)
     packed = flat.pop("overrides", "")
     if packed:

@@ -128,6 +128,32 @@ def test_run_config_round_trips_through_flwr_and_fedtune():
     assert cfg.train.lr == 2e-3 and cfg.data.partition == "iid" and cfg.model.name == "tiny-bert"
 
 
+def test_resume_travels_as_the_declared_run_config_key_and_reaches_the_server_app(tmp_path):
+    argv = dcli.run_argv("app", "prod", overrides=[f"output.dir={tmp_path}"], resume=True)
+    run_config = parse_config_args([argv[argv.index("--run-config") + 1]])
+    assert run_config["resume"] is True
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(run_config) <= set(declared) and declared["resume"] is False
+    assert config.from_run_config(run_config, base_dir=ROOT).output.dir == str(tmp_path)  # not a config key
+
+    from flwr.app import Context, RecordDict
+
+    from fedtune.flower.apps import _resume_flag
+
+    ctx = lambda rc: Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)  # noqa: E731
+    assert _resume_flag(ctx(run_config)) is True and _resume_flag(ctx({})) is False
+    with pytest.raises(ConfigError, match="resume"):
+        _resume_flag(ctx({"resume": "maybe"}))
+
+
+def test_run_line_resume_needs_an_output_dir(capsys, tmp_path):
+    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), "--resume"]) == 2
+    assert "output.dir" in capsys.readouterr().err
+    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), "--resume",
+                     "-s", f"output.dir={tmp_path}"]) == 0
+    assert "resume=true" in capsys.readouterr().out
+
+
 def test_run_argv_without_config_or_overrides():
     assert dcli.run_argv(".", "prod", stream=False) == ["flwr", "run", ".", "prod"]
 

@@ -11,7 +11,8 @@ three keys are registered, the fourth is refused. Each SuperNode runs in
 config (``flwr run --stream``, two of the three silos sampled per round)
 uninterrupted; run B is the same run, but the SuperLink (and with it the
 ServerApp) is SIGKILLed as soon as B's round-1 checkpoint is on disk, then
-restarted, and a resumed ServerApp completes B. B must end with the same
+restarted, and B is launched again with ``resume=true`` in its run config, so the
+ServerApp continues from the checkpoint. B must end with the same
 adapter, bit for bit, and the same metrics as A.
 
 ``test_deploy_tls_auth_dropout`` (after it, with warm silos): two rounds with all
@@ -61,8 +62,6 @@ FEDTUNE = [sys.executable, "-m", "fedtune", "deploy"]
 # 60 s) or at the round timeout.
 ROUND_TIMEOUT = 90.0
 WARM_ROUND_TIMEOUT = 25.0
-# The ServerApp's resume switch for this test (see _resume_shim).
-RESUME_ENV = "FEDTUNE_E2E_RESUME"
 
 
 def _free_port(lo: int, hi: int) -> int:
@@ -148,18 +147,6 @@ class Procs:
                 pass
 
 
-def _resume_shim(app: Path) -> None:
-    """The shipped ServerApp never resumes under ``flwr run`` (no run-config key for it
-    yet); this copy resumes when the SuperLink that starts it has RESUME_ENV=1."""
-    (app / "server" / "app.py").write_text(
-        "import os\n\n"
-        "from fedtune.env import setup_environment\n"
-        "from fedtune.flower.apps import make_server_app\n\n"
-        "setup_environment()\n"
-        f"app = make_server_app(resume=os.environ.get({RESUME_ENV!r}) == '1')\n"
-    )
-
-
 class Deployment:
     """A SuperLink and silo-1..3 on loopback, TLS and SuperNode authentication on."""
 
@@ -170,7 +157,6 @@ class Deployment:
         shutil.copy(ROOT / "pyproject.toml", self.app)
         for d in ("fedtune", "server", "clients", "simulations"):
             shutil.copytree(ROOT / d, self.app / d, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        _resume_shim(self.app)
         logs = tmp / "logs"
         logs.mkdir()
         self.env = {
@@ -255,11 +241,11 @@ class Deployment:
         return listed.stdout.count('"online"')
 
     def start_run(self, name: str, out: Path, *, round_timeout: float = ROUND_TIMEOUT,
-                  overrides: tuple[str, ...] = ()) -> subprocess.Popen:
+                  overrides: tuple[str, ...] = (), resume: bool = False) -> subprocess.Popen:
         argv = run_argv(self.app, "e2e", config="simulations/configs/tiny.toml", overrides=[
             f"output.dir={out}", "federation.num_clients=3", "federation.min_train_clients=2",
             f"federation.round_timeout={round_timeout}", "federation.rounds=2", *overrides,
-        ], exe=str(BIN / "flwr"))
+        ], exe=str(BIN / "flwr"), resume=resume)
         return self.procs.start(name, argv, self.cli_home)
 
     def finish(self, name: str, timeout: float) -> None:
@@ -315,11 +301,11 @@ def test_deploy_server_killed_and_resumed(deployment):
     dep.timings["resume_killed_after"] = time.monotonic() - t0
 
     t1 = time.monotonic()
-    dep.start_superlink(env={RESUME_ENV: "1"})
+    dep.start_superlink()
     _wait_for(lambda: dep.online() == 3, 120, "the silos to reconnect",
               [dep.procs.log(f"silo-{i}") for i in (1, 2, 3)])
     dep.timings["resume_superlink_back_and_silos_online"] = time.monotonic() - t1
-    dep.start_run("run-resume", broken, overrides=over)
+    dep.start_run("run-resume", broken, overrides=over, resume=True)  # --run-config resume=true
     dep.finish("run-resume", 300)
     dep.timings["resume_resumed_wall"] = time.monotonic() - t1
     assert "resumed after round 1" in _tail(dep.procs.log("run-resume"), 100_000), _tail(dep.procs.log("run-resume"))

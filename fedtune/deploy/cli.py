@@ -184,8 +184,8 @@ def register_argv(
     return argv
 
 
-def run_config_arg(config: str | None = None, overrides: Sequence[str] = ()) -> str:
-    """The ``--run-config`` value for fedtune's two declared keys.
+def run_config_arg(config: str | None = None, overrides: Sequence[str] = (), *, resume: bool = False) -> str:
+    """The ``--run-config`` value for fedtune's declared keys (``config``, ``overrides``, ``resume``).
 
     ``overrides`` are fedtune ``SECTION.KEY=VALUE`` items. They travel in one
     TOML string that fedtune splits with ``shlex``; flwr reads ``--run-config``
@@ -208,6 +208,8 @@ def run_config_arg(config: str | None = None, overrides: Sequence[str] = ()) -> 
     if items:
         joined = " ".join(items)
         parts.append(f'overrides="{joined}"')
+    if resume:
+        parts.append("resume=true")
     return " ".join(parts)
 
 
@@ -219,13 +221,14 @@ def run_argv(
     overrides: Sequence[str] = (),
     stream: bool = True,
     exe: str = "flwr",
+    resume: bool = False,
 ) -> list[str]:
     """``flwr run APP CONNECTION [--stream] [--run-config '...']``."""
     _check_connection(connection)
     argv = [exe, "run", str(app), connection]
     if stream:
         argv.append("--stream")
-    rc = run_config_arg(config, overrides)
+    rc = run_config_arg(config, overrides, resume=resume)
     if rc:
         argv += ["--run-config", rc]
     return argv
@@ -461,14 +464,16 @@ def cmd_register(args) -> int:
 
 def cmd_run_line(args) -> int:
     app = Path(args.app)
-    _check_run_config(app, args.config, args.overrides)
+    cfg = _check_run_config(app, args.config, args.overrides)
+    if args.resume and not cfg.output.dir:
+        raise ConfigError("--resume: set output.dir (the run directory holding the checkpoint), e.g. --set output.dir=runs/x")
     print(shlex.join(run_argv(args.app, args.connection, config=args.config, overrides=args.overrides,
-                              stream=not args.no_stream)))
+                              stream=not args.no_stream, resume=args.resume)))
     return 0
 
 
-def _check_run_config(app: Path, config_file: str | None, overrides: Sequence[str]) -> None:
-    """Validate the config the ServerApp will load, here, before anything is sent."""
+def _check_run_config(app: Path, config_file: str | None, overrides: Sequence[str]):
+    """Validate the config the ServerApp will load, here, before anything is sent; return it."""
     from fedtune import config
 
     pyproject = app / "pyproject.toml"
@@ -480,7 +485,7 @@ def _check_run_config(app: Path, config_file: str | None, overrides: Sequence[st
     path = None
     if config_file:
         path = Path(config_file) if Path(config_file).is_absolute() else app / config_file
-    config.load(path, config.parse_overrides(list(overrides)))
+    return config.load(path, config.parse_overrides(list(overrides)))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -539,4 +544,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="fedtune override (repeatable)")
     p.add_argument("--no-stream", action="store_true", help="return once the run is submitted")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in output.dir from its last complete round (after a server crash)")
     p.set_defaults(func=cmd_run_line)

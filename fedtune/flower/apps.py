@@ -25,6 +25,16 @@ def _config_from_context(context: Context) -> FedtuneConfig:
     return config.from_run_config(context.run_config, base_dir=APP_DIR)
 
 
+def _resume_flag(context: Context) -> bool:
+    """``flwr run . --run-config 'resume=true'``: continue from the run directory's last checkpoint."""
+    value = context.run_config.get("resume", False)
+    if isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise config.ConfigError(f"resume: must be true or false, got {value!r}")
+        return value.lower() == "true"
+    return bool(value)
+
+
 def default_out_dir(cfg: FedtuneConfig) -> Path:
     if cfg.output.dir:
         return Path(cfg.output.dir)
@@ -45,7 +55,12 @@ def make_server_app(
         from fedtune.flower.server import ServerLoop
 
         run_cfg = cfg or _config_from_context(context)
-        loop = ServerLoop(run_cfg, out_dir or default_out_dir(run_cfg), progress=progress or print, resume=resume)
+        resuming = resume or _resume_flag(context)
+        if resuming and out_dir is None and not run_cfg.output.dir:
+            raise config.ConfigError(
+                "resume: set output.dir (the run directory holding the checkpoint) to resume a run started with flwr run"
+            )
+        loop = ServerLoop(run_cfg, out_dir or default_out_dir(run_cfg), progress=progress or print, resume=resuming)
         summary = loop.main(grid)
         if result is not None:
             result.update(summary)
