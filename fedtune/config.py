@@ -171,6 +171,7 @@ class TrainConfig(_Section):
     logit_adjustment: float = 0.0
     # "bf16": forward passes autocast to bfloat16 (HF Trainer's bf16=True); weights,
     # gradients and optimizer state stay float32. ~1.7x faster on CPUs with AVX512-BF16/AMX.
+    # "auto": bf16 where the device has native bfloat16 matmuls, else float32.
     mixed_precision: str = "no"
     # Client learning rate across rounds: "constant", or "cosine" from lr in round 1
     # down to lr * lr_min_ratio in the last round (the local steps of one round share it).
@@ -184,7 +185,7 @@ class TrainConfig(_Section):
         for name in ("local_steps", "batch_size", "lr", "eval_batch_size"):
             _positive("train", name, getattr(self, name), e)
         _choice("train", "optimizer", self.optimizer, ("adamw", "sgd"), e)
-        _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16"), e)
+        _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "auto"), e)
         _choice("train", "lr_schedule", self.lr_schedule, ("constant", "cosine"), e)
         _fraction("train", "lr_min_ratio", self.lr_min_ratio, e, open_low=False)
         _choice("train", "mode", self.mode, ("backprop", "zo"), e)

@@ -16,9 +16,23 @@ from fedtune.config import CAUSAL_LM, TrainConfig
 from fedtune.data import collate
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` has native bfloat16 matmuls (CUDA Ampere+, CPUs with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
 def autocast(device: torch.device, mixed_precision: str):
-    """The forward-pass context for ``train.mixed_precision`` ("no" or "bf16")."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
+    """The forward-pass context for ``train.mixed_precision``: "no", "bf16", or "auto"
+    (bf16 where the device has native bfloat16 matmuls, else float32)."""
+    on = mixed_precision == "bf16" or (mixed_precision == "auto" and bf16_is_fast(device))
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 
 def round_lr(cfg: TrainConfig, rnd: int, rounds: int) -> float:

@@ -5,7 +5,7 @@ import torch
 
 from fedtune import adapters, config, workspace
 from fedtune.errors import ConfigError
-from fedtune.train import evaluate, train_local
+from fedtune.train import bf16_is_fast, evaluate, train_local
 
 
 def _linear_output_dtypes(model):
@@ -15,7 +15,10 @@ def _linear_output_dtypes(model):
     return seen, hooks
 
 
-@pytest.mark.parametrize("mode,dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("mode,dtype", [
+    ("no", torch.float32), ("bf16", torch.bfloat16),
+    ("auto", torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else torch.float32),
+])
 def test_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(tiny_cfg, mode, dtype):
     cfg = tiny_cfg.replace(**{"train.mixed_precision": mode, "train.local_steps": 2})
     ws = workspace.get(cfg)
