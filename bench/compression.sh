@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# Issue 3 table: the demo task (MiniLM + LoRA, Rotten Tomatoes, 10 clients, Dirichlet 0.5),
-# same config, seeds and rounds for every row; only the uplink codec differs.
+# Issue 3 table: the demo task (simulations/configs/default.toml: MiniLM + LoRA, Rotten Tomatoes,
+# 10 clients, Dirichlet 0.5), same config, seeds and rounds for every row; only the uplink codec
+# differs. Pass row names to run a subset: bench/compression.sh none-fp32 sign+EF
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
-$PY bench/table.py --config simulations/configs/default.toml --out bench/results/compression "$@" \
-  --row "none-fp32:" \
-  --row "fp16:compression.codec=fp16" \
-  --row "int8:compression.codec=int8" \
-  --row "int4:compression.codec=int4" \
-  --row "topk10:compression.codec=topk,compression.ratio=0.1" \
-  --row "topk10+ternary:compression.codec=topk+ternary,compression.ratio=0.1" \
-  --row "topk10+ternary+EF:compression.codec=topk+ternary,compression.ratio=0.1,compression.error_feedback=true" \
-  --row "topk5+ternary+EF:compression.codec=topk+ternary,compression.ratio=0.05,compression.error_feedback=true"
+OUT=${OUT:-bench/results/compression}
+declare -A ROWS=(
+  [none-fp32]=""
+  [fp16]="compression.codec=fp16"
+  [int8]="compression.codec=int8"
+  [int4]="compression.codec=int4"
+  [topk10]="compression.codec=topk,compression.ratio=0.1"
+  [topk10+ternary]="compression.codec=topk+ternary,compression.ratio=0.1"
+  [topk10+ternary+EF]="compression.codec=topk+ternary,compression.ratio=0.1,compression.error_feedback=true"
+  [topk5+ternary+EF]="compression.codec=topk+ternary,compression.ratio=0.05,compression.error_feedback=true"
+  [sign]="compression.codec=sign"
+  [sign+EF]="compression.codec=sign,compression.error_feedback=true"
+)
+ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF sign sign+EF)
+[ $# -gt 0 ] && ORDER=("$@")
+args=()
+for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
+$PY bench/table.py --config simulations/configs/default.toml --out "$OUT" "${args[@]}"
