@@ -25,6 +25,21 @@ def test_sampling_is_seeded_and_respects_minimum():
     assert len(sample_nodes(nodes, 0.1, 3, seed=7, rnd=3)) == 3
 
 
+def test_sampling_follows_partitions_not_random_node_ids(tiny_cfg, tmp_path):
+    """Flower's node ids are random per run: two runs must still sample the same silos."""
+    cfg = tiny_cfg.replace(**{"federation.rounds": 3, "federation.fraction_train": 0.5})
+    picked, finals = [], []
+    for i, ids in enumerate(([10, 20, 30, 40], [987654321, 5, 2**63 + 1, 123])):
+        summary, grid = _run(cfg, tmp_path / str(i), node_ids=ids)
+        rows = [json.loads(x) for x in (tmp_path / str(i) / "metrics.jsonl").read_text().splitlines()]
+        picked.append([sorted(int(c["partition-id"]) for c in r["clients"]) for r in rows[1:]])
+        finals.append(summary["final"])
+        assert grid.contexts[ids[1]].node_config["partition-id"] == 1
+    assert picked[0] == picked[1] and all(len(p) == 2 for p in picked[0])
+    assert len({tuple(p) for p in picked[0]}) > 1  # sampling does change across rounds
+    assert finals[0] == finals[1]
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "prompt"])
 def test_client_sends_only_the_adapter(tiny_cfg, method):
     cfg = tiny_cfg.replace(**{"adapter.method": method})

@@ -23,7 +23,7 @@ class CrashingGrid(LocalGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        if messages and int(messages[0].content["config"]["server-round"]) == self.crash_round:
+        if messages and int(messages[0].content["config"].get("server-round", 0)) == self.crash_round:
             raise _Crash("server killed")
         return super().send_and_receive(messages, timeout=timeout)
 

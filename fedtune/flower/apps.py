@@ -77,4 +77,10 @@ def make_client_app(cfg: FedtuneConfig | None = None) -> ClientApp:
 
         return handle_train(msg, context, cfg or _config_from_context(context))
 
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        from fedtune.flower.identity import identity_reply
+
+        return identity_reply(msg, context.node_config)  # the server orders nodes by it to sample
+
     return app

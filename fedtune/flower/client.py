@@ -190,7 +190,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     reply = RecordDict(
         {
             P.UPDATE: update,
-            P.METRICS: MetricRecord({"num-examples": len(data), **metrics}),
+            P.METRICS: MetricRecord({"num-examples": len(data), "partition-id": pid, **metrics}),
         }
     )
     return Message(reply, reply_to=msg)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Error, Message, MessageType, RecordDict
+
+from fedtune.flower.identity import identity_reply
 
 ClientFn = Callable[[Message, Context], Message]
 
@@ -18,14 +20,17 @@ class LocalGrid:
     """Hands each message to ``client_fn`` with that node's persistent Context."""
 
     def __init__(self, num_nodes: int, client_fn: ClientFn, *, run_config: dict | None = None,
-                 fail: Callable[[int, int], bool] | None = None):
+                 fail: Callable[[int, int], bool] | None = None, node_ids: list[int] | None = None):
         from flwr.supercore.task_identity import TaskIdentity
 
         # Messages take their run and task ids from the process identity a real runtime sets.
         for attr, value in (("run_id", 1), ("task_id", 1), ("node_id", 0)):
             if getattr(TaskIdentity, f"_{attr}") is None:
                 setattr(TaskIdentity, attr, value)
-        self.node_ids = [1000 + i for i in range(num_nodes)]
+        # node i holds partition i; Flower's node ids are random, pass some to test that
+        self.node_ids = list(node_ids) if node_ids is not None else [1000 + i for i in range(num_nodes)]
+        if len(self.node_ids) != num_nodes or len(set(self.node_ids)) != num_nodes:
+            raise ValueError(f"node_ids: need {num_nodes} distinct ids, got {node_ids!r}")
         self.client_fn = client_fn
         self.fail = fail  # (node_id, round) -> True to simulate a crashed client
         self.contexts = {
@@ -43,6 +48,9 @@ class LocalGrid:
         replies = []
         for msg in messages:
             nid = msg.metadata.dst_node_id
+            if msg.metadata.message_type == MessageType.QUERY:  # as a ClientApp's @app.query()
+                replies.append(identity_reply(msg, self.contexts[nid].node_config))
+                continue
             rnd = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
             try:
                 if self.fail and self.fail(nid, rnd):

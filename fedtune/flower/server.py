@@ -36,6 +36,7 @@ from fedtune.delta import Delta
 from fedtune.aggregation import Layout, validate_update
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
+from fedtune.flower.identity import NodeIdentities
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
 from fedtune.rundir import RunDir, replace_dir
 from fedtune.metrics import forgetting_summary, held_out_metrics
@@ -44,9 +45,14 @@ log = logging.getLogger("fedtune")
 
 
 
-def sample_nodes(node_ids: Iterable[int], fraction: float, minimum: int, *, seed: int, rnd: int) -> list[int]:
-    """Sample ``max(fraction * N, minimum)`` nodes, reproducibly from (seed, round)."""
-    nodes = sorted(node_ids)
+def sample_nodes(node_ids: Iterable[int], fraction: float, minimum: int, *, seed: int, rnd: int,
+                 order: Callable[[Iterable[int]], list[int]] = sorted) -> list[int]:
+    """Sample ``max(fraction * N, minimum)`` nodes, reproducibly from (seed, round).
+
+    ``order`` puts the nodes in a run-independent order first (`NodeIdentities.order`:
+    by partition id); picks index into that order.
+    """
+    nodes = list(order(node_ids))
     k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
     rng = np.random.default_rng([seed, rnd])
     picks = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids can exceed int64
@@ -206,6 +212,7 @@ class ServerLoop:
         self.run = RunDir(out_dir)
         self.progress = progress or (lambda s: log.info(s))
         self.strategy = build_strategy(cfg)
+        self.identities = NodeIdentities()
         self.broadcast: Broadcast | None = None
         self.hetero: HeteroRanks | None = None
         self.worst_sample_eps = 0.0
@@ -324,6 +331,16 @@ class ServerLoop:
             )
         return self.uplink_codec.decode(bytes(record["payload"]), layout, seed=round_seed)
 
+    def sample(self, grid: Grid, rnd: int) -> list[int]:
+        """This round's clients: seeded by (federation.seed, round) over nodes ordered by partition id."""
+        fed = self.cfg.federation
+        if not fed.num_clients:
+            return []
+        available = grid.get_node_ids()
+        self.identities.learn(grid, available, timeout=fed.round_timeout)
+        return sample_nodes(available, fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd,
+                            order=self.identities.order)
+
     def _evaluate(self, ws: workspace.Workspace, state: Delta, *, final: bool = True) -> dict[str, float]:
         """Held-out metrics; intermediate rounds may use a fixed prefix of the (shuffled) test split."""
         adapters.set_state_(ws.model, state)
@@ -385,10 +402,7 @@ class ServerLoop:
                     self.progress(f"stopping before round {rnd}: {stopped}")
                     break
             t0 = time.monotonic()
-            node_ids = sample_nodes(
-                grid.get_node_ids(), cfg.federation.fraction_train, cfg.federation.min_train_clients,
-                seed=cfg.federation.seed, rnd=rnd,
-            ) if cfg.federation.num_clients else []
+            node_ids = self.sample(grid, rnd)
             global_arrays = to_arrayrecord(state)
             round_seed = zlib.crc32(f"{cfg.federation.seed}/round/{rnd}".encode())
             train_cfg = ConfigRecord({"server-round": rnd, "round-seed": round_seed, "version": rnd})

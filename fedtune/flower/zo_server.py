@@ -1,7 +1,7 @@
 """The ServerApp's round loop in zeroth-order mode (FedKSeed): the history is the model.
 
 FedKSeed: Qin et al. 2024, arXiv:2312.06353. Each round the server samples nodes
-(`fedtune.flower.server.sample_nodes`, seeded by (seed, round)), sends each one the
+(`ServerLoop.sample`, seeded by (seed, round) over nodes ordered by partition id), sends each one the
 rounds of the seed history it lacks (never a tensor), receives (seed index, scalar)
 pairs, drops malformed ones, aggregates them into one round entry weighted by
 num-examples (`fedtune.zo.aggregate_pairs`: FedAvg of the local updates), appends it
@@ -37,7 +37,7 @@ from fedtune import adapters, config, workspace
 from fedtune.errors import ConfigError, FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import wire_bytes
-from fedtune.flower.server import _fmt, _mb, _short_reason, export_adapter, round_record, sample_nodes
+from fedtune.flower.server import _fmt, _mb, _short_reason, export_adapter, round_record
 from fedtune.flower.zo_client import DOWNLINK_KEY, UPLINK_KEY, initial_params, load_params_, read_params
 from fedtune.rundir import atomic_write_bytes
 from fedtune.zo import RoundEntry, SeedHistory, aggregate_pairs, decode_uplink, encode_downlink, replay_
@@ -134,9 +134,7 @@ def run_zo(loop: ServerLoop, grid: Grid) -> dict[str, Any]:
         loop.progress(f"resumed after round {len(history)} from {loop.run.path / HISTORY_FILE}")
     for rnd in range(start, fed.rounds + 1):
         t0 = time.monotonic()
-        node_ids = sample_nodes(
-            grid.get_node_ids(), fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd,
-        ) if fed.num_clients else []
+        node_ids = loop.sample(grid, rnd)
         msgs = [
             Message(
                 RecordDict({

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 5 table on the demo task (simulations/configs/default.toml, same rounds and sampled
+# clients for every row): FedKSeed zeroth-order training (K = 4096 seeds; clients send
+# (seed index, scalar) pairs, the server sends the K accumulated scalars) with the adapter scope
+# (LoRA + head) and the full-parameter scope (all 22.7M MiniLM weights), next to gradient-based
+# LoRA FedAvg. Pass row names to run a subset: bench/zo.sh zo-adapter
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-bench/results/zo}
+ZO="train.mode=zo,zo.num_seeds=4096,zo.local_steps=50,zo.eps=1e-3"
+declare -A ROWS=(
+  [lora-fedavg]=""
+  [zo-adapter]="$ZO,zo.scope=adapter,zo.lr=5e-3"
+  [zo-full]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5}"
+)
+ORDER=(lora-fedavg zo-adapter zo-full)
+[ $# -gt 0 ] && ORDER=("$@")
+args=()
+for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
+$PY bench/table.py --config simulations/configs/default.toml --out "$OUT" "${args[@]}"
