@@ -103,13 +103,16 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = []
+    # rows from earlier invocations into the same --out are kept (re-run rows replace theirs)
+    saved = out / "results.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else []
     for spec in args.row:
         name, overrides = parse_row(spec)
         print(f"== {name}: {overrides}", flush=True)
-        results.append(run_row(args.config, name, overrides, out, args.extra))
-        print(json.dumps(results[-1]), flush=True)
-        (out / "results.json").write_text(json.dumps(results, indent=2))
+        row = run_row(args.config, name, overrides, out, args.extra)
+        results = [r for r in results if r["row"] != name] + [row]
+        print(json.dumps(row), flush=True)
+        saved.write_text(json.dumps(results, indent=2))
     table = markdown(results)
     (out / "table.md").write_text(table + "\n")
     print(table)
