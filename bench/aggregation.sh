@@ -23,4 +23,5 @@ ORDER=(a0.5-naive a0.5-exact a0.5-ffa a0.5-hetero a0.1-naive a0.1-exact a0.1-ffa
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
+for o in ${SETS:-}; do args+=(--set "$o"); done  # e.g. SETS="federation.eval_every=6" (fewer evaluations, same training)
 $PY bench/table.py --config simulations/configs/default.toml --out "$OUT" "${args[@]}"

@@ -22,4 +22,5 @@ ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+te
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
+for o in ${SETS:-}; do args+=(--set "$o"); done  # e.g. SETS="federation.eval_every=6" (fewer evaluations, same training)
 $PY bench/table.py --config simulations/configs/default.toml --out "$OUT" "${args[@]}"

@@ -18,4 +18,5 @@ ORDER=(lora-fedavg zo-adapter zo-full)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
+for o in ${SETS:-}; do args+=(--set "$o"); done  # e.g. SETS="federation.eval_every=6" (fewer evaluations, same training)
 $PY bench/table.py --config simulations/configs/default.toml --out "$OUT" "${args[@]}"
