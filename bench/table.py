@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ def parse_row(spec: str) -> tuple[str, list[str]]:
 
 def run_row(config: str, name: str, overrides: list[str], out: Path, extra: list[str]) -> dict:
     run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a re-run row starts clean (the server refuses unfinished dirs)
     cmd = [sys.executable, "-m", "fedtune", "simulate", "--config", config, "--out", str(run_dir)]
     for o in [*extra, *overrides]:
         cmd += ["--set", o]

@@ -367,6 +367,13 @@ class ServerLoop:
         if cfg.compression.downlink != "none":
             self.broadcast = Broadcast(cfg, state)
         start_round = 1
+        ckpt_meta = self.run.path / "checkpoint" / "meta.json"
+        if not self.resume and ckpt_meta.is_file() and not (self.run.path / "summary.json").is_file():
+            done = json.loads(ckpt_meta.read_text()).get("round")
+            raise FedtuneError(
+                f"{self.run.path} holds an unfinished run (checkpoint after round {done}); resume it "
+                "(fedtune simulate --resume, or resume=true in flwr's --run-config) or write to another directory"
+            )
         resumed = self._load_checkpoint(state) if self.resume else None
         self.run.write_config(config.to_toml(cfg))
         if resumed is not None:
