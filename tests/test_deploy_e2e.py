@@ -147,6 +147,22 @@ class Procs:
                 pass
 
 
+def _kill_matching(parts: list[str]) -> None:
+    """SIGKILL every process whose command line contains all of ``parts``."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(p in cmd for p in parts):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class Deployment:
     """A SuperLink and silo-1..3 on loopback, TLS and SuperNode authentication on."""
 
@@ -295,6 +311,9 @@ def test_deploy_server_killed_and_resumed(deployment):
     _wait_for(lambda: meta.is_file() and json.loads(meta.read_text())["round"] >= 1, 300,
               "round 1's checkpoint", [dep.procs.log("run-broken"), dep.procs.log("superlink")])
     dep.procs.kill("superlink")  # SuperLink, its SuperExec and the flwr-serverapp process
+    # a flwr-serverapp outside that process group would reconnect to the restarted SuperLink
+    # and carry on with round 2: kill it too, as when the server machine dies
+    _kill_matching(["flwr-serverapp", f":{dep.port}"])
     assert json.loads(meta.read_text())["round"] == 1, "the server got past round 1 before it was killed"
     assert not (broken / "summary.json").exists()
     dep.procs.kill("run-broken")  # its `flwr run --stream` would keep retrying the dead SuperLink
