@@ -470,8 +470,39 @@ def _cross_check(cfg: FedtuneConfig) -> None:
             f"aggregation.lora_mode: 'exact' re-factors the mean product; it cannot be combined with "
             f"server_optimizer = {agg.server_optimizer!r} (use fedavg or fedprox)"
         )
+    if agg.secure != "none":
+        errors.extend(_secure_problems(cfg))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+
+
+def _secure_problems(cfg: FedtuneConfig) -> list[str]:
+    """What ``aggregation.secure = 'secagg+'`` (the server sees only the sum) cannot be combined with."""
+    e = []
+    if cfg.compression.codec != "none":
+        e.append(
+            f"compression.codec: SecAgg+ quantizes the dense delta itself and sums it under masks; "
+            f"{cfg.compression.codec!r} cannot be summed that way, set it to 'none' (aggregation.secure = 'secagg+')"
+        )
+    if cfg.compression.downlink != "none":
+        e.append("compression.downlink: not supported with aggregation.secure = 'secagg+' (the broadcast is the full adapter); set it to 'none'")
+    if cfg.privacy.mode == "client-central":
+        e.append(
+            "privacy.mode: 'client-central' clips each update on the server, which SecAgg+ hides; "
+            "use 'client-local' or 'sample' with aggregation.secure = 'secagg+'"
+        )
+    if cfg.privacy.epsilon_budget is not None:
+        e.append("privacy.epsilon_budget: not supported with aggregation.secure = 'secagg+'; unset it")
+    if cfg.train.mode != "backprop":
+        e.append(f"train.mode: aggregation.secure = 'secagg+' needs 'backprop' (dense deltas), got {cfg.train.mode!r}")
+    fed = cfg.federation
+    sampled = min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients))
+    if sampled < 2:
+        e.append(
+            f"federation.min_train_clients: SecAgg+ needs at least 2 clients a round; this config samples {sampled} "
+            "(raise federation.min_train_clients or federation.fraction_train)"
+        )
+    return e
 
 
 def _hetero_problems(cfg: FedtuneConfig) -> list[str]:

@@ -21,6 +21,13 @@ from fedtune.errors import ConfigError
 LORA_MODES = ("naive", "exact", "ffa", "hetero")
 ROBUST_RULES = ("none", "trimmed-mean", "median", "krum")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedprox")
+SECURE_MODES = ("none", "secagg+")
+# Flower's SecAggPlusWorkflow parameters (flwr.server.workflow, flwr 1.41); the
+# share counts are Flower's secaggplus example's, the ranges Flower's defaults.
+_SECAGG_DEFAULTS = {
+    "num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0,
+    "quantization_range": 2**22, "max_weight": 1000.0,
+}
 
 # Flower's defaults (flwr.serverapp.strategy, flwr 1.41): FedAdam eta=0.1,
 # FedYogi eta=0.01, FedAvgM server_learning_rate=1.0; beta_1 0.9, beta_2 0.99,
@@ -77,6 +84,16 @@ class AggregationConfig:
             default; after construction they hold the resolved value for the
             optimizer that reads them and ``None`` for the others. Setting one
             the chosen optimizer does not read is an error.
+        secure: ``"none"`` or ``"secagg+"``: Flower's SecAgg+ (Bell et al. 2020,
+            ePrint 2020/704), so the server learns only the weighted sum of the
+            clients' deltas (`fedtune.flower.secagg`).
+        num_shares, reconstruction_threshold, clipping_range,
+            quantization_range, max_weight: ``SecAggPlusWorkflow``'s
+            parameters under ``"secagg+"`` (an int share count, or a float
+            fraction as in Flower); ``None`` elsewhere. Each delta coordinate,
+            times its weight ``num_examples / max_weight``, is clipped to
+            ``[-clipping_range, clipping_range]`` and quantized to
+            ``quantization_range`` levels.
     """
 
     lora_mode: str = "naive"
@@ -93,6 +110,12 @@ class AggregationConfig:
     beta_2: float | None = None
     tau: float | None = None
     proximal_mu: float | None = None
+    secure: str = "none"
+    num_shares: int | float | None = None
+    reconstruction_threshold: int | float | None = None
+    clipping_range: float | None = None
+    quantization_range: int | None = None
+    max_weight: float | None = None
 
     def __post_init__(self) -> None:
         _choice("lora_mode", self.lora_mode, LORA_MODES)
@@ -164,6 +187,41 @@ class AggregationConfig:
         # A server optimizer on arrays needs every client to send the same shapes.
         if self.lora_mode == "hetero" and opt not in ("fedavg", "fedprox"):
             raise ConfigError(f"lora_mode='hetero' needs server_optimizer 'fedavg' or 'fedprox', got {opt!r}")
+        self._check_secure()
+
+    def _check_secure(self) -> None:
+        _choice("secure", self.secure, SECURE_MODES)
+        if self.secure == "none":
+            for name in _SECAGG_DEFAULTS:
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name}={getattr(self, name)!r} is only used by secure='secagg+'")
+            return
+        for name, default in _SECAGG_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        # SecAgg+ hands the server one sum: every rule that must see individual updates is out
+        if self.lora_mode not in ("naive", "ffa"):
+            raise ConfigError(f"secure='secagg+' needs lora_mode 'naive' or 'ffa' (a plain mean of deltas), got {self.lora_mode!r}")
+        if self.robust != "none":
+            raise ConfigError(f"secure='secagg+' hides individual updates, so robust={self.robust!r} cannot rank them; set robust='none'")
+        if self.server_optimizer not in ("fedavg", "fedprox"):
+            raise ConfigError(f"secure='secagg+' needs server_optimizer 'fedavg' or 'fedprox', got {self.server_optimizer!r}")
+        if self.max_update_norm is not None:
+            raise ConfigError("max_update_norm: the server cannot measure individual updates under secure='secagg+'; unset it")
+        for name in ("num_shares", "reconstruction_threshold"):
+            value = getattr(self, name)
+            _number(name, value)
+            if value <= 0 or (_is_int(value) and value == 2 and name == "num_shares") or (not _is_int(value) and value > 1):
+                raise ConfigError(f"{name} must be an int (> 2 for num_shares) or a fraction in (0, 1], got {value!r}")
+        if _is_int(self.num_shares) and _is_int(self.reconstruction_threshold) and self.num_shares > 1:
+            if not self.reconstruction_threshold < self.num_shares:
+                raise ConfigError(
+                    f"reconstruction_threshold={self.reconstruction_threshold!r} must be < num_shares={self.num_shares!r}"
+                )
+        _positive("clipping_range", self.clipping_range)
+        _positive("max_weight", self.max_weight)
+        if not _is_int(self.quantization_range) or not 2 <= self.quantization_range < 2**32:
+            raise ConfigError(f"quantization_range must be an int in [2, 2**32) (Flower's modulus), got {self.quantization_range!r}")
 
     def client_rank(self, partition_id: int, default: int) -> int:
         """LoRA rank of the client with ``partition_id`` under ``"hetero"``; ``default`` (``adapter.r``) if unset."""

@@ -1,0 +1,272 @@
+"""Secure aggregation with Flower's SecAgg+ (``aggregation.secure = "secagg+"``).
+
+SecAgg+ (Bell et al. 2020, "Secure Single-Server Aggregation with (Poly)Logarithmic
+Overhead", ePrint 2020/704) is Flower's own: ``SecAggPlusWorkflow`` on the server,
+``secaggplus_mod`` on the client. In flwr 1.41 it runs only on Flower's legacy
+workflow path (``DefaultWorkflow`` with a ``LegacyContext`` and a legacy
+strategy), not with the Message-API strategies `fedtune.flower.server` uses, so
+this mode has its own pair of apps over the same building blocks:
+
+- client: a ``NumPyClient`` whose ``fit`` hands the legacy ``FitIns`` to
+  fedtune's train handler (`fedtune.flower.client.handle_train`: local training,
+  client-local or sample-level DP) and returns the delta of the trainable keys,
+  sorted by name. ``secaggplus_mod`` quantizes it, weights it by
+  ``num_examples / max_weight`` and masks it;
+- server: SecAgg+ unmasks only the weighted sum, which it divides into the
+  weighted mean of the deltas; `MeanDeltaFedAvg` adds that mean to the global
+  adapter, evaluates it on the held-out split and writes metrics.jsonl and
+  summary.json as `ServerLoop` does.
+
+What the server learns is the weighted mean of the sampled clients' deltas, plus
+their example counts and train metrics (legacy ``FitRes`` metrics are not masked).
+Not supported here: resume and ``flwr run`` deployment (the fixed ``flwr run``
+apps are the Message-API ones).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid, ServerApp
+
+from fedtune import config, workspace
+from fedtune.config import FedtuneConfig
+from fedtune.delta import Delta
+from fedtune.env import setup_environment
+from fedtune.errors import FedtuneError
+from fedtune.flower import protocol as P
+from fedtune.flower.records import from_arrayrecord, to_arrayrecord
+
+# ``fit`` config keys; the values are those `ServerLoop` sends in its ``config`` record
+_FIT_KEYS = ("server-round", "round-seed", "version", "proximal-mu")
+
+
+def fit_config(cfg: FedtuneConfig, rnd: int) -> dict[str, Any]:
+    """The round's train config, as `ServerLoop` builds it (same round seed)."""
+    out: dict[str, Any] = {
+        "server-round": rnd, "round-seed": zlib.crc32(f"{cfg.federation.seed}/round/{rnd}".encode()), "version": rnd,
+    }
+    if cfg.aggregation.server_optimizer == "fedprox":
+        out["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
+    return out
+
+
+def train_delta(state: Delta, fit_cfg: dict[str, Any], context: Context, cfg: FedtuneConfig) -> tuple[Delta, dict]:
+    """Run fedtune's train handler on ``state``; return (delta of the trainable keys, metrics)."""
+    from fedtune.flower.client import handle_train
+
+    content = RecordDict({
+        P.CONFIG: ConfigRecord({k: fit_cfg[k] for k in _FIT_KEYS if k in fit_cfg}),
+        P.ARRAYS: to_arrayrecord(state),
+    })
+    # the legacy FitIns arrived inside a Flower message; this local one only carries it to the handler
+    meta = Metadata(run_id=context.run_id, message_id="", src_node_id=0, dst_node_id=context.node_id,
+                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
+    msg = Message(content, metadata=meta)
+    reply = handle_train(msg, context, cfg)
+    return from_arrayrecord(reply.content[P.UPDATE]), dict(reply.content[P.METRICS])
+
+
+class SecAggClient(NumPyClient):
+    """Legacy client: parameters are the full adapter in sorted key order; fit returns the sorted delta."""
+
+    def __init__(self, cfg: FedtuneConfig, context: Context):
+        self.cfg = cfg
+        self.flwr_context = context
+
+    def fit(self, parameters, config):  # noqa: A002 (Flower's signature)
+        setup_environment()
+        keys = sorted(workspace.get(self.cfg).initial_state())
+        if len(parameters) != len(keys):
+            raise ValueError(f"server sent {len(parameters)} arrays, this adapter has {len(keys)}")
+        state = {k: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for k, a in zip(keys, parameters)}
+        delta, metrics = train_delta(state, dict(config), self.flwr_context, self.cfg)
+        n = int(metrics.pop("num-examples"))
+        return [delta[k].numpy() for k in sorted(delta)], n, metrics
+
+
+def make_secagg_client_app(cfg: FedtuneConfig | None = None) -> ClientApp:
+    def client_fn(context: Context):
+        from fedtune.flower.apps import _config_from_context
+
+        return SecAggClient(cfg or _config_from_context(context), context).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+class MeanDeltaFedAvg(FedAvg):
+    """FedAvg over deltas: what SecAgg+ hands ``aggregate_fit`` is already their weighted mean.
+
+    The strategy holds the global adapter; the aggregate it returns (and the
+    workflow sends next round) is ``global + mean delta``. ``on_aggregate``
+    (round, global before, mean delta) lets a caller see each step.
+    """
+
+    def __init__(self, state: Delta, trainable: list[str], *,
+                 on_aggregate: Callable[[int, Delta, Delta], None] | None = None, **kwargs):
+        self.keys = sorted(state)
+        self.trainable = sorted(trainable)
+        self.state = {k: state[k].clone() for k in self.keys}
+        self.on_aggregate = on_aggregate
+        self.last_round: dict[str, Any] = {}
+        super().__init__(initial_parameters=ndarrays_to_parameters(self.ndarrays()), **kwargs)
+
+    def ndarrays(self) -> list[np.ndarray]:
+        return [self.state[k].numpy() for k in self.keys]
+
+    def aggregate_fit(self, server_round, results, failures):
+        params, metrics = super().aggregate_fit(server_round, results, failures)
+        self.last_round = {
+            "accepted": len(results),
+            "rejected": [{"node": None, "reason": str(f)[:500]} for f in failures],
+            "clients": [{"node": p.node_id, "num-examples": r.num_examples,
+                         **{k: float(v) for k, v in r.metrics.items()}} for p, r in results],
+        }
+        if params is None:
+            return None, {}
+        mean = parameters_to_ndarrays(params)
+        if len(mean) != len(self.trainable):
+            raise FedtuneError(f"SecAgg+ returned {len(mean)} arrays for {len(self.trainable)} trainable keys")
+        delta = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in zip(self.trainable, mean)}
+        before = {k: v.clone() for k, v in self.state.items()}
+        for k in self.trainable:
+            self.state[k] = self.state[k] + delta[k].reshape(self.state[k].shape)
+        if self.on_aggregate is not None:
+            self.on_aggregate(server_round, before, delta)
+        return ndarrays_to_parameters(self.ndarrays()), metrics
+
+
+def _weighted_metrics(pairs: list[tuple[int, dict]]) -> dict[str, float]:
+    total = sum(n for n, _ in pairs) or 1
+    names = {k for _, m in pairs for k, v in m.items() if isinstance(v, (int, float)) and k not in ("node", "num-examples", "partition-id")}
+    return {k: sum(n * float(m.get(k, 0.0)) for n, m in pairs) / total for k in sorted(names)}
+
+
+def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | Path,
+               progress: Callable[[str], None] = print,
+               on_aggregate: Callable[[int, Delta, Delta], None] | None = None) -> dict[str, Any]:
+    """One federated run with SecAgg+; returns the summary (also in ``out_dir``/summary.json)."""
+    from fedtune.flower.server import ServerLoop, _fmt, export_adapter, round_record
+
+    t_start = time.monotonic()
+    agg = cfg.aggregation
+    # ServerLoop owns the run directory, held-out evaluation and privacy accounting
+    loop = ServerLoop(cfg, out_dir, progress=progress)
+    loop.accountant = loop._privacy_accountant()
+    ws = workspace.get(cfg)
+    state = ws.initial_state()
+    trainable = ws.trainable_keys()
+    n_params = sum(state[k].numel() for k in trainable)
+    adapter_bytes = 4 * sum(v.numel() for v in state.values())
+    if (loop.run.path / "checkpoint" / "meta.json").is_file():
+        raise FedtuneError(f"{loop.run.path} holds another run's checkpoint; write to another directory")
+    loop.run.write_config(config.to_toml(cfg))
+    loop.run.reset_metrics()
+    progress(f"model {cfg.model.name} ({ws.task}): {n_params:,} trainable params; {cfg.federation.num_clients} clients, "
+             f"{cfg.federation.rounds} rounds, secure aggregation SecAgg+")
+    history: list[dict] = []
+    final: dict[str, float] = {}
+    t_round = [time.monotonic()]
+
+    def evaluate(rnd: int, _ndarrays, _config):
+        nonlocal final
+        last = rnd == cfg.federation.rounds
+        record: dict[str, Any]
+        if rnd == 0:
+            record = {"round": 0, "bytes_up": 0, "bytes_down": 0}
+        else:
+            info = strategy.last_round or {"accepted": 0, "rejected": [], "clients": []}
+            strategy.last_round = {}
+            sampled = info["accepted"] + len(info["rejected"])
+            # estimate: one fp32 adapter down and one fp32 delta up per client; SecAgg+'s key
+            # exchange and its masked integer vectors are not counted
+            up = {c["node"]: 4 * n_params for c in info["clients"]}
+            down = {c["node"]: adapter_bytes for c in info["clients"]}
+            train = _weighted_metrics([(int(c["num-examples"]), c) for c in info["clients"]])
+            extra = {}
+            if loop.accountant is not None:
+                loop.accountant.step()
+                extra["dp_epsilon"] = loop.accountant.epsilon()
+            record = round_record(rnd, sampled, info["accepted"], info["rejected"], train, up, down,
+                                  info["clients"], **extra)
+        if rnd == 0 or rnd % cfg.federation.eval_every == 0 or last:
+            record["eval"] = final = loop._evaluate(ws, strategy.state, final=last)
+        record["seconds"] = time.monotonic() - t_round[0]
+        t_round[0] = time.monotonic()
+        loop.run.append_metrics(record)
+        if rnd:
+            history.append(record)
+        progress(f"round {rnd}/{cfg.federation.rounds}: {record.get('accepted', 0)} clients, {_fmt(record.get('eval', {}))}")
+        return None
+
+    fed = cfg.federation
+    strategy = MeanDeltaFedAvg(
+        state, trainable, on_aggregate=on_aggregate,
+        fraction_fit=fed.fraction_train, min_fit_clients=fed.min_train_clients, min_available_clients=fed.min_available_clients,
+        fraction_evaluate=0.0, min_evaluate_clients=0, evaluate_fn=evaluate,
+        on_fit_config_fn=lambda rnd: fit_config(cfg, rnd), fit_metrics_aggregation_fn=_weighted_metrics,
+    )
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout),
+                           strategy=strategy)
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=agg.num_shares, reconstruction_threshold=agg.reconstruction_threshold, max_weight=agg.max_weight,
+        clipping_range=agg.clipping_range, quantization_range=agg.quantization_range, timeout=fed.round_timeout,
+    ))
+    workflow(grid, legacy)
+    if len(history) != fed.rounds or "eval" not in history[-1]:
+        raise FedtuneError(f"SecAgg+ run ended after {len(history)} of {fed.rounds} rounds; see Flower's log")
+    if cfg.output.save_adapter:
+        export_adapter(ws, strategy.state, loop.run.path / "adapter")
+    summary = {
+        "final": final,
+        "rounds": fed.rounds,
+        "total_bytes_up": sum(r["bytes_up"] for r in history),
+        "total_bytes_down": sum(r["bytes_down"] for r in history),
+        "trainable_params": n_params,
+        "adapter_bytes_fp32": 4 * n_params,
+        "seconds": time.monotonic() - t_start,
+        "model": cfg.model.name,
+        "task": ws.task,
+        "adapter": cfg.adapter.method,
+        "aggregation": {"strategy": "SecAggPlusWorkflow+FedAvg", **cfg.to_dict()["aggregation"]},
+        "num_clients": fed.num_clients,
+        "compression": cfg.to_dict()["compression"],
+        "privacy": loop._privacy_summary(),
+        "stopped_early": None,
+        "rounds_completed": len(history),
+    }
+    loop.run.write_summary(summary)
+    progress(f"done in {summary['seconds']:.0f}s: {_fmt(final)}; outputs in {loop.run.path}")
+    return summary
+
+
+def make_secagg_server_app(cfg: FedtuneConfig, out_dir: str | Path, progress: Callable[[str], None] | None = None,
+                           result: dict | None = None,
+                           on_aggregate: Callable[[int, Delta, Delta], None] | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        summary = run_secagg(grid, context, cfg, out_dir, progress or print, on_aggregate)
+        if result is not None:
+            result.update(summary)
+
+    return app
+
+
+__all__ = ["MeanDeltaFedAvg", "SecAggClient", "fit_config", "make_secagg_client_app", "make_secagg_server_app",
+           "run_secagg", "train_delta"]

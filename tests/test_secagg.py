@@ -1,0 +1,130 @@
+"""Secure aggregation (``aggregation.secure = "secagg+"``): config checks and a real SecAgg+ simulation."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from fedtune import config, workspace
+from fedtune.errors import ConfigError
+
+from .conftest import CONFIGS
+
+SECURE = {"aggregation.secure": "secagg+"}
+
+
+def _load(**overrides):
+    return config.load(CONFIGS / "tiny.toml", {**SECURE, **overrides})
+
+
+def test_defaults_are_flowers_and_unset_without_secure():
+    agg = _load().aggregation
+    assert (agg.num_shares, agg.reconstruction_threshold, agg.clipping_range, agg.quantization_range,
+            agg.max_weight) == (3, 2, 8.0, 2**22, 1000.0)
+    plain = config.load(CONFIGS / "tiny.toml").aggregation
+    assert plain.secure == "none" and plain.num_shares is None
+    # round-trips through the run directory's config.toml
+    assert config.from_dict(__import__("tomllib").loads(config.to_toml(_load()))).aggregation == agg
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"aggregation.secure": "secagg"}, "secure must be one of none, secagg+"),
+        ({"aggregation.secure": "none", "aggregation.num_shares": 3}, "num_shares=3 is only used by secure='secagg+'"),
+        ({"aggregation.num_shares": 2}, "num_shares must be an int (> 2"),
+        ({"aggregation.num_shares": 3, "aggregation.reconstruction_threshold": 3}, "reconstruction_threshold=3 must be < num_shares=3"),
+        ({"aggregation.clipping_range": 0.0}, "clipping_range must be > 0"),
+        ({"aggregation.quantization_range": 2**32}, "quantization_range must be an int"),
+        ({"aggregation.robust": "median"}, "robust='median' cannot rank them"),
+        ({"aggregation.lora_mode": "exact"}, "secure='secagg+' needs lora_mode 'naive' or 'ffa'"),
+        ({"aggregation.server_optimizer": "fedadam"}, "needs server_optimizer 'fedavg' or 'fedprox'"),
+        ({"aggregation.max_update_norm": 1.0}, "max_update_norm: the server cannot measure"),
+        ({"compression.codec": "topk", "compression.ratio": 0.1}, "compression.codec: SecAgg+ quantizes"),
+        ({"privacy.mode": "client-central", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0},
+         "privacy.mode: 'client-central' clips each update on the server"),
+        ({"federation.num_clients": 1, "federation.min_train_clients": 1, "federation.min_available_clients": 1},
+         "federation.min_train_clients: SecAgg+ needs at least 2"),
+    ],
+)
+def test_refuses_what_does_not_compose(overrides, needle):
+    with pytest.raises(ConfigError) as exc:
+        _load(**overrides)
+    assert needle in str(exc.value)
+
+
+def test_client_local_dp_composes():
+    cfg = _load(**{"privacy.mode": "client-local", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0})
+    assert cfg.privacy.mode == "client-local"
+
+
+def test_simulate_picks_the_secagg_apps(monkeypatch, tmp_path):
+    import flwr.simulation
+
+    from fedtune.flower import simulation
+
+    seen = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(simulation, "preflight", lambda cfg: None)
+    with pytest.raises(Exception, match="ended without finishing"):
+        simulation.simulate(_load(), tmp_path)
+    assert [m.__name__ for m in seen["client_app"]._mods] == ["secaggplus_mod"]
+    with pytest.raises(ConfigError, match="--resume is not supported"):
+        simulation.simulate(_load(), tmp_path, resume=True)
+
+
+def _reference_mean(cfg, start, rnd, num_clients):
+    """Plain FedAvg of the same clients' deltas: each client's training run here, in this process."""
+    from flwr.app import Context, RecordDict
+
+    from fedtune.flower.secagg import fit_config, train_delta
+
+    deltas, weights = [], []
+    for pid in range(num_clients):
+        ctx = Context(run_id=0, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": num_clients},
+                      state=RecordDict(), run_config={})
+        delta, metrics = train_delta(start, fit_config(cfg, rnd), ctx, cfg)
+        deltas.append(delta)
+        weights.append(float(metrics["num-examples"]))
+    total = sum(weights)
+    return {k: sum(w * d[k] for w, d in zip(weights, deltas)) / total for k in deltas[0]}, weights
+
+
+@pytest.mark.slow
+def test_secagg_simulation_equals_fedavg_up_to_quantization(tmp_path):
+    from flwr.simulation import run_simulation
+
+    from fedtune.flower.secagg import make_secagg_client_app, make_secagg_server_app
+    from fedtune.flower.simulation import backend_config, preflight
+
+    n = 3
+    cfg = _load(**{"federation.num_clients": n, "federation.rounds": 2, "federation.fraction_train": 1.0})
+    preflight(cfg)
+    steps, result = [], {}
+    server_app = make_secagg_server_app(cfg, tmp_path, progress=lambda s: None, result=result,
+                                        on_aggregate=lambda r, before, mean: steps.append((r, before, mean)))
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(server_app=server_app, client_app=make_secagg_client_app(cfg), num_supernodes=n,
+                   backend_config=backend_config(cfg))
+
+    assert result["rounds_completed"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert all(r["accepted"] == n and "eval" in r for r in rows[1:])
+    assert json.loads((tmp_path / "summary.json").read_text())["aggregation"]["secure"] == "secagg+"
+    assert [r for r, _, _ in steps] == [1, 2]
+
+    agg = cfg.aggregation
+    for rnd, before, secure_mean in steps:
+        ref, weights = _reference_mean(cfg, before, rnd, n)
+        # each client's weighted delta is stochastically rounded to a grid of step 2C/Q;
+        # SecAgg+ divides the sum by the total weight sum(n_i / max_weight)
+        step = 2 * agg.clipping_range / agg.quantization_range
+        bound = n * step / (sum(weights) / agg.max_weight) + 1e-6
+        assert set(secure_mean) == set(ref)
+        worst = max(float((secure_mean[k] - ref[k]).abs().max()) for k in ref)
+        size = max(float(ref[k].abs().max()) for k in ref)
+        assert worst <= bound, (rnd, worst, bound)
+        assert size > 100 * bound  # the deltas are far above the quantization error: the check means something
+    assert workspace.get(cfg).trainable_keys()
