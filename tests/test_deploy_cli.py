@@ -298,3 +298,9 @@ def test_run_line_validates_the_config(capsys):
     assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT),
                      "-s", "federation.bogus=3"]) == 2
     assert "bogus" in capsys.readouterr().err
+
+
+def test_run_line_refuses_secure_aggregation_it_cannot_deliver(capsys):
+    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT),
+                     "-s", "aggregation.secure=secagg+", "-s", "federation.fraction_train=1.0"]) == 2
+    assert "aggregation.secure" in capsys.readouterr().err

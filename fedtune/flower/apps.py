@@ -55,6 +55,12 @@ def make_server_app(
         from fedtune.flower.server import ServerLoop
 
         run_cfg = cfg or _config_from_context(context)
+        if cfg is None and run_cfg.aggregation.secure != "none":
+            # the SecAgg+ apps (fedtune.flower.secagg) are chosen by `fedtune simulate`; this
+            # ServerApp/ClientApp pair would exchange plain deltas, so refuse instead
+            raise config.ConfigError(
+                "aggregation.secure: SecAgg+ runs under `fedtune simulate` only for now, not under flwr run"
+            )
         resuming = resume or _resume_flag(context)
         if resuming and out_dir is None and not run_cfg.output.dir:
             raise config.ConfigError(
