@@ -15,11 +15,12 @@ declare -A ROWS=(
   [sample-eps8]="privacy.mode=sample,privacy.target_epsilon=8,privacy.max_grad_norm=1.0,privacy.delta=1e-5"
   [sample-eps3]="privacy.mode=sample,privacy.target_epsilon=3,privacy.max_grad_norm=1.0,privacy.delta=1e-5"
   [sample-eps1]="privacy.mode=sample,privacy.target_epsilon=1,privacy.max_grad_norm=1.0,privacy.delta=1e-5"
+  [sample-eps8-b64-ffa]="privacy.mode=sample,privacy.target_epsilon=8,privacy.max_grad_norm=1.0,privacy.delta=1e-5,train.batch_size=64,train.local_steps=5,adapter.ffa=true,aggregation.lora_mode=ffa"
   [clients100-nonprivate]="$C100"
   [clients100-z0.3]="$C100,privacy.mode=client-central,privacy.noise_multiplier=0.3,privacy.clip_norm=1.0,privacy.delta=1e-2"
   [clients100-z1.0]="$C100,privacy.mode=client-central,privacy.noise_multiplier=1.0,privacy.clip_norm=1.0,privacy.delta=1e-2"
 )
-ORDER=(nonprivate sample-eps8 sample-eps3 sample-eps1 clients100-nonprivate clients100-z0.3 clients100-z1.0)
+ORDER=(nonprivate sample-eps8 sample-eps3 sample-eps1 sample-eps8-b64-ffa clients100-nonprivate clients100-z0.3 clients100-z1.0)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
