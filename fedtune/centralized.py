@@ -25,7 +25,7 @@ import torch
 from fedtune import adapters, config, workspace
 from fedtune.config import FedtuneConfig
 from fedtune.metrics import forgetting_summary, held_out_metrics
-from fedtune.rundir import RunDir, replace_dir
+from fedtune.rundir import RunDir
 from fedtune.train import batch_stream, make_optimizer, round_lr, train_local
 
 
@@ -95,7 +95,7 @@ def run_centralized(
         say(f"round {rnd}/{rounds} ({rnd * per_round} steps): train loss {train['train_loss']:.4f}, "
             f"{_fmt(record.get('eval', {}))}, {record['seconds']:.1f}s")
     if cfg.output.save_adapter:
-        _export_adapter(ws, run.path / "adapter")
+        workspace.export_adapter(ws, adapters.get_state(ws.model), run.path / "adapter")
     adapters.set_state_(ws.model, ws.initial_state())  # the cached workspace is shared within a process
     summary: dict[str, Any] = {
         "mode": "centralized",
@@ -123,20 +123,6 @@ def run_centralized(
     run.write_summary(summary)
     say(f"done in {summary['seconds']:.0f}s: {_fmt(metrics)}; outputs in {run.path}")
     return summary
-
-
-def _export_adapter(ws: workspace.Workspace, target: Path) -> None:
-    """The trained adapter in PEFT format, as the federated server writes it."""
-    from fedtune.models import base_path_for_export
-
-    ws.model.peft_config["default"].base_model_name_or_path = base_path_for_export(ws.resolved)
-
-    def fill(tmp: Path) -> None:
-        ws.model.save_pretrained(str(tmp))
-        if ws.task == config.CLASSIFICATION:
-            ws.tokenizer.save_pretrained(str(tmp))
-
-    replace_dir(target, fill)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -149,3 +149,19 @@ def build(cfg: FedtuneConfig) -> Workspace:
     ws = Workspace(cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device)
     ws.initial_state()  # snapshot before any round loads another state
     return ws
+
+
+def export_adapter(ws: Workspace, state: Delta, target) -> None:
+    """Write ``state`` as a PEFT-format adapter (loadable by ``PeftModel.from_pretrained``), atomically."""
+    from fedtune.config import CLASSIFICATION
+    from fedtune.rundir import replace_dir
+
+    adapters.set_state_(ws.model, state)
+    ws.model.peft_config["default"].base_model_name_or_path = models.base_path_for_export(ws.resolved)
+
+    def fill(tmp) -> None:
+        ws.model.save_pretrained(str(tmp))
+        if ws.task == CLASSIFICATION:
+            ws.tokenizer.save_pretrained(str(tmp))
+
+    replace_dir(target, fill)

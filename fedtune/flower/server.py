@@ -39,6 +39,7 @@ from fedtune.flower import protocol as P
 from fedtune.flower.identity import NodeIdentities
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
 from fedtune.rundir import RunDir, replace_dir
+from fedtune.workspace import export_adapter
 from fedtune.metrics import forgetting_summary, held_out_metrics
 
 log = logging.getLogger("fedtune")
@@ -94,21 +95,6 @@ def build_strategy(cfg: FedtuneConfig) -> Strategy:
         strategy = fs.FedAvg(**common)
     strategy.fraction_evaluate = 0.0  # evaluation is centralized, on the held-out split (no warning)
     return strategy
-
-
-def export_adapter(ws: workspace.Workspace, state: Delta, target: Path) -> None:
-    """Write the global adapter in PEFT format (loadable by ``PeftModel.from_pretrained``)."""
-    from fedtune.models import base_path_for_export
-
-    adapters.set_state_(ws.model, state)
-    ws.model.peft_config["default"].base_model_name_or_path = base_path_for_export(ws.resolved)
-
-    def fill(tmp: Path) -> None:
-        ws.model.save_pretrained(str(tmp))
-        if ws.task == config.CLASSIFICATION:
-            ws.tokenizer.save_pretrained(str(tmp))
-
-    replace_dir(target, fill)
 
 
 class Broadcast:
