@@ -73,6 +73,12 @@ def rel(a, b):
     return float((a - b).detach().norm() / b.detach().norm())
 
 
+def truncate_dense(m: torch.Tensor, r: int) -> torch.Tensor:
+    """The best rank-r approximation of m (Eckart-Young), by hand."""
+    u, s, vh = torch.linalg.svd(m)
+    return (u[:, :r] * s[:r]) @ vh[:r]
+
+
 SCALING = LoraScaling(lora_alpha=8)
 
 
@@ -201,9 +207,19 @@ def test_exact_scaling_can_be_a_float_or_per_layer_dict():
         product_space_mean(states, [1, 1], {Q: 2.0})
 
 
+def orthogonal_rows(state: dict[str, torch.Tensor], norm: float = 0.6) -> dict[str, torch.Tensor]:
+    """The same state with every A's rows made orthogonal, all of norm ``norm`` (like peft's init)."""
+    out = dict(state)
+    for prefix in (Q, V):
+        a = state[f"{prefix}.lora_A.weight"]
+        q, _ = torch.linalg.qr(a.mT)
+        out[f"{prefix}.lora_A.weight"] = norm * q.mT
+    return out
+
+
 def test_exact_with_reference_keeps_the_incoming_basis():
-    """One client, reference = its own state: the SVD basis is undone and its factors come back."""
-    s = client(torch.Generator().manual_seed(4), r=3)
+    """One client, reference = its own state with orthogonal A rows: the SVD basis is undone."""
+    s = orthogonal_rows(client(torch.Generator().manual_seed(4), r=3))
     out, _ = product_space_mean([s], [1], SCALING, reference=s)
     for k in s:
         assert torch.allclose(out[k], s[k], atol=1e-9), k
@@ -211,6 +227,40 @@ def test_exact_with_reference_keeps_the_incoming_basis():
     bal, _ = product_space_mean([s], [1], SCALING)
     assert not torch.allclose(bal[f"{Q}.lora_A.weight"], s[f"{Q}.lora_A.weight"])
     assert rel(products(bal, SCALING)[Q], products(s, SCALING)[Q]) < 1e-12
+
+
+def test_exact_with_reference_gives_a_orthogonal_rows_at_the_reference_scale():
+    """A = c R Q0: orthogonal rows at the reference's RMS row norm, B the magnitudes, product exact."""
+    gen = torch.Generator().manual_seed(8)
+    ref = client(gen, r=3)
+    clients = [client(gen, r=3) for _ in range(3)]
+    out, _ = product_space_mean(clients, [1, 2, 3], SCALING, reference=ref)
+    want = manual_dense(clients, [1, 2, 3], SCALING)
+    for prefix in (Q, V):
+        a = out[f"{prefix}.lora_A.weight"]
+        c = ref[f"{prefix}.lora_A.weight"].square().sum(dim=1).mean().sqrt()
+        torch.testing.assert_close(a @ a.mT, c**2 * torch.eye(3, dtype=F64), rtol=0, atol=1e-10)
+        got = products(out, SCALING)[prefix]
+        m_r = truncate_dense(want[prefix], 3)
+        assert rel(got, m_r) < 1e-10
+
+
+def test_exact_alignment_does_not_inflate_b_when_the_row_space_turns():
+    """A reference almost orthogonal to the mean's row space used to give a near-singular change of
+    basis, B blown up by 1e4 and a run that stopped learning; now ||B|| = ||s B A|| / (s c)."""
+    out_dim, inp, r = 6, 12, 2
+    ref_a = torch.zeros(r, inp, dtype=F64)
+    ref_a[0, 0] = ref_a[1, 1] = 0.6
+    ref = {f"{Q}.lora_A.weight": ref_a, f"{Q}.lora_B.weight": torch.zeros(out_dim, r, dtype=F64)}
+    a = torch.zeros(r, inp, dtype=F64)
+    a[0, 0], a[1, 2], a[1, 1] = 1.0, 1.0, 1e-4  # second direction turned almost fully away from e1
+    b = torch.randn(out_dim, r, dtype=F64, generator=torch.Generator().manual_seed(9))
+    state = {f"{Q}.lora_A.weight": a, f"{Q}.lora_B.weight": b}
+    out, _ = product_space_mean([state], [1], SCALING, reference=ref)
+    scale = SCALING(Q, r)
+    prod = scale * b @ a
+    torch.testing.assert_close(scale * out[f"{Q}.lora_B.weight"] @ out[f"{Q}.lora_A.weight"], prod, rtol=0, atol=1e-12)
+    assert math.isclose(float(out[f"{Q}.lora_B.weight"].norm()), float(prod.norm()) / (scale * 0.6), rel_tol=1e-9)
 
 
 def test_exact_first_round_all_b_zero_keeps_a_and_stays_trainable():

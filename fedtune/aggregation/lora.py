@@ -58,8 +58,6 @@ _F64 = torch.float64
 # peft initialises lora_A with kaiming_uniform_(a=sqrt(5)): entries U(-1/sqrt(in), 1/sqrt(in)),
 # so each row has norm about 1/sqrt(3) whatever `in` is.
 _INIT_ROW_NORM = 1.0 / math.sqrt(3.0)
-# A change of basis worse conditioned than this would cost more precision than it buys.
-_MAX_ALIGN_COND = 1e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,16 +341,25 @@ def _factorize(
 ) -> tuple[torch.Tensor, torch.Tensor, LayerReport, float, float]:
     """Rank-``rank`` factors with ``scale_out * B @ A`` = the truncated ``u diag(s) vh``.
 
-    Balanced split ``B = U sqrt(S)``, ``A = sqrt(S) V^T`` (divided by
-    ``sqrt(scale_out)``), singular vector signs fixed so the result is
-    deterministic. Directions past the numerical rank get A rows from
-    ``cands`` and zero B columns: the product is unchanged, but both factors
-    zero would leave the direction with zero gradient for ever (the
-    degenerate all-``B = 0`` case). With ``ref_a`` of the output shape, the
-    factors are moved by the invertible ``G`` that brings A closest to
-    ``ref_a`` (``B G^-1, G A``; product unchanged), so a server optimizer that
-    differences factors round to round (FedAdam's ``aggregated - current``)
-    sees a meaningful change rather than an SVD basis flip.
+    Singular vector signs are fixed so the result is deterministic. Without a
+    reference of the output shape the split is balanced, ``B = U sqrt(S)``,
+    ``A = sqrt(S) V^T`` (divided by ``sqrt(scale_out)``). Directions past the
+    numerical rank get A rows from ``cands`` and zero B columns: the product is
+    unchanged, but both factors zero would leave the direction with zero
+    gradient for ever (the degenerate all-``B = 0`` case).
+
+    With ``ref_a`` of the output shape (the A the clients trained from), the
+    split keeps LoRA's division of labour instead: A holds orthogonal
+    directions, every row at the reference's RMS row norm ``c``, and B the
+    magnitudes. From orthonormal rows ``Q0`` (``V^T``, then the filled
+    directions), ``A = c R Q0`` and ``B = U S Q0-part R^T / c`` with ``R`` the
+    rotation that brings A closest to ``ref_a`` (orthogonal Procrustes), so a
+    server optimizer that differences factors round to round (FedAdam's
+    ``aggregated - current``) sees a meaningful change rather than an SVD
+    basis flip. A least-squares change of basis would match ``ref_a`` more
+    closely but can be nearly singular when the mean's row space turns away
+    from the reference, and the B it inflates trains badly (A's gradient is
+    ``B^T dW``) although the product is exact.
     """
     total_sq = float(s.square().sum())
     numerical = _numerical_rank(s, u.shape[0], vh.shape[1])
@@ -363,22 +370,28 @@ def _factorize(
         idx = u.abs().argmax(dim=0)
         signs = torch.sign(u[idx, torch.arange(k)])
         u, vh = u * signs, vh * signs[:, None]
-    root = s[:k].sqrt()
-    b = u * (root / math.sqrt(scale_out))
-    a = vh * (root / math.sqrt(scale_out))[:, None]
     fill = rank - k
+    align = ref_a is not None and tuple(ref_a.shape) == (rank, vh.shape[1]) and float(ref_a.abs().max()) > 0
+    if align:
+        b, a = u * (s[:k] / scale_out), vh
+    else:
+        root = s[:k].sqrt()
+        b = u * (root / math.sqrt(scale_out))
+        a = vh * (root / math.sqrt(scale_out))[:, None]
     if fill:
         extra = _complement_rows(ref_a if ref_a is not None else cands, vh, fill)
+        if align:
+            extra = extra / extra.norm(dim=1, keepdim=True)
         a = torch.cat([a, extra])
         b = torch.cat([b, torch.zeros(b.shape[0], fill, dtype=_F64)], dim=1)
-    if ref_a is not None and ref_a.shape == a.shape:
-        g = ref_a @ torch.linalg.pinv(a)
-        cond = float(torch.linalg.cond(g)) if torch.isfinite(g).all() else math.inf
-        if not cond <= _MAX_ALIGN_COND:
-            ug, _, vhg = torch.linalg.svd(g)
-            g = ug @ vhg  # polar factor: the closest rotation
-        a = g @ a
-        b = torch.linalg.solve(g.mT, b.mT).mT
+    if align and k == 0:  # nothing moved: keep the reference's A as it is
+        a = ref_a.clone()
+    elif align:
+        c = float(ref_a.square().sum(dim=1).mean().sqrt())
+        ur, _, vhr = torch.linalg.svd(ref_a @ a.mT)
+        rot = ur @ vhr
+        a = c * (rot @ a)
+        b = (b @ rot.mT) / c
     residual = math.sqrt(dropped_sq / total_sq) if total_sq > 0 else 0.0
     report = LayerReport(rank=rank, numerical_rank=numerical, residual=residual, filled=fill)
     return b, a, report, dropped_sq, total_sq
