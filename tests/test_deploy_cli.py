@@ -300,7 +300,10 @@ def test_run_line_validates_the_config(capsys):
     assert "bogus" in capsys.readouterr().err
 
 
-def test_run_line_refuses_secure_aggregation_it_cannot_deliver(capsys):
-    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT),
-                     "-s", "aggregation.secure=secagg+", "-s", "federation.fraction_train=1.0"]) == 2
-    assert "aggregation.secure" in capsys.readouterr().err
+def test_run_line_passes_secure_aggregation_but_not_resume(capsys):
+    secure = ["-s", "aggregation.secure=secagg+", "-s", "federation.fraction_train=1.0"]
+    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), *secure]) == 0
+    assert "aggregation.secure" in capsys.readouterr().out
+    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), *secure,
+                     "-s", "output.dir=runs/x", "--resume"]) == 2
+    assert "secagg+" in capsys.readouterr().err

@@ -59,17 +59,9 @@ def test_client_local_dp_composes():
     assert cfg.privacy.mode == "client-local"
 
 
-def test_simulate_picks_the_secagg_apps(monkeypatch, tmp_path):
-    import flwr.simulation
-
+def test_simulate_refuses_resume_with_secagg(tmp_path):
     from fedtune.flower import simulation
 
-    seen = {}
-    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kw: seen.update(kw))
-    monkeypatch.setattr(simulation, "preflight", lambda cfg: None)
-    with pytest.raises(Exception, match="ended without finishing"):
-        simulation.simulate(_load(), tmp_path)
-    assert [m.__name__ for m in seen["client_app"]._mods] == ["secaggplus_mod"]
     with pytest.raises(ConfigError, match="--resume is not supported"):
         simulation.simulate(_load(), tmp_path, resume=True)
 
@@ -95,17 +87,25 @@ def _reference_mean(cfg, start, rnd, num_clients):
 def test_secagg_simulation_equals_fedavg_up_to_quantization(tmp_path):
     from flwr.simulation import run_simulation
 
-    from fedtune.flower.secagg import make_secagg_client_app, make_secagg_server_app
+    from flwr.serverapp import ServerApp
+
+    from fedtune.flower.apps import make_client_app
+    from fedtune.flower.secagg import run_secagg
     from fedtune.flower.simulation import backend_config, preflight
 
     n = 3
     cfg = _load(**{"federation.num_clients": n, "federation.rounds": 2, "federation.fraction_train": 1.0})
     preflight(cfg)
     steps, result = [], {}
-    server_app = make_secagg_server_app(cfg, tmp_path, progress=lambda s: None, result=result,
-                                        on_aggregate=lambda r, before, mean: steps.append((r, before, mean)))
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid, context):
+        result.update(run_secagg(grid, context, cfg, tmp_path, lambda s: None,
+                                 on_aggregate=lambda r, before, mean: steps.append((r, before, mean))))
+
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app=server_app, client_app=make_secagg_client_app(cfg), num_supernodes=n,
+    run_simulation(server_app=server_app, client_app=make_client_app(cfg), num_supernodes=n,
                    backend_config=backend_config(cfg))
 
     assert result["rounds_completed"] == 2

@@ -465,8 +465,8 @@ def cmd_register(args) -> int:
 def cmd_run_line(args) -> int:
     app = Path(args.app)
     cfg = _check_run_config(app, args.config, args.overrides)
-    if cfg.aggregation.secure != "none":
-        raise ConfigError("aggregation.secure: SecAgg+ runs under `fedtune simulate` only for now, not in deployment")
+    if args.resume and cfg.aggregation.secure != "none":
+        raise ConfigError("--resume: not supported with aggregation.secure = 'secagg+'")
     if args.resume and not cfg.output.dir:
         raise ConfigError("--resume: set output.dir (the run directory holding the checkpoint), e.g. --set output.dir=runs/x")
     print(shlex.join(run_argv(args.app, args.connection, config=args.config, overrides=args.overrides,

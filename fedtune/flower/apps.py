@@ -55,18 +55,22 @@ def make_server_app(
         from fedtune.flower.server import ServerLoop
 
         run_cfg = cfg or _config_from_context(context)
-        if cfg is None and run_cfg.aggregation.secure != "none":
-            # the SecAgg+ apps (fedtune.flower.secagg) are chosen by `fedtune simulate`; this
-            # ServerApp/ClientApp pair would exchange plain deltas, so refuse instead
-            raise config.ConfigError(
-                "aggregation.secure: SecAgg+ runs under `fedtune simulate` only for now, not under flwr run"
-            )
         resuming = resume or _resume_flag(context)
         if resuming and out_dir is None and not run_cfg.output.dir:
             raise config.ConfigError(
                 "resume: set output.dir (the run directory holding the checkpoint) to resume a run started with flwr run"
             )
-        loop = ServerLoop(run_cfg, out_dir or default_out_dir(run_cfg), progress=progress or print, resume=resuming)
+        run_dir = out_dir or default_out_dir(run_cfg)
+        if run_cfg.aggregation.secure != "none":  # SecAgg+ runs on Flower's legacy workflow path
+            from fedtune.flower.secagg import run_secagg
+
+            if resuming:
+                raise config.ConfigError("resume: not supported with aggregation.secure = 'secagg+'")
+            summary = run_secagg(grid, context, run_cfg, run_dir, progress or print)
+            if result is not None:
+                result.update(summary)
+            return
+        loop = ServerLoop(run_cfg, run_dir, progress=progress or print, resume=resuming)
         summary = loop.main(grid)
         if result is not None:
             result.update(summary)
@@ -79,9 +83,14 @@ def make_client_app(cfg: FedtuneConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        run_cfg = cfg or _config_from_context(context)
+        if run_cfg.aggregation.secure != "none":
+            from fedtune.flower.secagg import handle_secagg_train
+
+            return handle_secagg_train(msg, context, run_cfg)
         from fedtune.flower.client import handle_train
 
-        return handle_train(msg, context, cfg or _config_from_context(context))
+        return handle_train(msg, context, run_cfg)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:

@@ -5,7 +5,7 @@ Overhead", ePrint 2020/704) is Flower's own: ``SecAggPlusWorkflow`` on the serve
 ``secaggplus_mod`` on the client. In flwr 1.41 it runs only on Flower's legacy
 workflow path (``DefaultWorkflow`` with a ``LegacyContext`` and a legacy
 strategy), not with the Message-API strategies `fedtune.flower.server` uses, so
-this mode has its own pair of apps over the same building blocks:
+this mode has its own server loop and client over the same building blocks:
 
 - client: a ``NumPyClient`` whose ``fit`` hands the legacy ``FitIns`` to
   fedtune's train handler (`fedtune.flower.client.handle_train`: local training,
@@ -19,8 +19,9 @@ this mode has its own pair of apps over the same building blocks:
 
 What the server learns is the weighted mean of the sampled clients' deltas, plus
 their example counts and train metrics (legacy ``FitRes`` metrics are not masked).
-Not supported here: resume and ``flwr run`` deployment (the fixed ``flwr run``
-apps are the Message-API ones).
+The ServerApp and ClientApp of `fedtune.flower.apps` switch to this path when
+``aggregation.secure`` is set, so it runs under ``fedtune simulate``, ``flwr run``
+and a deployment alike. Not supported: resume.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.clientapp import ClientApp
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp import Grid
 
 from fedtune import config, workspace
 from fedtune.config import FedtuneConfig
@@ -99,13 +99,19 @@ class SecAggClient(NumPyClient):
         return [delta[k].numpy() for k in sorted(delta)], n, metrics
 
 
-def make_secagg_client_app(cfg: FedtuneConfig | None = None) -> ClientApp:
-    def client_fn(context: Context):
-        from fedtune.flower.apps import _config_from_context
+def handle_secagg_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
+    """One SecAgg+ stage message: Flower's ``secaggplus_mod`` around the legacy `SecAggClient`.
 
-        return SecAggClient(cfg or _config_from_context(context), context).to_client()
+    The ClientApp's ``train`` handler calls this when ``aggregation.secure`` is
+    set, under ``fedtune simulate`` and ``flwr run`` alike; the mod keeps its
+    protocol state in ``context.state`` (per node, across the stage messages).
+    """
+    from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    def legacy(m: Message, ctx: Context) -> Message:
+        return handle_legacy_message_from_msgtype(lambda c: SecAggClient(cfg, c).to_client(), m, ctx)
+
+    return secaggplus_mod(msg, context, legacy)
 
 
 class MeanDeltaFedAvg(FedAvg):
@@ -254,19 +260,4 @@ def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | 
     return summary
 
 
-def make_secagg_server_app(cfg: FedtuneConfig, out_dir: str | Path, progress: Callable[[str], None] | None = None,
-                           result: dict | None = None,
-                           on_aggregate: Callable[[int, Delta, Delta], None] | None = None) -> ServerApp:
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        summary = run_secagg(grid, context, cfg, out_dir, progress or print, on_aggregate)
-        if result is not None:
-            result.update(summary)
-
-    return app
-
-
-__all__ = ["MeanDeltaFedAvg", "SecAggClient", "fit_config", "make_secagg_client_app", "make_secagg_server_app",
-           "run_secagg", "train_delta"]
+__all__ = ["MeanDeltaFedAvg", "SecAggClient", "fit_config", "handle_secagg_train", "run_secagg", "train_delta"]

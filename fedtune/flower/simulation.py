@@ -58,16 +58,10 @@ def simulate(
 
     preflight(cfg)
     result: dict[str, Any] = {}
-    if cfg.aggregation.secure != "none":  # SecAgg+ runs on Flower's legacy workflow path
-        from fedtune.flower.secagg import make_secagg_client_app, make_secagg_server_app
-
-        if resume:
-            raise ConfigError("--resume is not supported with aggregation.secure = 'secagg+'")
-        server_app = make_secagg_server_app(cfg, out_dir, progress, result)
-        client_app = make_secagg_client_app(cfg)
-    else:
-        server_app = make_server_app(cfg, out_dir, progress, result, resume=resume)
-        client_app = make_client_app(cfg)
+    if resume and cfg.aggregation.secure != "none":
+        raise ConfigError("--resume is not supported with aggregation.secure = 'secagg+'")
+    server_app = make_server_app(cfg, out_dir, progress, result, resume=resume)  # SecAgg+ included
+    client_app = make_client_app(cfg)
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
