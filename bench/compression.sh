@@ -17,6 +17,7 @@ declare -A ROWS=(
   [topk5+ternary+EF]="compression.codec=topk+ternary,compression.ratio=0.05,compression.error_feedback=true"
   [sign]="compression.codec=sign"
   [sign+EF]="compression.codec=sign,compression.error_feedback=true"
+  [sign-b512]="compression.codec=sign,compression.block_size=512"
 )
 ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF sign sign+EF)
 [ $# -gt 0 ] && ORDER=("$@")

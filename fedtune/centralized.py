@@ -24,7 +24,7 @@ import torch
 
 from fedtune import adapters, config, workspace
 from fedtune.config import FedtuneConfig
-from fedtune.metrics import forgetting_summary, held_out_metrics
+from fedtune.metrics import held_out_metrics, run_summary
 from fedtune.rundir import RunDir
 from fedtune.train import batch_stream, make_optimizer, round_lr, train_local
 
@@ -97,29 +97,12 @@ def run_centralized(
     if cfg.output.save_adapter:
         workspace.export_adapter(ws, adapters.get_state(ws.model), run.path / "adapter")
     adapters.set_state_(ws.model, ws.initial_state())  # the cached workspace is shared within a process
-    summary: dict[str, Any] = {
-        "mode": "centralized",
-        "final": metrics,
-        "rounds": rounds,
-        "rounds_completed": rounds,
-        "steps_per_round": per_round,
-        "total_steps": rounds * per_round,
-        "train_examples": len(pooled),
-        "total_bytes_up": 0,
-        "total_bytes_down": 0,
-        "trainable_params": n_params,
-        "adapter_bytes_fp32": 4 * n_params,
-        "seconds": time.monotonic() - t_start,
-        "model": cfg.model.name,
-        "task": ws.task,
-        "adapter": cfg.adapter.method,
-        "num_clients": cfg.federation.num_clients,
-        "privacy": {"settings": {"mode": "none"}, "epsilon": float("inf")},
-        "stopped_early": None,
-    }
-    forgetting = forgetting_summary(records)
-    if forgetting:
-        summary["forgetting"] = forgetting
+    summary = run_summary(
+        cfg, ws.task, final=metrics, rounds_completed=rounds, total_bytes_up=0, total_bytes_down=0,
+        trainable_params=n_params, seconds=time.monotonic() - t_start, aggregation={"strategy": "centralized"},
+        privacy={"settings": {"mode": "none"}, "epsilon": float("inf")}, records=records,
+        mode="centralized", steps_per_round=per_round, total_steps=rounds * per_round, train_examples=len(pooled),
+    )
     run.write_summary(summary)
     say(f"done in {summary['seconds']:.0f}s: {_fmt(metrics)}; outputs in {run.path}")
     return summary

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -205,6 +206,53 @@ def extra_eval(ws, cfg: FedtuneConfig) -> dict[str, float]:
         out["forgetting_loss"] = m["loss"]
         out["forgetting_perplexity"] = m["perplexity"]
     return out
+
+
+def run_summary(
+    cfg: FedtuneConfig,
+    task: str,
+    *,
+    final: Mapping[str, float],
+    rounds_completed: int,
+    total_bytes_up: int,
+    total_bytes_down: int,
+    trainable_params: int,
+    seconds: float,
+    aggregation: Mapping[str, Any],
+    privacy: Mapping[str, Any],
+    stopped_early: str | None = None,
+    records: Sequence[Mapping] | None = None,
+    adapter_bytes_fp32: int | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The summary.json of a run: the fields every training mode writes, then ``extra``.
+
+    ``records`` (metrics.jsonl rows, the final evaluation last) add the
+    forgetting check when the run measured it.
+    """
+    summary: dict[str, Any] = {
+        "final": dict(final),
+        "rounds": cfg.federation.rounds,
+        "total_bytes_up": total_bytes_up,
+        "total_bytes_down": total_bytes_down,
+        "trainable_params": trainable_params,
+        "adapter_bytes_fp32": 4 * trainable_params if adapter_bytes_fp32 is None else adapter_bytes_fp32,
+        "seconds": seconds,
+        "model": cfg.model.name,
+        "task": task,
+        "adapter": cfg.adapter.method,
+        "aggregation": dict(aggregation),
+        "num_clients": cfg.federation.num_clients,
+        "compression": cfg.to_dict()["compression"],
+        "privacy": dict(privacy),
+        "stopped_early": stopped_early,
+        "rounds_completed": rounds_completed,
+        **extra,
+    }
+    forgetting = forgetting_summary(list(records)) if records is not None else {}
+    if forgetting:
+        summary["forgetting"] = forgetting
+    return summary
 
 
 def forgetting_summary(records: list[Mapping]) -> dict[str, float]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from flwr.app import ConfigRecord
 
-from fedtune import config, workspace
+from fedtune import workspace
 from fedtune.compression import build_codec, expected_size
 from fedtune.flower import protocol as P
 from fedtune.flower.client import handle_train

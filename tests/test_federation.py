@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 
 from fedtune import adapters, config, workspace
 from fedtune.flower.client import handle_train

@@ -4,7 +4,6 @@ import json
 import logging
 
 import pytest
-import torch
 
 from fedtune import config, workspace
 from fedtune.errors import ConfigError

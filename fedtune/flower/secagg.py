@@ -50,6 +50,7 @@ from fedtune.env import setup_environment
 from fedtune.errors import FedtuneError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord
+from fedtune.metrics import run_summary
 
 # ``fit`` config keys; the values are those `ServerLoop` sends in its ``config`` record
 _FIT_KEYS = ("server-round", "round-seed", "version", "proximal-mu")
@@ -237,24 +238,13 @@ def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | 
         raise FedtuneError(f"SecAgg+ run ended after {len(history)} of {fed.rounds} rounds; see Flower's log")
     if cfg.output.save_adapter:
         export_adapter(ws, strategy.state, loop.run.path / "adapter")
-    summary = {
-        "final": final,
-        "rounds": fed.rounds,
-        "total_bytes_up": sum(r["bytes_up"] for r in history),
-        "total_bytes_down": sum(r["bytes_down"] for r in history),
-        "trainable_params": n_params,
-        "adapter_bytes_fp32": 4 * n_params,
-        "seconds": time.monotonic() - t_start,
-        "model": cfg.model.name,
-        "task": ws.task,
-        "adapter": cfg.adapter.method,
-        "aggregation": {"strategy": "SecAggPlusWorkflow+FedAvg", **cfg.to_dict()["aggregation"]},
-        "num_clients": fed.num_clients,
-        "compression": cfg.to_dict()["compression"],
-        "privacy": loop._privacy_summary(),
-        "stopped_early": None,
-        "rounds_completed": len(history),
-    }
+    summary = run_summary(
+        cfg, ws.task, final=final, rounds_completed=len(history),
+        total_bytes_up=sum(r["bytes_up"] for r in history), total_bytes_down=sum(r["bytes_down"] for r in history),
+        trainable_params=n_params, seconds=time.monotonic() - t_start,
+        aggregation={"strategy": "SecAggPlusWorkflow+FedAvg", **cfg.to_dict()["aggregation"]},
+        privacy=loop._privacy_summary(),
+    )
     loop.run.write_summary(summary)
     progress(f"done in {summary['seconds']:.0f}s: {_fmt(final)}; outputs in {loop.run.path}")
     return summary

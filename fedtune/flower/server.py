@@ -40,7 +40,7 @@ from fedtune.flower.identity import NodeIdentities
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
 from fedtune.rundir import RunDir, replace_dir
 from fedtune.workspace import export_adapter
-from fedtune.metrics import forgetting_summary, held_out_metrics
+from fedtune.metrics import held_out_metrics, run_summary
 
 log = logging.getLogger("fedtune")
 
@@ -506,27 +506,13 @@ class ServerLoop:
             metrics = self._evaluate(ws, state, final=True)  # stopped early: the full held-out split
         if cfg.output.save_adapter:
             export_adapter(ws, state, self.run.path / "adapter")
-        summary = {
-            "final": metrics,
-            "rounds": cfg.federation.rounds,
-            "total_bytes_up": total_up,
-            "total_bytes_down": total_down,
-            "trainable_params": n_params,
-            "adapter_bytes_fp32": 4 * n_params,
-            "seconds": time.monotonic() - t_start,
-            "model": cfg.model.name,
-            "task": ws.task,
-            "adapter": cfg.adapter.method,
-            "aggregation": {"strategy": type(self.strategy).__name__, **cfg.to_dict()["aggregation"]},
-            "num_clients": cfg.federation.num_clients,
-            "compression": cfg.to_dict()["compression"],
-            "privacy": self._privacy_summary(),
-            "stopped_early": stopped,
-            "rounds_completed": len(history),
-        }
-        forgetting = forgetting_summary([*self.run.read_metrics(), {"round": -1, "eval": metrics}])
-        if forgetting:
-            summary["forgetting"] = forgetting
+        summary = run_summary(
+            cfg, ws.task, final=metrics, rounds_completed=len(history), total_bytes_up=total_up,
+            total_bytes_down=total_down, trainable_params=n_params, seconds=time.monotonic() - t_start,
+            aggregation={"strategy": type(self.strategy).__name__, **cfg.to_dict()["aggregation"]},
+            privacy=self._privacy_summary(), stopped_early=stopped,
+            records=[*self.run.read_metrics(), {"round": -1, "eval": metrics}],
+        )
         self.run.write_summary(summary)
         priv = summary["privacy"]
         if cfg.privacy.enabled:

@@ -37,6 +37,7 @@ from fedtune import adapters, config, workspace
 from fedtune.errors import ConfigError, FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import wire_bytes
+from fedtune.metrics import run_summary
 from fedtune.flower.server import _fmt, _mb, _short_reason, export_adapter, round_record
 from fedtune.flower.zo_client import DOWNLINK_KEY, UPLINK_KEY, initial_params, load_params_, read_params
 from fedtune.rundir import atomic_write_bytes
@@ -208,31 +209,20 @@ def run_zo(loop: ServerLoop, grid: Grid) -> dict[str, Any]:
         metrics = loop._evaluate(ws, state, final=True)
     if cfg.output.save_adapter:
         export_adapter(ws, state, loop.run.path / "adapter")
-    summary = {
-        "final": metrics,
-        "rounds": fed.rounds,
-        "total_bytes_up": total_up,
-        "total_bytes_down": total_down,
-        "trainable_params": n_params,
-        "adapter_bytes_fp32": 4 * sum(state[k].numel() for k in ws.trainable_keys()),
-        "seconds": time.monotonic() - t_start,
-        "model": cfg.model.name,
-        "task": ws.task,
-        "adapter": cfg.adapter.method,
-        "aggregation": {"strategy": "FedKSeed (weighted mean of scalars)"},
-        "num_clients": fed.num_clients,
-        "compression": cfg.to_dict()["compression"],
-        "privacy": {"settings": cfg.privacy.to_dict(), "epsilon": float("inf")},
-        "stopped_early": None,
-        "rounds_completed": len(rows),
-        "zo": zo.to_dict(),
-        "zo_history": {
+    summary = run_summary(
+        cfg, ws.task, final=metrics, rounds_completed=len(rows), total_bytes_up=total_up, total_bytes_down=total_down,
+        trainable_params=n_params, seconds=time.monotonic() - t_start,
+        adapter_bytes_fp32=4 * sum(state[k].numel() for k in ws.trainable_keys()),
+        aggregation={"strategy": "FedKSeed (weighted mean of scalars)"},
+        privacy={"settings": cfg.privacy.to_dict(), "epsilon": float("inf")},
+        zo=zo.to_dict(),
+        zo_history={
             "rounds": len(history),
             "pairs": sum(e.nnz for e in history.entries),
             "bytes": len(history.to_bytes()),
             "file": HISTORY_FILE,
         },
-    }
+    )
     loop.run.write_summary(summary)
     loop.progress(
         f"done in {summary['seconds']:.0f}s: {_fmt(metrics)}; total up {_mb(total_up)}, down {_mb(total_down)}; "
