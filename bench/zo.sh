@@ -12,9 +12,10 @@ ZO="train.mode=zo,zo.num_seeds=4096,zo.local_steps=50,zo.eps=1e-3"
 declare -A ROWS=(
   [lora-fedavg]=""
   [zo-adapter]="$ZO,zo.scope=adapter,zo.lr=5e-3"
-  [zo-full]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5}"
+  [zo-adapter-clip5]="$ZO,zo.scope=adapter,zo.lr=5e-3,zo.grad_clip=5"
+  [zo-full]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5},zo.grad_clip=5"
 )
-ORDER=(lora-fedavg zo-adapter zo-full)
+ORDER=(lora-fedavg zo-adapter zo-adapter-clip5 zo-full)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
