@@ -15,7 +15,7 @@ agents and worker actors), sampled every 0.2 s by a background thread; RSS
 counts shared pages once per process, so the sum overstates the true footprint.
 
     .venv/bin/python bench/scaling.py --clients 10 100 1000 --repeats 2 --out bench/results/scaling
-    .venv/bin/python bench/scaling.py --profile-dispatch 1000   # why round time grows with clients
+    .venv/bin/python bench/scaling.py --profile-dispatch 1000 [--flower-dispatch]   # the dispatch sweep, timed
 """
 
 from __future__ import annotations
@@ -129,43 +129,48 @@ def run(num_clients: int, run_dir: Path) -> dict:
     }
 
 
-def profile_dispatch(num_clients: int, rounds: int = 6) -> dict:
-    """Time Flower's dispatch sweep in an in-process run (diagnosis of round time growing with clients).
+def profile_dispatch(num_clients: int, rounds: int = 6, *, flower: bool = False) -> dict:
+    """Time the simulation engine's dispatch sweep in an in-process run.
 
-    The simulation engine's ``add_messages_to_queue`` thread asks the in-memory
+    Flower's ``vce_api.add_messages_to_queue`` thread asks the in-memory
     LinkState, every 0.1 s, for one message per registered node, and each ask
     scans every stored message: O(nodes x messages) Python work under the GIL of
-    the process that also runs the ServerApp. This replays that loop, timed.
+    the process that also runs the ServerApp. fedtune's replacement
+    (`fedtune.flower.simulation.add_messages_to_queue`, the default) finds the
+    nodes with a message in one scan and asks only those. ``flower``: time
+    Flower's loop instead. Each sweep is the loop body, timed.
     """
     import statistics as st
 
-    from flwr.server.superlink.fleet.vce import vce_api
-
     from fedtune import config
     from fedtune.env import setup_environment
-    from fedtune.flower.simulation import simulate
+    from fedtune.flower.simulation import dispatch_sweep, simulate
 
     sweeps: list[tuple[float, float]] = []
 
-    def timed_sweep(state, queue, nodes_mapping, f_stop):  # vce_api.add_messages_to_queue, timed
+    def timed_sweep(state, queue, nodes_mapping, f_stop):
+        order = list(nodes_mapping.keys())
         while not f_stop.is_set():
             t0, c0 = time.perf_counter(), time.thread_time()
-            for node_id in nodes_mapping.keys():
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue.put(msg)
+            if flower:
+                for node_id in order:
+                    for msg in state.get_message_ins(node_id=node_id, limit=1):
+                        queue.put(msg)
+            else:
+                dispatch_sweep(state, queue, order)
             sweeps.append((time.perf_counter() - t0, time.thread_time() - c0))
             f_stop.wait(0.1)
 
     setup_environment()
     os.environ["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
-    vce_api.add_messages_to_queue = timed_sweep
     overrides = [*OVERRIDES, f"federation.num_clients={num_clients}", f"federation.rounds={rounds}"]
     cfg = config.load(REPO / CONFIG, config.parse_overrides(overrides))
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        simulate(cfg, Path(tmp) / "run", progress=lambda s: None)
+        simulate(cfg, Path(tmp) / "run", progress=lambda s: None, dispatch=timed_sweep)
     wall = sorted(w for w, _ in sweeps)
-    return {"num_clients": num_clients, "sweeps": len(sweeps), "run_s": time.monotonic() - t0,
+    return {"num_clients": num_clients, "loop": "flower" if flower else "fedtune", "sweeps": len(sweeps),
+            "run_s": time.monotonic() - t0,
             "sweep_ms_median": 1000 * st.median(wall), "sweep_ms_p90": 1000 * wall[int(0.9 * len(wall))],
             "sweep_ms_max": 1000 * wall[-1], "sweep_thread_cpu_s": sum(c for _, c in sweeps)}
 
@@ -176,10 +181,12 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=1, help="passes over --clients, interleaved")
     ap.add_argument("--out", default="bench/results/scaling")
     ap.add_argument("--profile-dispatch", type=int, metavar="N",
-                    help="instead: time Flower's dispatch sweep in one in-process run with N clients")
+                    help="instead: time the dispatch sweep in one in-process run with N clients")
+    ap.add_argument("--flower-dispatch", action="store_true",
+                    help="run Flower's own dispatch loop instead of fedtune's (both modes)")
     args = ap.parse_args()
     if args.profile_dispatch:
-        print(json.dumps(profile_dispatch(args.profile_dispatch)))
+        print(json.dumps(profile_dispatch(args.profile_dispatch, flower=args.flower_dispatch)))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,43 @@ def preflight(cfg: FedtuneConfig) -> None:
         )
 
 
+def pending_nodes(state: Any) -> set[int] | None:
+    """Destination nodes with an undelivered message in an in-memory LinkState, in one pass.
+
+    None when ``state`` is not the in-memory LinkState this reads (another
+    Flower version or backend): the caller then asks every node, as Flower does.
+    """
+    store, lock = getattr(state, "message_ins_store", None), getattr(state, "lock", None)
+    if not isinstance(store, dict) or lock is None:
+        return None
+    with lock:
+        return {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
+
+
+def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Mapping[int, int], f_stop: threading.Event) -> None:
+    """Flower 1.41's simulation dispatch loop (``vce_api.add_messages_to_queue``), O(messages) per sweep.
+
+    Flower's loop asks the LinkState for one message per registered node every
+    0.1 s, and each ask scans every stored message under the state's lock: with
+    1000 virtual nodes a sweep took ~0.1 s of GIL-holding work (BENCHMARKS.md,
+    scaling), so round time grew with the number of clients although only 10
+    were sampled. This loop finds the nodes that have a message in one scan and
+    asks only those, in the same node order and with the same ``limit=1``.
+    """
+    order = list(nodes_mapping.keys())
+    while not f_stop.is_set():
+        dispatch_sweep(state, queue, order)
+        f_stop.wait(0.1)
+
+
+def dispatch_sweep(state: Any, queue: Any, order: list[int]) -> None:
+    """One sweep: at most one undelivered message per node, nodes in ``order``, into ``queue``."""
+    pending = pending_nodes(state)
+    for node_id in order if pending is None else [n for n in order if n in pending]:
+        for msg in state.get_message_ins(node_id=node_id, limit=1):
+            queue.put(msg)
+
+
 def backend_config(cfg: FedtuneConfig) -> dict[str, Any]:
     cpus = cfg.simulation.cpus or os.cpu_count() or 1
     return {
@@ -50,8 +88,15 @@ def simulate(
     progress: Callable[[str], None] = print,
     verbose: bool = False,
     resume: bool = False,
+    dispatch: Callable[..., None] | None = add_messages_to_queue,
 ) -> dict[str, Any]:
-    """Run ``cfg`` with ``cfg.federation.num_clients`` virtual clients; return the summary."""
+    """Run ``cfg`` with ``cfg.federation.num_clients`` virtual clients; return the summary.
+
+    ``dispatch``: the simulation engine's message dispatch loop for this run
+    (Flower's ``vce_api.add_messages_to_queue`` signature); fedtune's
+    `add_messages_to_queue` by default, None keeps Flower's own.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
     from flwr.simulation import run_simulation
 
     from fedtune.flower.apps import make_client_app, make_server_app
@@ -66,6 +111,9 @@ def simulate(
     old_level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+    flower_dispatch = vce_api.add_messages_to_queue
+    if dispatch is not None:
+        vce_api.add_messages_to_queue = dispatch
     try:
         run_simulation(
             server_app=server_app,
@@ -75,6 +123,7 @@ def simulate(
             verbose_logging=verbose,
         )
     finally:
+        vce_api.add_messages_to_queue = flower_dispatch
         flwr_logger.setLevel(old_level)
     if not result:
         raise FedtuneError("the simulation ended without finishing the run; see the log above")
