@@ -15,7 +15,11 @@ restarted, and B is launched again with ``resume=true`` in its run config, so th
 ServerApp continues from the checkpoint. B must end with the same
 adapter, bit for bit, and the same metrics as A.
 
-``test_deploy_tls_auth_dropout`` (after it, with warm silos): two rounds with all
+``test_deploy_secure_aggregation``: one round of SecAgg+ (``aggregation.secure``)
+with all three silos: the same apps switch to Flower's SecAgg+ workflow, four
+message exchanges per round.
+
+``test_deploy_tls_auth_dropout`` (last, with warm silos): two rounds with all
 three silos; silo-3 is SIGKILLed (its whole process group: supervisor,
 SuperNode, ClientApp worker, as when a machine dies) once it has received round
 1, and the run still finishes with the other two silos.
@@ -350,6 +354,28 @@ def test_deploy_server_killed_and_resumed(deployment):
         "round_seconds_resumed": [round(r.get("seconds", 0.0), 1) for r in b[1:]],
         "final": sb["final"],
     }))
+
+
+def test_deploy_secure_aggregation(deployment):
+    """SecAgg+ across the three silos: the same ServerApp/ClientApp, on Flower's legacy workflow."""
+    dep = deployment
+    out = dep.tmp / "run-secagg"
+    before = _tail(dep.procs.log("silo-1"), 1_000_000).count("Receiving: train message")
+    t0 = time.monotonic()
+    over = ("aggregation.secure=secagg+", "federation.fraction_train=1.0", "federation.rounds=1")
+    dep.start_run("run-secagg", out, overrides=over)
+    dep.finish("run-secagg", 240)
+    dep.timings["secagg_run_wall"] = time.monotonic() - t0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 1 and summary["aggregation"]["secure"] == "secagg+"
+    assert summary["aggregation"]["strategy"] == "SecAggPlusWorkflow+FedAvg"
+    rows = _rows(out)
+    assert [(r["round"], r.get("accepted")) for r in rows] == [(0, None), (1, 3)]
+    assert {c["node"] for c in rows[1]["clients"]} == set(dep.node_ids.values())
+    seen = _tail(dep.procs.log("silo-1"), 1_000_000).count("Receiving: train message")
+    assert seen - before >= 4, (seen, before)  # SecAgg+'s 4 stages: setup, share keys, masked vectors, unmask
+    print("deploy e2e secagg:", json.dumps({"round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]],
+                                            "final": summary["final"]}))
 
 
 def test_deploy_tls_auth_dropout(deployment):
