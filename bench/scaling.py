@@ -144,12 +144,13 @@ def profile_dispatch(num_clients: int, rounds: int = 6, *, flower: bool = False)
 
     from fedtune import config
     from fedtune.env import setup_environment
-    from fedtune.flower.simulation import dispatch_sweep, simulate
+    from fedtune.flower.simulation import DISPATCH_INTERVAL_S, dispatch_sweep, simulate
 
     sweeps: list[tuple[float, float]] = []
 
     def timed_sweep(state, queue, nodes_mapping, f_stop):
         order = list(nodes_mapping.keys())
+        rank = {n: i for i, n in enumerate(order)}
         while not f_stop.is_set():
             t0, c0 = time.perf_counter(), time.thread_time()
             if flower:
@@ -157,9 +158,9 @@ def profile_dispatch(num_clients: int, rounds: int = 6, *, flower: bool = False)
                     for msg in state.get_message_ins(node_id=node_id, limit=1):
                         queue.put(msg)
             else:
-                dispatch_sweep(state, queue, order)
+                dispatch_sweep(state, queue, rank)
             sweeps.append((time.perf_counter() - t0, time.thread_time() - c0))
-            f_stop.wait(0.1)
+            f_stop.wait(0.1 if flower else DISPATCH_INTERVAL_S)
 
     setup_environment()
     os.environ["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -70,7 +70,7 @@ def test_same_messages_in_the_same_order_as_flowers_loop():
 
 def test_asks_only_the_nodes_that_have_a_message():
     state, queue = FakeLinkState([5, 9, 5]), Queue()
-    dispatch_sweep(state, queue, list(range(1000)))
+    dispatch_sweep(state, queue, {n: i for i, n in enumerate(range(1000))})
     assert state.asked == [5, 9] and queue.qsize() == 2
     assert pending_nodes(state) == {5}
 
@@ -80,5 +80,5 @@ def test_other_states_fall_back_to_asking_every_node():
     plain = SimpleNamespace(get_message_ins=state.get_message_ins)  # no store or lock to read
     assert pending_nodes(plain) is None
     queue = Queue()
-    dispatch_sweep(plain, queue, [1, 2, 3])
+    dispatch_sweep(plain, queue, {1: 0, 2: 1, 3: 2})
     assert state.asked == [1, 2, 3] and queue.qsize() == 1

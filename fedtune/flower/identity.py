@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedtune.flower import protocol as P
+from fedtune.flower.transport import send_and_receive
 
 PARTITION_ID = "partition-id"
 
@@ -43,7 +44,7 @@ class NodeIdentities:
                     message_type=MessageType.QUERY)
             for n in new
         ]
-        for reply in grid.send_and_receive(ask, timeout=timeout):
+        for reply in send_and_receive(grid, ask, timeout=timeout):
             if reply.has_content() and P.METRICS in reply.content and PARTITION_ID in reply.content[P.METRICS]:
                 self.known[reply.metadata.src_node_id] = int(reply.content[P.METRICS][PARTITION_ID])
         for n in new:

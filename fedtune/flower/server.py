@@ -38,6 +38,7 @@ from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.identity import NodeIdentities
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
+from fedtune.flower.transport import send_and_receive
 from fedtune.rundir import RunDir, replace_dir
 from fedtune.workspace import export_adapter
 from fedtune.metrics import held_out_metrics, run_summary
@@ -411,7 +412,7 @@ class ServerLoop:
                 for m in msgs:
                     m.content = self.hetero.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
             down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in msgs}
-            replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
+            replies = send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout)
             accepted, rejected, up, client_metrics = [], [], {}, []
             record_extra: dict[str, Any] = {}
             decoded: list[tuple[Delta, Delta, float]] = []  # (delta, global + delta, weight) per accepted reply

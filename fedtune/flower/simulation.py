@@ -31,6 +31,10 @@ def preflight(cfg: FedtuneConfig) -> None:
         )
 
 
+# Flower sweeps every 0.1 s, when a sweep cost O(nodes x messages); one costs O(messages) here
+DISPATCH_INTERVAL_S = 0.01
+
+
 def pending_nodes(state: Any) -> set[int] | None:
     """Destination nodes with an undelivered message in an in-memory LinkState, in one pass.
 
@@ -54,16 +58,21 @@ def add_messages_to_queue(state: Any, queue: Any, nodes_mapping: Mapping[int, in
     were sampled. This loop finds the nodes that have a message in one scan and
     asks only those, in the same node order and with the same ``limit=1``.
     """
-    order = list(nodes_mapping.keys())
+    rank = {node: i for i, node in enumerate(nodes_mapping.keys())}
     while not f_stop.is_set():
-        dispatch_sweep(state, queue, order)
-        f_stop.wait(0.1)
+        dispatch_sweep(state, queue, rank)
+        f_stop.wait(DISPATCH_INTERVAL_S)
 
 
-def dispatch_sweep(state: Any, queue: Any, order: list[int]) -> None:
-    """One sweep: at most one undelivered message per node, nodes in ``order``, into ``queue``."""
+def dispatch_sweep(state: Any, queue: Any, rank: Mapping[int, int]) -> None:
+    """One sweep: at most one undelivered message per node, into ``queue``.
+
+    ``rank`` maps every registered node to its position; nodes are served in
+    that order (Flower's: the nodes mapping's).
+    """
     pending = pending_nodes(state)
-    for node_id in order if pending is None else [n for n in order if n in pending]:
+    nodes = rank.keys() if pending is None else sorted((n for n in pending if n in rank), key=rank.__getitem__)
+    for node_id in nodes:
         for msg in state.get_message_ins(node_id=node_id, limit=1):
             queue.put(msg)
 

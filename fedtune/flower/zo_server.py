@@ -37,6 +37,7 @@ from fedtune import adapters, config, workspace
 from fedtune.errors import ConfigError, FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import wire_bytes
+from fedtune.flower.transport import send_and_receive
 from fedtune.metrics import run_summary
 from fedtune.flower.server import _fmt, _mb, _short_reason, export_adapter, round_record
 from fedtune.flower.zo_client import DOWNLINK_KEY, UPLINK_KEY, initial_params, load_params_, read_params
@@ -147,7 +148,7 @@ def run_zo(loop: ServerLoop, grid: Grid) -> dict[str, Any]:
             for node in node_ids
         ]
         down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in msgs}
-        replies = list(grid.send_and_receive(msgs, timeout=fed.round_timeout))
+        replies = send_and_receive(grid, msgs, timeout=fed.round_timeout)
         accepted: list[list[tuple[int, float]]] = []
         weights: list[float] = []
         rejected: list[dict] = []
