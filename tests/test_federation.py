@@ -175,3 +175,57 @@ def test_a_silo_trains_on_its_own_file(tiny_cfg, tmp_path):
     row = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][1]
     assert row["accepted"] == cfg.federation.num_clients
     assert all(c["num-examples"] == 40 for c in row["clients"])
+
+
+@pytest.mark.parametrize("optimizer", ["fedadam", "fedyogi", "fedavgm"])
+def test_server_optimizers_keep_every_round_accepted_and_float32(tiny_cfg, tmp_path, optimizer):
+    """Flower's adaptive optimizers return float64 arrays; the global must stay float32, or every
+    reply from round 2 on fails validation (what made FedAdam look stuck at chance)."""
+    cfg = tiny_cfg.replace(**{"federation.rounds": 3, "aggregation.server_optimizer": optimizer})
+    seen = {}
+
+    def client(msg, ctx):
+        reply = handle_train(msg, ctx, cfg)
+        rnd = int(msg.content["config"]["server-round"])
+        from fedtune.flower.records import from_arrayrecord
+
+        seen[(rnd, ctx.node_config["partition-id"])] = (
+            from_arrayrecord(reply.content["update"]), float(reply.content["metrics"]["num-examples"]))
+        return reply
+
+    ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, client))
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["accepted"] for r in rows[1:]] == [cfg.federation.num_clients] * 3, [r["rejected"] for r in rows[1:]]
+    final = _load_safetensors(tmp_path / "checkpoint" / "adapter_state.safetensors")
+    assert {v.dtype for v in final.values()} == {torch.float32}
+    if optimizer != "fedadam":
+        return
+    # round 1 by hand, Flower's FedAdam: m = (1-b1) D, v = (1-b2) D^2, x += eta_t m / (sqrt(v) + tau),
+    # D = the example-weighted mean delta, eta_t = eta sqrt(1 - b2^(t+1)) / (1 - b1^(t+1))
+    agg = cfg.aggregation
+    start = workspace.get(cfg).initial_state()
+    deltas = [seen[(1, p)] for p in range(cfg.federation.num_clients)]
+    total = sum(n for _, n in deltas)
+    eta = agg.server_lr * (1 - agg.beta_2**2) ** 0.5 / (1 - agg.beta_1**2)
+    round1 = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[1])
+    assert round1["accepted"] == cfg.federation.num_clients
+    want = {}
+    for k in deltas[0][0]:
+        d = sum(n * delta[k].double() for delta, n in deltas) / total
+        m, v = (1 - agg.beta_1) * d, (1 - agg.beta_2) * d**2
+        want[k] = start[k].double() + eta * m / (v.sqrt() + agg.tau)
+    # the round-2 clients were sent x_1: their starting point is the checkpointed global after round 1
+    got = {}
+
+    def capture(msg, ctx):
+        from fedtune.flower.records import from_arrayrecord
+
+        got.update(from_arrayrecord(msg.content["arrays"]))
+        raise RuntimeError("only capturing")
+
+    cfg2 = cfg.replace(**{"federation.rounds": 2})
+    ServerLoop(cfg2, tmp_path / "again", progress=lambda s: None).main(
+        LocalGrid(cfg.federation.num_clients, lambda m, c: capture(m, c) if int(m.content["config"]["server-round"]) == 2
+                  else handle_train(m, c, cfg2)))
+    for k, w in want.items():
+        torch.testing.assert_close(got[k].double(), w, rtol=1e-5, atol=1e-7)

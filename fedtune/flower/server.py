@@ -475,7 +475,9 @@ class ServerLoop:
                     state.update(merged)
                     record_extra["lora_truncation_residual"] = float(report.total_residual)
                 elif agg is not None:
-                    state.update(from_arrayrecord(agg))
+                    # Flower's adaptive optimizers (FedAdam, FedYogi, FedAdagrad) compute in float64;
+                    # the global keeps its dtypes, or the next round's replies would not match them
+                    state.update({k: v.to(state[k].dtype) for k, v in from_arrayrecord(agg).items()})
                 train_metrics = {k: float(v) for k, v in (agg_metrics or MetricRecord()).items()}
             if self.accountant is not None:
                 self.accountant.step()
