@@ -67,11 +67,8 @@ def make_server_app(
             if resuming:
                 raise config.ConfigError("resume: not supported with aggregation.secure = 'secagg+'")
             summary = run_secagg(grid, context, run_cfg, run_dir, progress or print)
-            if result is not None:
-                result.update(summary)
-            return
-        loop = ServerLoop(run_cfg, run_dir, progress=progress or print, resume=resuming)
-        summary = loop.main(grid)
+        else:
+            summary = ServerLoop(run_cfg, run_dir, progress=progress or print, resume=resuming).main(grid)
         if result is not None:
             result.update(summary)
 
