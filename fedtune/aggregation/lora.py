@@ -352,8 +352,9 @@ def _factorize(
     split keeps LoRA's division of labour instead: A holds orthogonal
     directions, every row at the reference's RMS row norm ``c``, and B the
     magnitudes. From orthonormal rows ``Q0`` (``V^T``, then the filled
-    directions), ``A = c R Q0`` and ``B = U S Q0-part R^T / c`` with ``R`` the
-    rotation that brings A closest to ``ref_a`` (orthogonal Procrustes), so a
+    directions) and ``B0 = [U S / scale_out, 0]``, ``A = c R Q0`` and
+    ``B = B0 R^T / c`` with ``R`` the rotation that brings A closest to
+    ``ref_a`` (orthogonal Procrustes), so a
     server optimizer that differences factors round to round (FedAdam's
     ``aggregated - current``) sees a meaningful change rather than an SVD
     basis flip. A least-squares change of basis would match ``ref_a`` more
