@@ -316,6 +316,28 @@ def test_local_zo_steps_decrease_the_clients_loss():
     assert after < before - 0.05, (before, after)
 
 
+def test_zo_loss_applies_the_configured_logit_adjustment():
+    """ZO clients train on the same logit-adjusted loss as gradient clients (train.logit_adjustment)."""
+    ws = workspace.get(zo_cfg())
+    zc.load_params_(ws, "adapter", zc.initial_params(ws, "adapter"))
+    data = ws.client_data(0)
+    ws.model.eval()
+    plain, adjusted = [], []
+    f0 = zc.batch_loss_fns(ws, data, 1, 4, torch.Generator().manual_seed(0), plain)[0]
+    f1 = zc.batch_loss_fns(ws, data, 1, 4, torch.Generator().manual_seed(0), adjusted, logit_adjustment=0.7)[0]
+    batch = collate(next(__import__("fedtune.train", fromlist=["batch_stream"]).batch_stream(
+        data, 4, torch.Generator().manual_seed(0))), ws.pad_id, ws.task)
+    labels = [d["label"] for d in data]
+    prior = torch.tensor([(labels.count(c) + 1) / (len(labels) + 2) for c in (0, 1)]).log()
+    with torch.no_grad():
+        logits = ws.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        want_plain = float(torch.nn.functional.cross_entropy(logits, batch["labels"]))
+        want_adj = float(torch.nn.functional.cross_entropy(logits + 0.7 * prior, batch["labels"]))
+        assert math.isclose(f0(), want_plain, rel_tol=1e-5) and math.isclose(f1(), want_adj, rel_tol=1e-5)
+    assert abs(want_adj - want_plain) > 1e-4  # the check can tell the two apart
+    assert len(plain) == len(adjusted) == 1  # every call logs its loss
+
+
 def test_initial_model_is_the_built_adapter_even_after_other_training():
     """A process that moved the adapter before (e.g. a backprop run) still starts ZO from the built one."""
     ws = workspace.get(zo_cfg())

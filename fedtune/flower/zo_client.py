@@ -47,13 +47,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune import adapters, workspace
-from fedtune.config import FedtuneConfig
+from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.data import collate
 from fedtune.env import setup_environment
 from fedtune.errors import PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.client import partition_id
-from fedtune.train import batch_stream
+from fedtune.train import batch_stream, label_log_prior
 from fedtune.zo import (
     SeedHistory,
     decode_downlink,
@@ -139,18 +139,31 @@ def merge_downlink(held: SeedHistory, first_round: int, entries: Sequence) -> tu
 
 
 def batch_loss_fns(ws: workspace.Workspace, data: list[dict], steps: int, batch_size: int,
-                   generator: torch.Generator, losses: list[float]) -> list[LossFn]:
+                   generator: torch.Generator, losses: list[float], *,
+                   logit_adjustment: float = 0.0) -> list[LossFn]:
     """One loss function per step, each on its own fixed mini-batch; every call logs its loss.
 
     The model's own loss (cross-entropy on the labels the batch carries, for
     classification and causal LM alike); call it with the model in ``eval()``.
+    For classification with ``logit_adjustment`` > 0, the cross-entropy of
+    ``logits + logit_adjustment * log p_local(y)``, as gradient training does
+    (`fedtune.train`): without it a silo holding one label fits that label's prior.
     """
     stream = batch_stream(data, batch_size, generator)
     model, device = ws.model, ws.device
+    adjust = None
+    if logit_adjustment > 0 and ws.task != CAUSAL_LM:
+        n_labels = int(model.config.num_labels) if hasattr(model, "config") else 2
+        adjust = (logit_adjustment * label_log_prior(data, n_labels)).to(device)
 
     def make(batch: dict[str, torch.Tensor]) -> LossFn:
         def loss() -> float:
-            value = float(model(**batch).loss)
+            if adjust is None:
+                value = float(model(**batch).loss)
+            else:
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                logits = model(**inputs).logits.float()
+                value = float(torch.nn.functional.cross_entropy(logits + adjust, batch["labels"]))
             losses.append(value)
             return value
 
@@ -173,7 +186,8 @@ def local_round_(ws: workspace.Workspace, data: list[dict], cfg: FedtuneConfig, 
     zo = cfg.zo
     seed_gen, batch_gen = step_generators(cfg, rnd, pid)
     losses: list[float] = []
-    fns = batch_loss_fns(ws, data, zo.local_steps, cfg.train.batch_size, batch_gen, losses)
+    fns = batch_loss_fns(ws, data, zo.local_steps, cfg.train.batch_size, batch_gen, losses,
+                         logit_adjustment=cfg.train.logit_adjustment)
     ws.model.eval()
     pairs = train_round_(
         select_params(ws.model, zo.scope), fns, make_sampler(zo, history), seed_gen,
