@@ -20,6 +20,7 @@ from flwr.app import Context, Message, MessageType, RecordDict, ConfigRecord
 
 from fedtune import adapters, config, workspace
 from fedtune.data import collate
+from fedtune.train import batch_stream
 from fedtune.errors import ConfigError
 from fedtune.flower import protocol as P
 from fedtune.flower import zo_client as zc
@@ -325,8 +326,7 @@ def test_zo_loss_applies_the_configured_logit_adjustment():
     plain, adjusted = [], []
     f0 = zc.batch_loss_fns(ws, data, 1, 4, torch.Generator().manual_seed(0), plain)[0]
     f1 = zc.batch_loss_fns(ws, data, 1, 4, torch.Generator().manual_seed(0), adjusted, logit_adjustment=0.7)[0]
-    batch = collate(next(__import__("fedtune.train", fromlist=["batch_stream"]).batch_stream(
-        data, 4, torch.Generator().manual_seed(0))), ws.pad_id, ws.task)
+    batch = collate(next(batch_stream(data, 4, torch.Generator().manual_seed(0))), ws.pad_id, ws.task)
     labels = [d["label"] for d in data]
     prior = torch.tensor([(labels.count(c) + 1) / (len(labels) + 2) for c in (0, 1)]).log()
     with torch.no_grad():
