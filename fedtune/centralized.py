@@ -29,14 +29,8 @@ from fedtune.rundir import RunDir
 from fedtune.train import batch_stream, make_optimizer, round_lr, train_local
 
 
-def clients_per_round(cfg: FedtuneConfig) -> int:
-    """How many clients the server samples each round (as ``sample_nodes`` does with all clients up)."""
-    fed = cfg.federation
-    return min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients))
-
-
 def steps_per_round(cfg: FedtuneConfig) -> int:
-    return clients_per_round(cfg) * cfg.train.local_steps
+    return cfg.federation.clients_per_round * cfg.train.local_steps
 
 
 def pooled_train_data(ws: workspace.Workspace) -> list[dict]:
@@ -62,7 +56,7 @@ def run_centralized(
     run.reset_metrics()
     say(
         f"centralized baseline: model {cfg.model.name} ({ws.task}), adapter {cfg.adapter.method}, "
-        f"{len(pooled)} pooled training examples, {rounds} x {clients_per_round(cfg)} clients x "
+        f"{len(pooled)} pooled training examples, {rounds} x {cfg.federation.clients_per_round} clients x "
         f"{cfg.train.local_steps} local steps = {rounds * per_round} steps, {len(ws.test_data())} held-out examples"
     )
     if cfg.train.mode != "backprop":

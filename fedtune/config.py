@@ -211,6 +211,11 @@ class FederationConfig(_Section):
     round_eval_examples: int = 0
     seed: int = 0
 
+    @property
+    def clients_per_round(self) -> int:
+        """How many clients the server samples each round with all of them up (`sample_nodes`' rule)."""
+        return min(self.num_clients, max(int(self.num_clients * self.fraction_train), self.min_train_clients))
+
     def problems(self) -> list[str]:
         e: list[str] = []
         for name in ("num_clients", "rounds", "min_train_clients", "min_available_clients", "round_timeout", "eval_every"):
@@ -495,8 +500,7 @@ def _secure_problems(cfg: FedtuneConfig) -> list[str]:
         e.append("privacy.epsilon_budget: not supported with aggregation.secure = 'secagg+'; unset it")
     if cfg.train.mode != "backprop":
         e.append(f"train.mode: aggregation.secure = 'secagg+' needs 'backprop' (dense deltas), got {cfg.train.mode!r}")
-    fed = cfg.federation
-    sampled = min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients))
+    sampled = cfg.federation.clients_per_round
     if sampled < 2:
         e.append(
             f"federation.min_train_clients: SecAgg+ needs at least 2 clients a round; this config samples {sampled} "

@@ -5,7 +5,7 @@ import json
 import torch
 
 from fedtune import adapters, config, workspace
-from fedtune.centralized import clients_per_round, pooled_train_data, run_centralized, steps_per_round
+from fedtune.centralized import pooled_train_data, run_centralized, steps_per_round
 from fedtune.cli import main
 from fedtune.flower.server import sample_nodes
 from tests.test_metrics import LLM
@@ -21,7 +21,7 @@ def test_clients_per_round_is_what_the_server_samples(tiny_cfg):
             "federation.num_clients": n, "federation.fraction_train": frac, "federation.min_train_clients": minimum,
             "federation.min_available_clients": min(2, n),
         })
-        assert clients_per_round(cfg) == len(sample_nodes(range(n), frac, minimum, seed=0, rnd=1))
+        assert cfg.federation.clients_per_round == len(sample_nodes(range(n), frac, minimum, seed=0, rnd=1))
     assert steps_per_round(tiny_cfg) == 4 * tiny_cfg.train.local_steps
 
 

@@ -283,9 +283,8 @@ class ServerLoop:
         from fedtune.privacy import ClientLevelAccountant, check_budget_at_start
 
         fed = self.cfg.federation
-        sampled = min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients))
         if priv.mode == "client-central":
-            acc = ClientLevelAccountant.from_config(priv, sample_rate=sampled / fed.num_clients)
+            acc = ClientLevelAccountant.from_config(priv, sample_rate=fed.clients_per_round / fed.num_clients)
         else:
             acc = ClientLevelAccountant.from_config(priv)
         check_budget_at_start(priv, acc, fed.rounds)
