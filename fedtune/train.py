@@ -103,15 +103,23 @@ def label_log_prior(data: list[dict], num_labels: int) -> torch.Tensor:
     return torch.log((counts + 1) / (counts.sum() + num_labels)).float()
 
 
+def logit_adjustment_bias(model, data: list[dict], strength: float, task: str, device) -> torch.Tensor | None:
+    """``strength * log p_local(y)`` to add to the logits, or None (off, or a causal LM).
+
+    Logit adjustment for label skew (Menon et al. 2021, arXiv:2007.07314; FedLC, Zhang
+    et al. 2022, arXiv:2209.00189): train on logits + tau * log p_local(y), so a client
+    whose data is mostly one label learns the label-balanced classifier instead of its
+    own prior. Gradient and zeroth-order clients both train on it.
+    """
+    if strength <= 0 or task == CAUSAL_LM:
+        return None
+    n_labels = int(model.config.num_labels) if hasattr(model, "config") else 2
+    return (strength * label_log_prior(data, n_labels)).to(device)
+
+
 def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip):
     model.train()
-    # Logit adjustment for label skew (Menon et al. 2021, arXiv:2007.07314; FedLC, Zhang et al.
-    # 2022, arXiv:2209.00189): train on logits + tau * log p_local(y), so a client whose data is
-    # mostly one label learns the label-balanced classifier instead of its own prior.
-    adjust = None
-    if cfg.logit_adjustment > 0 and task != CAUSAL_LM:
-        n_labels = int(model.config.num_labels) if hasattr(model, "config") else 2
-        adjust = (cfg.logit_adjustment * label_log_prior(data, n_labels)).to(device)
+    adjust = logit_adjustment_bias(model, data, cfg.logit_adjustment, task, device)
     opt = optimizer or make_optimizer(model, cfg)
     stream = batches or batch_stream(data, cfg.batch_size, generator)
     params = [p for p in model.parameters() if p.requires_grad]

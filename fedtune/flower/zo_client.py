@@ -47,13 +47,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune import adapters, workspace
-from fedtune.config import CAUSAL_LM, FedtuneConfig
+from fedtune.config import FedtuneConfig
 from fedtune.data import collate
 from fedtune.env import setup_environment
 from fedtune.errors import PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.client import partition_id
-from fedtune.train import batch_stream, label_log_prior
+from fedtune.train import batch_stream, logit_adjustment_bias
 from fedtune.zo import (
     SeedHistory,
     decode_downlink,
@@ -146,15 +146,12 @@ def batch_loss_fns(ws: workspace.Workspace, data: list[dict], steps: int, batch_
     The model's own loss (cross-entropy on the labels the batch carries, for
     classification and causal LM alike); call it with the model in ``eval()``.
     For classification with ``logit_adjustment`` > 0, the cross-entropy of
-    ``logits + logit_adjustment * log p_local(y)``, as gradient training does
-    (`fedtune.train`): without it a silo holding one label fits that label's prior.
+    ``logits + logit_adjustment * log p_local(y)`` (`fedtune.train.logit_adjustment_bias`),
+    as gradient training does: without it a silo holding one label fits that label's prior.
     """
     stream = batch_stream(data, batch_size, generator)
     model, device = ws.model, ws.device
-    adjust = None
-    if logit_adjustment > 0 and ws.task != CAUSAL_LM:
-        n_labels = int(model.config.num_labels) if hasattr(model, "config") else 2
-        adjust = (logit_adjustment * label_log_prior(data, n_labels)).to(device)
+    adjust = logit_adjustment_bias(model, data, logit_adjustment, ws.task, device)
 
     def make(batch: dict[str, torch.Tensor]) -> LossFn:
         def loss() -> float:
