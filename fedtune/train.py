@@ -82,11 +82,14 @@ def train_local(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     batches: Iterator[list[dict]] | Iterator[dict[str, torch.Tensor]] | None = None,
     clip: bool = True,
+    label_counts: list[float] | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` optimizer steps (default ``cfg.local_steps``); return mean loss and counts.
 
     ``extra_loss`` is added to the task loss (e.g. FedProx's proximal term).
     ``optimizer`` and ``batches`` may be supplied (e.g. by DP-SGD, which replaces both).
+    ``label_counts`` replaces the counts of ``data``'s labels behind logit adjustment
+    (DP-SGD passes noisy ones: `fedtune.privacy.noisy_label_counts`).
     """
     steps = cfg.local_steps if steps is None else steps
     # Dropout draws from torch's global RNG; fork it and seed it from the explicit
@@ -94,16 +97,24 @@ def train_local(
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip)
+        adjust = logit_adjustment_bias(model, data, cfg.logit_adjustment, task, device, counts=label_counts)
+        return _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust)
 
 
-def label_log_prior(data: list[dict], num_labels: int) -> torch.Tensor:
-    """log of the client's label distribution, add-one smoothed (never -inf)."""
-    counts = torch.bincount(torch.tensor([d["label"] for d in data]), minlength=num_labels).double()
-    return torch.log((counts + 1) / (counts.sum() + num_labels)).float()
+def label_log_prior(data: list[dict], num_labels: int, counts: list[float] | None = None) -> torch.Tensor:
+    """log of the client's label distribution (from ``counts`` if given), add-one smoothed (never -inf)."""
+    if counts is None:
+        c = torch.bincount(torch.tensor([d["label"] for d in data]), minlength=num_labels).double()
+    else:
+        if len(counts) != num_labels:
+            raise ValueError(f"label counts {counts!r}: expected {num_labels} counts")
+        c = torch.tensor(counts, dtype=torch.float64)
+    return torch.log((c + 1) / (c.sum() + num_labels)).float()
 
 
-def logit_adjustment_bias(model, data: list[dict], strength: float, task: str, device) -> torch.Tensor | None:
+def logit_adjustment_bias(
+    model, data: list[dict], strength: float, task: str, device, counts: list[float] | None = None
+) -> torch.Tensor | None:
     """``strength * log p_local(y)`` to add to the logits, or None (off, or a causal LM).
 
     Logit adjustment for label skew (Menon et al. 2021, arXiv:2007.07314; FedLC, Zhang
@@ -113,13 +124,15 @@ def logit_adjustment_bias(model, data: list[dict], strength: float, task: str, d
     """
     if strength <= 0 or task == CAUSAL_LM:
         return None
-    n_labels = int(model.config.num_labels) if hasattr(model, "config") else 2
-    return (strength * label_log_prior(data, n_labels)).to(device)
+    return (strength * label_log_prior(data, num_labels(model), counts)).to(device)
 
 
-def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip):
+def num_labels(model) -> int:
+    return int(model.config.num_labels) if hasattr(model, "config") else 2
+
+
+def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust):
     model.train()
-    adjust = logit_adjustment_bias(model, data, cfg.logit_adjustment, task, device)
     opt = optimizer or make_optimizer(model, cfg)
     stream = batches or batch_stream(data, cfg.batch_size, generator)
     params = [p for p in model.parameters() if p.requires_grad]

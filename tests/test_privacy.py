@@ -15,6 +15,8 @@ from opacus.accountants import RDPAccountant
 from fedtune.delta import global_norm
 from fedtune.errors import ConfigError, FedtuneError, PayloadError
 from fedtune.privacy import (
+    calibrate_noise_multiplier,
+    noisy_label_counts,
     DEFAULT_ALPHAS,
     ClientLevelAccountant,
     PrivacyConfig,
@@ -486,3 +488,34 @@ def test_ffa_lora_freezes_A_and_dp_sgd_trains_only_B_and_head():
         assert torch.equal(p, before[n]) == (n not in trainable), n
     with pytest.raises(ConfigError, match="LoRA A"):
         freeze_lora_A_(_tiny_bert())
+
+
+@pytest.mark.parametrize("q,steps,target", [(0.01, 1000, 3.0), (0.1, 120, 8.0), (0.5, 10, 1.0)])
+def test_calibration_matches_opacus_and_covers_other_releases(q, steps, target):
+    from opacus.accountants.utils import get_noise_multiplier
+
+    z = calibrate_noise_multiplier(target, sample_rate=q, steps=steps, delta=1e-5)
+    z_opacus = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
+                                    accountant="rdp")
+    assert z == pytest.approx(z_opacus, rel=0.02)
+    assert target - 0.01 <= opacus_epsilon(z, q, steps, 1e-5) <= target
+    # a Gaussian release on the same data (the noisy label counts) must fit in the same target
+    released = [(10.0, 1.0, 1)]
+    z2 = calibrate_noise_multiplier(target, sample_rate=q, steps=steps, delta=1e-5, released=released)
+    assert z2 > z
+    acc = RDPAccountant()
+    acc.history = released + [(z2, q, steps)]
+    assert target - 0.01 <= acc.get_epsilon(1e-5) <= target
+    with pytest.raises(ConfigError, match="already spend"):
+        calibrate_noise_multiplier(target, sample_rate=q, steps=steps, delta=1e-5, released=[(0.1, 1.0, 1)])
+
+
+def test_noisy_label_counts_are_the_gaussian_mechanism():
+    labels = [0] * 30 + [1] * 70
+    draws = np.array([noisy_label_counts(labels, 3, 10.0, torch.Generator().manual_seed(s)) for s in range(4000)])
+    unclipped = draws[:, :2]  # counts 30 and 70 are 3 and 7 std from 0: clipping never bites
+    assert np.allclose(unclipped.mean(0), [30, 70], atol=1.0)
+    assert np.allclose(unclipped.std(0), 10.0, rtol=0.05)
+    assert (draws[:, 2] >= 0).all() and (draws[:, 2] == 0).mean() == pytest.approx(0.5, abs=0.05)
+    assert noisy_label_counts(labels, 2, 10.0, torch.Generator().manual_seed(1)) == noisy_label_counts(
+        labels, 2, 10.0, torch.Generator().manual_seed(1))

@@ -82,3 +82,20 @@ def test_dora_with_dp_sgd_is_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="DoRA"):
         tiny_cfg.replace(**{"adapter.method": "dora", "privacy.mode": "sample", "privacy.noise_multiplier": 1.0,
                             "privacy.max_grad_norm": 1.0})
+
+
+def test_dp_sgd_logit_adjustment_uses_noisy_label_counts_released_once(tiny_cfg, tmp_path):
+    # the label prior is a statistic of the private data: one Gaussian release per client
+    # (std privacy.label_noise, sensitivity 1), accounted beside the DP-SGD steps
+    cfg = tiny_cfg.replace(**{
+        "federation.rounds": 3, "federation.num_clients": 2, "privacy.mode": "sample",
+        "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "privacy.label_noise": 5.0,
+        "train.local_steps": 2, "train.logit_adjustment": 1.0,
+    })
+    _run(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for rnd in (1, 3):
+        for client in rows[rnd]["clients"]:
+            ref = RDPAccountant()
+            ref.history = [(5.0, 1.0, 1), (1.0, client["dp-sample-rate"], 2 * rnd)]
+            assert client["dp-epsilon"] == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-6)

@@ -20,7 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedtune import adapters, workspace
-from fedtune.config import FedtuneConfig
+from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
 from fedtune.flower import protocol as P
@@ -90,7 +90,7 @@ def encode_update(delta: Delta, context: Context, cfg: FedtuneConfig, round_seed
     return ConfigRecord({"codec": codec.name, "payload": payload})
 
 
-def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: torch.Generator, extra_loss) -> dict:
+def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: torch.Generator, extra_loss, pid: int) -> dict:
     """One round of DP-SGD (opacus) over the trainable adapter; the accountant persists in context.state."""
     from functools import partial
 
@@ -105,14 +105,19 @@ def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: to
     total = None
     if cfg.privacy.target_epsilon is not None:
         total = cfg.federation.rounds * cfg.train.local_steps
+    counts, released = _private_label_counts(ws, model, data, cfg, context, pid)
     pt = make_private(
         model, make_optimizer(model, cfg.train), loader, cfg.privacy, generator=gen, total_steps=total,
-        accountant_state=dict(prev) if prev is not None else None,
+        accountant_state=dict(prev) if prev is not None else None, released=released,
     )
+    if counts is not None and P.DP_LABELS not in context.state:  # first round: the release is spent now
+        pt.accountant.record(*released[0])
+        context.state[P.DP_LABELS] = ConfigRecord({"counts": counts})
     try:
         metrics = train_local(
             pt.model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
             optimizer=pt.optimizer, batches=_cycle(pt.data_loader), extra_loss=extra_loss, clip=False,
+            label_counts=counts,
         )
         context.state[P.DP_STATE] = ConfigRecord(pt.accountant.state_dict())
         metrics["dp-epsilon"] = float(pt.accountant.epsilon(cfg.privacy.delta))
@@ -121,6 +126,25 @@ def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: to
     finally:
         pt.close()
     return metrics
+
+
+def _private_label_counts(ws, model, data, cfg: FedtuneConfig, context: Context, pid: int):
+    """Logit adjustment under DP-SGD: the client's label counts through the Gaussian
+    mechanism (``privacy.label_noise``), drawn once and kept in ``context.state``.
+
+    Returns ``(counts, released)``: counts None and nothing released when logit
+    adjustment is off; ``released`` is the one accountant entry the release costs.
+    """
+    from fedtune.privacy import noisy_label_counts
+    from fedtune.train import num_labels
+
+    if cfg.train.logit_adjustment <= 0 or ws.task == CAUSAL_LM:
+        return None, []
+    released = [(float(cfg.privacy.label_noise), 1.0, 1)]
+    if P.DP_LABELS in context.state:
+        return [float(c) for c in context.state[P.DP_LABELS]["counts"]], released
+    gen = torch.Generator().manual_seed(client_seed(cfg.train.seed + 104729, 0, pid))  # a stream of its own
+    return noisy_label_counts([int(d["label"]) for d in data], num_labels(model), cfg.privacy.label_noise, gen), released
 
 
 def _cycle(loader):
@@ -167,7 +191,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         extra_loss = lambda: proximal_term(named, anchors, mu)  # noqa: E731
     privacy = cfg.privacy
     if privacy.mode == "sample":
-        metrics = _train_dp_sgd(ws, model, data, cfg, context, gen, extra_loss)
+        metrics = _train_dp_sgd(ws, model, data, cfg, context, gen, extra_loss, pid)
     else:
         metrics = train_local(
             model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,

@@ -23,4 +23,5 @@ GLOBAL_COPY = "fedtune.global-copy"
 CLIENT_META = "fedtune.client-meta"
 EF_RESIDUAL = "fedtune.ef-residual"
 DP_STATE = "fedtune.dp-accountant"
+DP_LABELS = "fedtune.dp-label-counts"  # the noisy label counts of logit adjustment under DP-SGD
 ZO_STATE = "fedtune.zo"

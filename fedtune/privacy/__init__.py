@@ -38,14 +38,22 @@ then clips and noises: the bound holds for what is averaged whatever codec the
 client used, and only the noised aggregate (then compressed for the downlink) is
 a release.
 
+Logit adjustment under ``"sample"``: the client's label counts are a statistic of
+its private data, so they are released once through the Gaussian mechanism
+(:func:`noisy_label_counts`, std ``label_noise``), recorded in the client's
+accountant and covered by ``target_epsilon``; every round reuses them.
+
 Not covered by any mode: metrics sent beside the update (training loss,
-accuracy, example counts used as FedAvg weights) are not clipped or noised.
+accuracy, example counts used as FedAvg weights) are not clipped or noised; the
+Poisson rate ``batch_size / examples`` treats a client's data-set size as public,
+as opacus does.
 """
 
 from fedtune.privacy.accounting import (
     DEFAULT_ALPHAS,
     PrivacyAccountant,
     RdpAccountant,
+    calibrate_noise_multiplier,
     history_epsilon,
     max_steps_within,
 )
@@ -68,6 +76,7 @@ from fedtune.privacy.sample_level import (
     empty_batch_step,
     enable_per_sample_prompts_,
     make_private,
+    noisy_label_counts,
     uses_dora,
 )
 
@@ -79,6 +88,7 @@ __all__ = [
     "PrivateTraining",
     "RdpAccountant",
     "add_gaussian_noise",
+    "calibrate_noise_multiplier",
     "central_noise_std",
     "check_budget_at_start",
     "check_dp_compatible",
@@ -92,6 +102,7 @@ __all__ = [
     "make_private",
     "max_steps_within",
     "next_round_within_budget",
+    "noisy_label_counts",
     "private_mean",
     "uses_dora",
 ]

@@ -147,6 +147,49 @@ def max_steps_within(budget: float, *, noise_multiplier: float, sample_rate: flo
     return lo
 
 
+def calibrate_noise_multiplier(
+    target_epsilon: float, *, sample_rate: float, steps: int, delta: float, released: History = (),
+    tolerance: float = 0.01,
+) -> float:
+    """The smallest z (to ``tolerance`` in epsilon) such that ``released`` plus ``steps``
+    sampled Gaussian steps of (z, ``sample_rate``) spend at most ``target_epsilon``.
+
+    With nothing ``released`` this is opacus' ``get_noise_multiplier`` (RDP accountant,
+    same orders): epsilon lands in ``[target - tolerance, target]``. ``released`` are
+    other mechanisms on the same data the budget must also cover (e.g. the noisy label
+    counts of logit adjustment); ConfigError if they alone spend the target.
+    """
+    _check_delta(delta)
+    _check_entry(1.0, sample_rate, steps)
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not target_epsilon > 0:
+        raise ConfigError(f"target_epsilon={target_epsilon!r} must be a positive number")
+    released = list(released)
+    base = history_epsilon(released, delta) if released else 0.0
+    if base >= target_epsilon - tolerance:
+        raise ConfigError(
+            f"target_epsilon={target_epsilon}: the other releases on this data already spend epsilon {base:.3f}"
+        )
+
+    def eps(z: float) -> float:
+        return history_epsilon(released + [(z, sample_rate, steps)], delta)
+
+    lo, hi = 0.0, 10.0
+    while eps(hi) > target_epsilon:
+        lo, hi = hi, 2 * hi
+        if hi > 1e6:
+            raise ConfigError(f"target_epsilon={target_epsilon} is out of reach for {steps} steps at rate {sample_rate}")
+    for _ in range(100):  # invariant: eps(hi) <= target < eps(lo) (eps(0) is infinite)
+        mid = (lo + hi) / 2
+        e = eps(mid)
+        if e > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+            if e >= target_epsilon - tolerance:
+                break
+    return hi
+
+
 def history_to_state(history: History) -> dict[str, Any]:
     return {
         "mechanism": "rdp",

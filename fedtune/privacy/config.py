@@ -63,6 +63,10 @@ class PrivacyConfig:
         clip_norm: client modes only: C, the global L2 bound on a client update.
         epsilon_budget: client modes only: the cumulative epsilon not to exceed.
         budget_policy: ``"refuse"`` or ``"stop"``, used with ``epsilon_budget``.
+        label_noise: ``"sample"`` only, with ``train.logit_adjustment`` > 0: the std of
+            the Gaussian noise on each label count behind a client's logit adjustment
+            (the label prior is a statistic of the private data: it is released once
+            per client by the Gaussian mechanism, sensitivity 1, and accounted).
     """
 
     mode: str = "none"
@@ -73,6 +77,7 @@ class PrivacyConfig:
     clip_norm: float | None = None
     epsilon_budget: float | None = None
     budget_policy: str = "refuse"
+    label_noise: float = 10.0
 
     def __post_init__(self) -> None:
         errors = _validate(self)
@@ -133,6 +138,9 @@ def _validate(cfg: PrivacyConfig) -> list[str]:
         errors.append("delta=None must be a number in (0, 1)")
     number("clip_norm", low=0.0, low_inclusive=False)
     number("epsilon_budget", low=0.0, low_inclusive=False)
+    number("label_noise", low=0.0, low_inclusive=False)
+    if cfg.label_noise is None:
+        errors.append("label_noise=None must be a number > 0")
 
     for name, modes in _FIELD_MODES.items():
         value = getattr(cfg, name)

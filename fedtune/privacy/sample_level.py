@@ -37,14 +37,13 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
 from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader
 
 from fedtune.errors import ConfigError
-from fedtune.privacy.accounting import RdpAccountant
+from fedtune.privacy.accounting import History, RdpAccountant, calibrate_noise_multiplier
 from fedtune.privacy.config import MODES, PrivacyConfig
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch")
@@ -146,6 +145,7 @@ def make_private(
     accountant_state: Mapping[str, Any] | None = None,
     grad_sample_mode: str = "hooks",
     wrap_model: bool = False,
+    released: History = (),
 ) -> PrivateTraining:
     """Set up DP-SGD (Abadi et al. 2016, arXiv:1607.00133) for one client's round.
 
@@ -166,6 +166,10 @@ def make_private(
         noise_generator: generator on the parameters' device for the noise.
         accountant_state: the previous rounds' ``accountant.state_dict()``, so the
             spent budget carries over (rounds compose).
+        released: with ``cfg.target_epsilon``, the client's other releases the target
+            must also cover, as ``(noise_multiplier, sample_rate, steps)`` entries (e.g.
+            :func:`noisy_label_counts`' one Gaussian release): z is calibrated for them
+            plus ``total_steps`` DP-SGD steps.
         grad_sample_mode: ``"hooks"`` (default, fastest) or ``"functorch"``.
         wrap_model: False keeps ``model`` itself the thing to call (peft/HF
             methods and state-dict keys unchanged); True returns a GradSampleModule.
@@ -188,12 +192,8 @@ def make_private(
     dp_loader = DPDataLoader.from_data_loader(data_loader, generator=generator)
     sample_rate = 1 / len(dp_loader)  # what opacus accounts, same as in make_private
     if cfg.target_epsilon is not None:
-        noise_multiplier = get_noise_multiplier(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.delta,
-            sample_rate=sample_rate,
-            steps=total_steps,
-            accountant="rdp",
+        noise_multiplier = calibrate_noise_multiplier(
+            cfg.target_epsilon, sample_rate=sample_rate, steps=total_steps, delta=cfg.delta, released=released,
         )
     else:
         noise_multiplier = float(cfg.noise_multiplier)
@@ -232,6 +232,21 @@ def make_private(
         _original=model,
         _patched_prompts=patched,
     )
+
+
+def noisy_label_counts(labels: list[int], num_labels: int, std: float, generator: torch.Generator) -> list[float]:
+    """A client's label histogram through the Gaussian mechanism, for logit adjustment.
+
+    Adding or removing one example changes one count by 1 (L2 sensitivity 1), so this
+    is the Gaussian mechanism with noise multiplier ``std``: record it in the client's
+    accountant once as ``(std, 1.0, 1)`` and reuse the counts every round (reuse is
+    post-processing). Negative noisy counts are clipped to 0 (post-processing too).
+    """
+    if not std > 0:
+        raise ConfigError(f"std={std!r} must be > 0")
+    counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_labels).double()
+    noise = torch.randn(num_labels, generator=generator, dtype=torch.float64) * float(std)
+    return [float(c) for c in (counts + noise).clamp_min(0.0)]
 
 
 def empty_batch_step(optimizer: DPOptimizer) -> None:
