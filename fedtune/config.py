@@ -55,6 +55,9 @@ class _Section:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 
 
+POOLINGS = ("auto", "mean")
+
+
 @dataclass(frozen=True)
 class ModelConfig(_Section):
     """The pre-trained base model.
@@ -72,11 +75,16 @@ class ModelConfig(_Section):
     dtype: str = "auto"
     quantization: str = "none"
     device: str = "auto"
+    # "auto": the model's own classification head input (BERT: the [CLS] pooler);
+    # "mean": the attention-masked mean of the last hidden states (how Sentence-Transformers
+    # models such as all-MiniLM-L6-v2 were trained to embed a sentence), BERT-family classifiers only
+    pooling: str = "auto"
 
     def problems(self) -> list[str]:
         e: list[str] = []
         if not self.name:
             e.append("model.name: must not be empty")
+        _choice("model", "pooling", self.pooling, POOLINGS, e)
         _choice("model", "task", self.task, ("auto", CLASSIFICATION, CAUSAL_LM), e)
         _choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"), e)
         _choice("model", "quantization", self.quantization, ("none", "4bit"), e)

@@ -228,11 +228,51 @@ def load_base(resolved: ResolvedModel, cfg: ModelConfig, tokenizer, device: torc
                 model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=cfg.num_labels, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if cfg.pooling == "mean":
+        use_mean_pooling_(model)
     if cfg.quantization != "4bit":
         model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """Sentence-Transformers' mean pooling in place of BERT's [CLS] pooler.
+
+    The mean of the last hidden states over the tokens the attention mask keeps (what
+    all-MiniLM-L6-v2 was trained to embed a sentence with; its [CLS] state is not a
+    sentence embedding). No parameters. The encoder's forward pre-hook installed by
+    `use_mean_pooling_` hands it each call's mask; without one every token counts.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        mask = self.mask
+        if mask is None or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+            mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        m = mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def use_mean_pooling_(model) -> None:
+    """Replace a BERT-family classifier's [CLS] pooler with `MaskedMeanPooler` (in place)."""
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if encoder is None or not hasattr(encoder, "pooler") or not hasattr(model, "classifier"):
+        raise ConfigError(
+            f"model.pooling = 'mean' needs a BERT-family sequence classifier (an encoder with a pooler "
+            f"and a classifier head); {type(model).__name__} has none"
+        )
+    pooler = MaskedMeanPooler()
+
+    def keep_mask(module, args, kwargs) -> None:
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    encoder.pooler = pooler
 
 
 def base_path_for_export(resolved: ResolvedModel) -> str:

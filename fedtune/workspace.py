@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -163,5 +164,9 @@ def export_adapter(ws: Workspace, state: Delta, target) -> None:
         ws.model.save_pretrained(str(tmp))
         if ws.task == CLASSIFICATION:
             ws.tokenizer.save_pretrained(str(tmp))
+        if ws.cfg.model.pooling != "auto":
+            # PEFT's config cannot say it: the head was trained on mean-pooled states, so the base
+            # must get `fedtune.models.use_mean_pooling_` before the adapter is loaded
+            (Path(tmp) / "fedtune_model.json").write_text(json.dumps({"pooling": ws.cfg.model.pooling}) + "\n")
 
     replace_dir(target, fill)

@@ -72,3 +72,28 @@ def test_clients_train_at_the_round_lr(tiny_cfg, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["eval"]["loss"] != rows[0]["eval"]["loss"]  # round 1 learned at lr
     assert rows[2]["eval"]["loss"] == pytest.approx(rows[1]["eval"]["loss"], abs=1e-7)  # round 2: lr 0
+
+
+def test_mean_pooling_is_the_masked_mean_of_the_last_hidden_states(tiny_cfg):
+    from fedtune.data import collate
+
+    ws = workspace.get(tiny_cfg.replace(**{"model.pooling": "mean"}))
+    model = ws.model.get_base_model().eval()
+    short, long = ws.test_data()[0], max(ws.test_data()[:50], key=lambda d: len(d["input_ids"]))
+    assert len(short["input_ids"]) < len(long["input_ids"])
+    batch = collate([short, long], ws.pad_id, ws.task)
+    with torch.no_grad():
+        out = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
+        assert torch.allclose(out.pooler_output, expected, atol=1e-6)
+        # padding does not change a sentence's logits: alone == next to a longer one
+        alone = collate([short], ws.pad_id, ws.task)
+        logits_alone = model(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits
+        logits_batch = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(logits_alone[0], logits_batch[0], atol=1e-5)
+
+
+def test_mean_pooling_is_refused_for_a_causal_lm(tiny_cfg):
+    with pytest.raises(ConfigError, match="pooling"):
+        workspace.get(tiny_cfg.replace(**{"model.name": "tiny-llama", "model.pooling": "mean"}))
