@@ -252,8 +252,13 @@ class MaskedMeanPooler(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         mask = self.mask
-        if mask is None or tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+        if mask is None:  # no attention mask: every token counts (as in the encoder)
             mask = torch.ones(hidden_states.shape[:2], device=hidden_states.device)
+        elif tuple(mask.shape) != tuple(hidden_states.shape[:2]):
+            raise RuntimeError(
+                f"mean pooling: attention mask {tuple(mask.shape)} does not match the hidden states "
+                f"{tuple(hidden_states.shape[:2])}"
+            )
         m = mask.unsqueeze(-1).to(hidden_states.dtype)
         return (hidden_states * m).sum(1) / m.sum(1).clamp_min(1.0)
 
