@@ -18,6 +18,11 @@ ALL10="model.pooling=mean,federation.fraction_train=1.0,federation.min_train_cli
 DPM="$ALL10,train.lr=3e-3"
 DPP="$ALL10,adapter.method=prompt,adapter.num_virtual_tokens=4,train.lr=1e-2"
 SDP="privacy.mode=sample,privacy.max_grad_norm=1.0,privacy.delta=1e-5"
+# clip 5 instead of 1: with logit adjustment a label-skewed silo's majority examples have small
+# gradients and its few minority examples large ones; clipping at 1 cuts only the large ones and
+# undoes the balance, so every silo pushes its own majority label (the eps-8 runs at clip 1 ended
+# predicting one label)
+SDP5="privacy.mode=sample,privacy.max_grad_norm=5.0,privacy.delta=1e-5"
 C100="data.partition=iid,federation.num_clients=100,federation.fraction_train=0.1,train.local_steps=10,federation.rounds=12"
 declare -A ROWS=(
   [nonprivate]=""
@@ -28,15 +33,15 @@ declare -A ROWS=(
   [mean-eps8]="$DPM,$SDP,privacy.target_epsilon=8"
   [prompt-nonprivate]="$DPP"
   [prompt-eps8]="$DPP,$SDP,privacy.target_epsilon=8"
-  [prompt-sgd-nonprivate]="$DPP,train.optimizer=sgd,train.momentum=0.9,train.lr=0.1"
+  [prompt-c5-eps8]="$DPP,$SDP5,privacy.target_epsilon=8"
+  [prompt-c5-eps3]="$DPP,$SDP5,privacy.target_epsilon=3"
+  [prompt-c5-eps1]="$DPP,$SDP5,privacy.target_epsilon=1"
   [prompt-sgd-eps8]="$DPP,train.optimizer=sgd,train.momentum=0.9,train.lr=0.1,$SDP,privacy.target_epsilon=8"
-  [prompt-eps3]="$DPP,$SDP,privacy.target_epsilon=3"
-  [prompt-eps1]="$DPP,$SDP,privacy.target_epsilon=1"
   [clients100-nonprivate]="$C100"
   [clients100-z0.3]="$C100,privacy.mode=client-central,privacy.noise_multiplier=0.3,privacy.clip_norm=1.0,privacy.delta=1e-3"
   [clients100-z1.0]="$C100,privacy.mode=client-central,privacy.noise_multiplier=1.0,privacy.clip_norm=1.0,privacy.delta=1e-3"
 )
-ORDER=(nonprivate sample-eps8 sample-eps3 sample-eps1 sample-eps8-b64-ffa mean-eps8 prompt-nonprivate prompt-eps8 prompt-eps3 prompt-eps1 clients100-nonprivate clients100-z0.3 clients100-z1.0)
+ORDER=(nonprivate sample-eps8 sample-eps3 sample-eps1 sample-eps8-b64-ffa mean-eps8 prompt-nonprivate prompt-eps8 prompt-sgd-eps8 prompt-c5-eps8 prompt-c5-eps3 prompt-c5-eps1 clients100-nonprivate clients100-z0.3 clients100-z1.0)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done

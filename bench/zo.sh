@@ -13,10 +13,11 @@ declare -A ROWS=(
   [lora-fedavg]=""
   [zo-adapter]="$ZO,zo.scope=adapter,zo.lr=5e-3"
   [zo-adapter-clip5]="$ZO,zo.scope=adapter,zo.lr=5e-3,zo.grad_clip=5"
+  [lora-fedavg-mean]="model.pooling=mean"
   [zo-adapter-mean]="$ZO,zo.scope=adapter,zo.lr=5e-3,zo.grad_clip=5,model.pooling=mean"
   [zo-full]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5},zo.grad_clip=5"
 )
-ORDER=(lora-fedavg zo-adapter zo-adapter-clip5 zo-adapter-mean zo-full)
+ORDER=(lora-fedavg zo-adapter zo-adapter-clip5 lora-fedavg-mean zo-adapter-mean zo-full)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
