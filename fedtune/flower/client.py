@@ -112,6 +112,7 @@ def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: to
     )
     if counts is not None and P.DP_LABELS not in context.state:  # first round: the release is spent now
         pt.accountant.record(*released[0])
+        context.state[P.DP_STATE] = ConfigRecord(pt.accountant.state_dict())  # kept even if the round fails
         context.state[P.DP_LABELS] = ConfigRecord({"counts": counts})
     try:
         metrics = train_local(
