@@ -15,9 +15,10 @@ declare -A ROWS=(
   [zo-adapter-clip5]="$ZO,zo.scope=adapter,zo.lr=5e-3,zo.grad_clip=5"
   [lora-fedavg-mean]="model.pooling=mean"
   [zo-adapter-mean]="$ZO,zo.scope=adapter,zo.lr=5e-3,zo.grad_clip=5,model.pooling=mean"
+  [zo-full-mean]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5},zo.grad_clip=5,model.pooling=mean"
   [zo-full]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5},zo.grad_clip=5"
 )
-ORDER=(lora-fedavg zo-adapter zo-adapter-clip5 lora-fedavg-mean zo-adapter-mean zo-full)
+ORDER=(lora-fedavg zo-adapter zo-adapter-clip5 lora-fedavg-mean zo-adapter-mean zo-full zo-full-mean)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
