@@ -11,8 +11,8 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench/results/privacy}
 # The DP recipes (same task, silos and held-out split): mean pooling (model.pooling=mean), all 10
 # silos every round for 6 rounds of 5 steps at batch 64 (the demo's client compute: 60 client-rounds
-# x 320 examples vs 48 x 320). Averaging 10 clients' noisy updates per round instead of 2 is what lets
-# the signal through; z is calibrated per client for 6 x 5 steps. DPM: LoRA r8 + head (74,498 noised
+# x 320 examples vs 48 x 320): averaging 10 clients' noisy updates per round instead of 2 divides the
+# noise std on the global update by sqrt(5); z is calibrated per client for 6 x 5 steps. DPM: LoRA r8 + head (74,498 noised
 # coordinates); DPP: prompt tuning, 4 virtual tokens + head (2,306 coordinates), lr 1e-2.
 ALL10="model.pooling=mean,federation.fraction_train=1.0,federation.min_train_clients=10,federation.rounds=6,train.batch_size=64,train.local_steps=5"
 DPM="$ALL10,train.lr=3e-3"
