@@ -15,13 +15,12 @@ from opacus.accountants import RDPAccountant
 from fedtune.delta import global_norm
 from fedtune.errors import ConfigError, FedtuneError, PayloadError
 from fedtune.privacy import (
-    calibrate_noise_multiplier,
-    noisy_label_counts,
     DEFAULT_ALPHAS,
     ClientLevelAccountant,
     PrivacyConfig,
     RdpAccountant,
     add_gaussian_noise,
+    calibrate_noise_multiplier,
     central_noise_std,
     check_budget_at_start,
     check_dp_compatible,
@@ -32,6 +31,7 @@ from fedtune.privacy import (
     local_noise_std,
     make_private,
     next_round_within_budget,
+    noisy_label_counts,
     private_mean,
 )
 
