@@ -127,6 +127,15 @@ def logit_adjustment_bias(
     return (strength * label_log_prior(data, num_labels(model), counts)).to(device)
 
 
+def batch_loss(model, batch: dict[str, torch.Tensor], adjust: torch.Tensor | None) -> torch.Tensor:
+    """The model's loss on ``batch`` (float32): its own, or with ``adjust`` (from
+    `logit_adjustment_bias`) the cross-entropy of ``logits + adjust``."""
+    if adjust is None:
+        return model(**batch).loss.float()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    return torch.nn.functional.cross_entropy(model(**inputs).logits.float() + adjust, batch["labels"])
+
+
 def num_labels(model) -> int:
     return int(model.config.num_labels) if hasattr(model, "config") else 2
 
@@ -148,14 +157,7 @@ def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optim
             empty_batch_step(opt)
             continue
         with autocast(device, cfg.mixed_precision):
-            if adjust is not None:
-                labels = batch.pop("labels")
-                out = model(**batch)
-                loss = torch.nn.functional.cross_entropy(out.logits.float() + adjust, labels)
-                out.loss = loss
-            else:
-                out = model(**batch)
-                loss = out.loss.float()
+            task_loss = loss = batch_loss(model, batch, adjust)
         if extra_loss is not None:
             loss = loss + extra_loss()
         opt.zero_grad(set_to_none=True)
@@ -163,7 +165,7 @@ def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optim
         if clip and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
-        total += float(out.loss.detach())
+        total += float(task_loss.detach())
         seen += batch["input_ids"].shape[0]
     return {"train_loss": total / max(steps, 1), "steps": float(steps), "examples_seen": float(seen)}
 

@@ -53,7 +53,7 @@ from fedtune.env import setup_environment
 from fedtune.errors import PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.client import partition_id
-from fedtune.train import batch_stream, logit_adjustment_bias
+from fedtune.train import batch_loss, batch_stream, logit_adjustment_bias
 from fedtune.zo import (
     SeedHistory,
     decode_downlink,
@@ -155,12 +155,7 @@ def batch_loss_fns(ws: workspace.Workspace, data: list[dict], steps: int, batch_
 
     def make(batch: dict[str, torch.Tensor]) -> LossFn:
         def loss() -> float:
-            if adjust is None:
-                value = float(model(**batch).loss)
-            else:
-                inputs = {k: v for k, v in batch.items() if k != "labels"}
-                logits = model(**inputs).logits.float()
-                value = float(torch.nn.functional.cross_entropy(logits + adjust, batch["labels"]))
+            value = float(batch_loss(model, batch, adjust))
             losses.append(value)
             return value
 
