@@ -18,6 +18,10 @@ declare -A ROWS=(
   [sign]="compression.codec=sign"
   [sign+EF]="compression.codec=sign,compression.error_feedback=true"
   [sign-b512]="compression.codec=sign,compression.block_size=512"
+  # rms scale: each tensor's decoded update keeps its L2 norm (mean|v| shrinks it: a shorter step per round)
+  [sign-rms]="compression.codec=sign,compression.sign_scale=rms"
+  [sign-rms-b512]="compression.codec=sign,compression.sign_scale=rms,compression.block_size=512"
+  [sign-rms+EF]="compression.codec=sign,compression.sign_scale=rms,compression.error_feedback=true"
 )
 ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF sign sign+EF)
 [ $# -gt 0 ] && ORDER=("$@")

@@ -274,6 +274,20 @@ def test_sign_by_hand_and_mean_magnitude_is_the_least_squares_scale():
     np.testing.assert_allclose(out["w"].numpy(), [b[0], -b[0], b[0], b[0], -b[1], b[1], b[1], -b[1], b[2]], rtol=1e-6)
 
 
+def test_sign_rms_scale_keeps_each_blocks_l2_norm_by_hand():
+    x = torch.tensor([0.5, -2.0, 0.1, 3.0, -0.2, 0.0, 1.0, -1.0, 4.0])
+    plain, _ = roundtrip(make_codec("sign", block_size=4), {"w": x})
+    payload, out = roundtrip(make_codec("sign", block_size=4, sign_scale="rms"), {"w": x})
+    # blocks [0.5,-2,0.1,3], [-0.2,0,1,-1], [4]: sqrt(mean of squares)
+    b = [(13.26 / 4) ** 0.5, (2.04 / 4) ** 0.5, 4.0]
+    np.testing.assert_allclose(out["w"].numpy(), [b[0], -b[0], b[0], b[0], -b[1], b[1], b[1], -b[1], b[2]], rtol=1e-6)
+    for blk in (slice(0, 4), slice(4, 8), slice(8, 9)):
+        np.testing.assert_allclose(out["w"][blk].norm().item(), x[blk].norm().item(), rtol=1e-6)
+    assert len(payload) == len(plain)  # same wire format, other scales
+    with pytest.raises(ConfigError, match="sign_scale"):
+        make_codec("sign", sign_scale="l2")
+
+
 def test_standalone_ternary_keeps_zeros_zero():
     x = torch.tensor([[0.5, 0.0], [-1.5, 0.25]])
     _, out = roundtrip(make_codec("ternary"), {"w": x})

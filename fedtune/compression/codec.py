@@ -222,13 +222,19 @@ def make_codec(
     ratio: float = 0.1,
     block_size: int | None = None,
     ternary_alpha: float = 1.0,
+    sign_scale: str = "mean_abs",
     randk_unbiased: bool = False,
 ) -> ChainCodec:
     """Codec for one name of `VALID_CODECS`; arguments as in `CompressionConfig` (and validated by it)."""
     from fedtune.compression.config import CompressionConfig  # config imports this module
 
     CompressionConfig(
-        codec=name, ratio=ratio, block_size=block_size, ternary_alpha=ternary_alpha, randk_unbiased=randk_unbiased
+        codec=name,
+        ratio=ratio,
+        block_size=block_size,
+        ternary_alpha=ternary_alpha,
+        sign_scale=sign_scale,
+        randk_unbiased=randk_unbiased,
     )
     sparse_name, _, value_name = name.rpartition("+")
     if not sparse_name and value_name in SPARSIFIERS:
@@ -241,7 +247,7 @@ def make_codec(
         "int8": lambda: IntQuant(8, block_size),
         "int4": lambda: IntQuant(4, block_size),
         "ternary": lambda: Ternary(ternary_alpha),
-        "sign": lambda: Sign(block_size),
+        "sign": lambda: Sign(block_size, sign_scale),
     }[value_name]()
     if sparse_name == "topk":
         sparsifier: Sparsifier = TopK(ratio)
@@ -262,6 +268,7 @@ def build_codec(config: CompressionConfig, direction: Literal["uplink", "downlin
         ratio=config.ratio,
         block_size=config.block_size,
         ternary_alpha=config.ternary_alpha,
+        sign_scale=config.sign_scale,
         randk_unbiased=config.randk_unbiased and name.startswith("randk"),
     )
 

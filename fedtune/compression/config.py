@@ -27,6 +27,9 @@ class CompressionConfig:
         block_size: values per int8/int4/sign scale; None = one scale per tensor.
             Flower's run_config cannot hold None: leave the key out instead.
         ternary_alpha: ComPEFT's alpha; ternary values are ``alpha * std``.
+        sign_scale: the magnitude a ``sign`` block decodes to: ``"mean_abs"``
+            (``mean|v|``, least squares for the signs) or ``"rms"``
+            (``sqrt(mean v**2)``, keeps the block's L2 norm).
         randk_unbiased: decode rand-k values scaled by ``n/k`` (unbiased but
             higher variance); needs a ``randk`` codec in either direction.
         error_feedback: keep what compression dropped and add it to the next
@@ -39,6 +42,7 @@ class CompressionConfig:
     ratio: float = 0.1
     block_size: int | None = None
     ternary_alpha: float = 1.0
+    sign_scale: str = "mean_abs"
     randk_unbiased: bool = False
     error_feedback: bool = False
 
@@ -71,6 +75,8 @@ def _problems(c: CompressionConfig) -> list[str]:
         out.append(f"block_size: must be a positive integer (< 2**32) or None, got {c.block_size!r}")
     if not _is_real(c.ternary_alpha) or not c.ternary_alpha > 0:
         out.append(f"ternary_alpha: must be a finite number > 0, got {c.ternary_alpha!r}")
+    if c.sign_scale not in ("mean_abs", "rms"):
+        out.append(f"sign_scale: must be 'mean_abs' or 'rms', got {c.sign_scale!r}")
     for field in ("randk_unbiased", "error_feedback"):
         if not isinstance(getattr(c, field), bool):
             out.append(f"{field}: must be true or false, got {getattr(c, field)!r}")

@@ -38,6 +38,10 @@ squared error for the given signs (1-bit SGD, Seide et al. 2014; EF-SignSGD,
 Karimireddy et al. 2019, arXiv:1901.09847, which pairs it with error feedback).
 Dense, it costs ~1 bit per entry: 32x smaller than fp32. Zeros are sent as
 ``+scale``, so it is not lossless on exact zeros (error feedback carries that).
+``scale="rms"`` sends ``sqrt(mean v**2)`` instead: the decoded block keeps the
+L2 norm of the input block (``mean|v|`` shrinks it, by ``sqrt(2/pi)`` for
+Gaussian values and more for heavy-tailed ones), so a round's compressed update
+moves the model as far as the uncompressed one; the wire format is the same.
 """
 
 from __future__ import annotations
@@ -238,12 +242,15 @@ class Ternary:
 
 
 class Sign:
-    """1-bit values: ``sign(v) * mean|v|`` per block (or per tensor when ``block_size`` is None)."""
+    """1-bit values: ``sign(v) * mean|v|`` (or ``* rms(v)``) per block, or per tensor when ``block_size`` is None."""
 
     name, wire_id, lossless, needs_nonzero = "sign", 6, False, False
+    SCALES = ("mean_abs", "rms")
 
-    def __init__(self, block_size: int | None = None) -> None:
-        self.block_size = block_size
+    def __init__(self, block_size: int | None = None, scale: str = "mean_abs") -> None:
+        if scale not in self.SCALES:
+            raise ValueError(f"sign scale must be one of {self.SCALES}, got {scale!r}")
+        self.block_size, self.scale = block_size, scale
 
     def nblocks(self, m: int) -> int:
         if m == 0:
@@ -258,14 +265,17 @@ class Sign:
         if m == 0:
             return []
         mags = np.abs(values).astype(np.float64)
+        if self.scale == "rms":
+            mags = mags * mags
         if self.nblocks(m) == 1:
-            scales = np.array([mags.mean()], dtype="<f4")
+            means = np.array([mags.mean()])
         else:
             nb, bs = self.nblocks(m), self.block_size
             sums = np.add.reduceat(mags, np.arange(0, m, bs))
             counts = np.minimum(bs, m - np.arange(0, m, bs))
-            scales = (sums / counts).astype("<f4")
-            assert scales.size == nb
+            means = sums / counts
+            assert means.size == nb
+        scales = (np.sqrt(means) if self.scale == "rms" else means).astype("<f4")
         return [scales.tobytes(), np.packbits(values < 0).tobytes()]
 
     def decode(self, r: Reader, m: int, what: str) -> np.ndarray:
