@@ -1,10 +1,17 @@
-"""Parameter-efficient adapters through peft: LoRA, DoRA, prompt tuning.
+"""Parameter-efficient adapters through peft: LoRA, DoRA, prompt tuning, head only.
 
 An adapter's *state* is the peft state dict (``get_peft_model_state_dict``):
 LoRA A/B matrices (or DoRA magnitudes, or soft-prompt embeddings) plus, for
 classification, the task head. Only the *trainable* part of it ever leaves a
 client; with FFA-LoRA (Sun et al. 2024, arXiv:2403.12313) the A matrices stay
 frozen at their shared initial value and only B and the head travel.
+
+``method = "head"`` is a linear probe: only the classification head trains (the
+DP-friendly choice: few coordinates to noise, Tramer & Boneh 2021,
+arXiv:2011.11660). peft has no tuner without adapted modules, so the model carries
+a LoRA whose A and B stay frozen at their initial value (B = 0: an exact
+identity); the head is peft's ``modules_to_save`` as usual, and an exported
+adapter loads with peft like any LoRA adapter.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ def peft_config(cfg: AdapterConfig, task: str, model_type: str, tokenizer_path: 
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
 
     task_type = TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS
+    if cfg.method == "head" and task == CAUSAL_LM:
+        raise ConfigError("adapter.method: 'head' trains only a classification head; a causal LM has none (use 'lora' or 'prompt')")
     if cfg.method == "prompt":
         return PromptTuningConfig(
             task_type=task_type,
@@ -62,7 +71,16 @@ def wrap(base, cfg: AdapterConfig, task: str):
         model = get_peft_model(base, pcfg)
     if cfg.ffa:
         freeze_lora_a_(model)
+    if cfg.method == "head":
+        freeze_lora_(model)
     return model
+
+
+def freeze_lora_(model) -> None:
+    """Head only: freeze every LoRA matrix (B = 0 at initialisation, so the LoRA is an identity)."""
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            p.requires_grad_(False)
 
 
 def freeze_lora_a_(model) -> None:

@@ -111,14 +111,14 @@ class AdapterConfig(_Section):
 
     def problems(self) -> list[str]:
         e: list[str] = []
-        _choice("adapter", "method", self.method, ("lora", "dora", "prompt"), e)
+        _choice("adapter", "method", self.method, ("lora", "dora", "prompt", "head"), e)
         _positive("adapter", "r", self.r, e)
         _positive("adapter", "alpha", self.alpha, e)
         _positive("adapter", "num_virtual_tokens", self.num_virtual_tokens, e)
         if not 0 <= self.dropout < 1:
             e.append(f"adapter.dropout: must be in [0, 1), got {self.dropout!r}")
-        if self.ffa and self.method == "prompt":
-            e.append("adapter.ffa: FFA-LoRA freezes LoRA A matrices; it does not apply to method 'prompt'")
+        if self.ffa and self.method in ("prompt", "head"):
+            e.append(f"adapter.ffa: FFA-LoRA freezes LoRA A matrices; it does not apply to method {self.method!r}")
         return e
 
 
@@ -468,6 +468,11 @@ def _cross_check(cfg: FedtuneConfig) -> None:
         errors.append(
             "privacy.mode: sample-level DP-SGD cannot be combined with adapter.method = 'dora' "
             "(opacus cannot compute per-sample gradients of DoRA layers); use 'lora' or a client-level mode"
+        )
+    if cfg.adapter.method == "head" and cfg.aggregation.lora_mode != "naive":
+        errors.append(
+            f"aggregation.lora_mode: {cfg.aggregation.lora_mode!r} aggregates LoRA factors; adapter.method = 'head' "
+            "trains none (set lora_mode = 'naive')"
         )
     if cfg.train.mode == "zo" and cfg.privacy.mode == "sample":
         errors.append("train.mode: zeroth-order training has no per-sample gradients for DP-SGD; use a client-level privacy mode")

@@ -97,3 +97,24 @@ def test_mean_pooling_is_the_masked_mean_of_the_last_hidden_states(tiny_cfg):
 def test_mean_pooling_is_refused_for_a_causal_lm(tiny_cfg):
     with pytest.raises(ConfigError, match="pooling"):
         workspace.get(tiny_cfg.replace(**{"model.name": "tiny-llama", "model.pooling": "mean"}))
+
+
+def test_head_only_trains_only_the_classifier_and_the_frozen_lora_stays_an_identity(tiny_cfg):
+    ws = workspace.get(tiny_cfg.replace(**{"adapter.method": "head", "train.lr": 1e-2}))
+    adapters.set_state_(ws.model, ws.initial_state())
+    keys = adapters.trainable_keys(ws.model)
+    assert keys and all(".classifier." in k for k in keys), keys
+    before = adapters.get_state(ws.model)
+    assert any(".lora_B." in k for k in before) and all(not before[k].any() for k in before if ".lora_B." in k)
+    train_local(ws.model, ws.client_data(0), ws.cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device,
+                generator=torch.Generator().manual_seed(0), steps=3)
+    after = adapters.get_state(ws.model)
+    for k in before:
+        assert torch.equal(before[k], after[k]) != (k in keys), k  # exactly the trainable keys moved
+
+
+def test_head_only_is_refused_for_a_causal_lm_and_with_factor_aggregation(tiny_cfg):
+    with pytest.raises(ConfigError, match="head"):
+        workspace.get(tiny_cfg.replace(**{"model.name": "tiny-llama", "adapter.method": "head"}))
+    with pytest.raises(ConfigError, match="lora_mode"):
+        tiny_cfg.replace(**{"adapter.method": "head", "aggregation.lora_mode": "exact"})
