@@ -21,6 +21,8 @@ declare -A ROWS=(
   # rms scale: each tensor's decoded update keeps its L2 norm (mean|v| shrinks it: a shorter step per round)
   [sign-rms]="compression.codec=sign,compression.sign_scale=rms"
   [sign-rms-b512]="compression.codec=sign,compression.sign_scale=rms,compression.block_size=512"
+  # the task head (768 + 2 values, under small_numel = 1024) in int4, the LoRA matrices 1-bit
+  [sign-rms-head4]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4"
   [sign-rms+EF]="compression.codec=sign,compression.sign_scale=rms,compression.error_feedback=true"
 )
 ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF sign sign+EF)

@@ -638,3 +638,57 @@ def test_every_valid_codec_builds_from_config():
     for name in VALID_CODECS:
         assert build_codec(CompressionConfig(codec=name, block_size=8)).name == name
     assert "randk+ternary" not in VALID_CODECS and math.isfinite(CompressionConfig().ratio)
+
+
+# ------------------------------------------------------------- split by tensor size
+
+
+def test_split_codec_sends_small_tensors_through_their_own_codec_by_hand():
+    g = torch.Generator().manual_seed(0)
+    delta = {"lora_A": torch.randn(8, 384, generator=g), "head.weight": torch.randn(2, 384, generator=g),
+             "lora_B": torch.randn(384, 8, generator=g), "head.bias": torch.randn(2, generator=g)}
+    split = build_codec(CompressionConfig(codec="sign", sign_scale="rms", small_codec="none"))
+    payload, out = roundtrip(split, delta)
+    big = {k: delta[k] for k in ("lora_A", "lora_B")}
+    small = {k: delta[k] for k in ("head.weight", "head.bias")}
+    sign, fp32 = make_codec("sign", sign_scale="rms"), make_codec("none")
+    head = sign.encode(big)
+    assert payload == struct.pack("<I", len(head)) + head + fp32.encode(small)
+    # u32 length + (header + per tensor: f32 scale + 3072 sign bits) + (header + 4 bytes per value)
+    assert len(payload) == split.wire_size(layout_of(delta)) == 4 + (HEADER + 2 * (4 + 384)) + (HEADER + 4 * 770)
+    assert list(out) == list(delta)  # the sender's order
+    for k in small:
+        assert torch.equal(out[k], small[k])
+    for k, v in sign.decode(head, layout_of(big)).items():
+        assert torch.equal(out[k], v)
+    # only large tensors: an empty small part; the threshold is configurable
+    only_big = build_codec(CompressionConfig(codec="sign", small_codec="int4", small_numel=3))
+    payload, out = roundtrip(only_big, {"w": delta["lora_A"]})
+    assert len(payload) == 4 + HEADER + 4 + 384
+
+
+def test_split_codec_rejects_malformed_payloads():
+    delta = {"w": torch.randn(2000), "b": torch.randn(3)}
+    split = build_codec(CompressionConfig(codec="sign", small_codec="int8"))
+    payload = split.encode(delta)
+    layout = layout_of(delta)
+    with pytest.raises(PayloadError, match="truncated"):
+        split.decode(payload[:2], layout)
+    with pytest.raises(PayloadError, match="truncated"):
+        split.decode(struct.pack("<I", len(payload)) + payload[4:], layout)  # length past the end
+    with pytest.raises(PayloadError):
+        split.decode(payload[:-1], layout)
+    with pytest.raises(PayloadError, match="no small tensors"):
+        split.decode(payload, {"w": (2000,)})
+    other = build_codec(CompressionConfig(codec="sign", small_codec="fp16"))
+    with pytest.raises(PayloadError, match="codec"):
+        other.decode(payload, layout)
+
+
+def test_small_codec_config_is_validated():
+    with pytest.raises(ConfigError, match="small_codec"):
+        CompressionConfig(codec="sign", small_codec="int3")
+    with pytest.raises(ConfigError, match="small_codec"):
+        CompressionConfig(codec="none", small_codec="int8")
+    with pytest.raises(ConfigError, match="small_numel"):
+        CompressionConfig(codec="sign", small_codec="int8", small_numel=0)

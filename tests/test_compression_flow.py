@@ -24,13 +24,19 @@ def _run(cfg, out, client=None, **kw):
     return ServerLoop(cfg, out, progress=lambda s: None).main(grid), grid
 
 
-def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path):
+@pytest.mark.parametrize("comp", [
+    {"compression.codec": "topk+ternary", "compression.ratio": 0.1},
+    # LoRA matrices (256 values) 1-bit, the head (64 + 2) int8
+    {"compression.codec": "sign", "compression.small_codec": "int8", "compression.small_numel": 100,
+     "compression.error_feedback": True},
+])
+def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path, comp):
     from flwr.app import RecordDict
 
     from fedtune.flower.records import wire_bytes
 
     dense, _ = _run(tiny_cfg.replace(**{"federation.rounds": 1}), tmp_path / "dense")
-    cfg = tiny_cfg.replace(**{"federation.rounds": 1, "compression.codec": "topk+ternary", "compression.ratio": 0.1})
+    cfg = tiny_cfg.replace(**{"federation.rounds": 1, **comp})
     replies = {}
 
     def client(msg, ctx):
@@ -40,7 +46,7 @@ def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path):
         replies[ctx.node_id] = (bytes(upd["payload"]), wire_bytes(reply.content), wire_bytes(RecordDict({P.UPDATE: upd})))
         return reply
 
-    comp, _ = _run(cfg, tmp_path / "comp", client=client)
+    summary, _ = _run(cfg, tmp_path / "comp", client=client)
     ws = workspace.get(cfg)
     layout = {k: tuple(ws.initial_state()[k].shape) for k in ws.trainable_keys()}
     bound = expected_size(build_codec(cfg.compression), layout)  # index coding may come in under it
@@ -50,7 +56,8 @@ def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path):
         # what is logged is the serialized reply; the update record is the payload plus a few bytes
         assert logged[str(node)] == reply_bytes
         assert update_bytes <= len(payload) + 64  # record, key and codec-name framing
-    assert comp["total_bytes_up"] * 4 < dense["total_bytes_up"]
+    assert _rows(tmp_path / "comp")[1]["accepted"] == cfg.federation.clients_per_round
+    assert summary["total_bytes_up"] * 4 < dense["total_bytes_up"]
 
 
 def test_error_feedback_keeps_what_was_dropped(tiny_cfg, tmp_path):

@@ -43,6 +43,7 @@ from fedtune.errors import ConfigError, PayloadError
 
 if TYPE_CHECKING:
     from fedtune.compression.config import CompressionConfig
+    from fedtune.compression.split import SplitCodec
 
 Layout = Mapping[str, tuple[int, ...]]
 
@@ -258,19 +259,28 @@ def make_codec(
     return ChainCodec(sparsifier, values, rescale=randk_unbiased)
 
 
-def build_codec(config: CompressionConfig, direction: Literal["uplink", "downlink"] = "uplink") -> ChainCodec:
-    """The client->server (``config.codec``) or server->client (``config.downlink``) codec."""
+def build_codec(config: CompressionConfig, direction: Literal["uplink", "downlink"] = "uplink") -> ChainCodec | SplitCodec:
+    """The client->server (``config.codec``, split by ``small_codec``) or server->client (``config.downlink``) codec."""
     if direction not in ("uplink", "downlink"):
         raise ConfigError(f"direction: must be 'uplink' or 'downlink', got {direction!r}")
-    name = config.codec if direction == "uplink" else config.downlink
-    return make_codec(
-        name,
-        ratio=config.ratio,
-        block_size=config.block_size,
-        ternary_alpha=config.ternary_alpha,
-        sign_scale=config.sign_scale,
-        randk_unbiased=config.randk_unbiased and name.startswith("randk"),
-    )
+
+    def codec(name: str) -> ChainCodec:
+        return make_codec(
+            name,
+            ratio=config.ratio,
+            block_size=config.block_size,
+            ternary_alpha=config.ternary_alpha,
+            sign_scale=config.sign_scale,
+            randk_unbiased=config.randk_unbiased and name.startswith("randk"),
+        )
+
+    if direction == "downlink":
+        return codec(config.downlink)
+    if config.small_codec == "same":
+        return codec(config.codec)
+    from fedtune.compression.split import SplitCodec
+
+    return SplitCodec(codec(config.codec), codec(config.small_codec), config.small_numel)
 
 
 def _name_of(sparsifier: Sparsifier, values: ValueCoder) -> str:

@@ -32,6 +32,10 @@ class CompressionConfig:
             (``sqrt(mean v**2)``, keeps the block's L2 norm).
         randk_unbiased: decode rand-k values scaled by ``n/k`` (unbiased but
             higher variance); needs a ``randk`` codec in either direction.
+        small_codec: ``"same"`` (every tensor through ``codec``), or the uplink
+            codec for tensors with fewer than ``small_numel`` elements (the task
+            head, biases), e.g. ``"int4"`` next to a 1-bit ``"sign"`` (`SplitCodec`).
+        small_numel: the size under which a tensor counts as small.
         error_feedback: keep what compression dropped and add it to the next
             round's delta (`compensate` / `residual_after`); the client layer
             stores the residual in its per-node state.
@@ -44,6 +48,8 @@ class CompressionConfig:
     ternary_alpha: float = 1.0
     sign_scale: str = "mean_abs"
     randk_unbiased: bool = False
+    small_codec: str = "same"
+    small_numel: int = 1024
     error_feedback: bool = False
 
     def __post_init__(self) -> None:
@@ -69,6 +75,12 @@ def _problems(c: CompressionConfig) -> list[str]:
         v = getattr(c, field)
         if not isinstance(v, str) or v not in VALID_CODECS:
             out.append(f"{field}: unknown codec {v!r}; valid codecs are {', '.join(VALID_CODECS)}")
+    if not isinstance(c.small_codec, str) or c.small_codec not in ("same", *VALID_CODECS):
+        out.append(f"small_codec: must be 'same' or a codec ({', '.join(VALID_CODECS)}), got {c.small_codec!r}")
+    elif c.small_codec != "same" and c.codec == "none":
+        out.append("small_codec: applies to a compressed uplink; codec is 'none' (every tensor already travels as fp32)")
+    if not _is_int(c.small_numel) or not 1 <= c.small_numel < 2**32:
+        out.append(f"small_numel: must be a positive integer, got {c.small_numel!r}")
     if not _is_real(c.ratio) or not 0 < c.ratio <= 1:
         out.append(f"ratio: must be a number in (0, 1], got {c.ratio!r}")
     if c.block_size is not None and (not _is_int(c.block_size) or not 1 <= c.block_size < 2**32):
