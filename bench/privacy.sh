@@ -23,6 +23,12 @@ SDP="privacy.mode=sample,privacy.max_grad_norm=1.0,privacy.delta=1e-5"
 # undoes the balance, so every silo pushes its own majority label (the eps-8 runs at clip 1 ended
 # predicting one label)
 SDP5="privacy.mode=sample,privacy.max_grad_norm=5.0,privacy.delta=1e-5"
+# Session 5 recipe (DPH): head only (a linear probe on the mean-pooled sentence embedding: 770
+# noised coordinates), plain SGD with momentum (clients' AdamW steps are sign-like, so averaging
+# label-skewed silos' updates becomes a vote of their majority labels), no logit adjustment (with
+# all 10 silos a round the averaged gradient is already the pooled, balanced one; the noisy counts
+# cost budget), batch 128 (noise std z*C/B on the mean gradient halves for a z ~30% larger)
+DPH="$ALL10,adapter.method=head,train.batch_size=128,train.optimizer=sgd,train.momentum=0.9,train.lr=0.1,train.logit_adjustment=0"
 C100="data.partition=iid,federation.num_clients=100,federation.fraction_train=0.1,train.local_steps=10,federation.rounds=12"
 declare -A ROWS=(
   [nonprivate]=""
@@ -37,11 +43,15 @@ declare -A ROWS=(
   [prompt-c5-eps3]="$DPP,$SDP5,privacy.target_epsilon=3"
   [prompt-c5-eps1]="$DPP,$SDP5,privacy.target_epsilon=1"
   [prompt-sgd-eps8]="$DPP,train.optimizer=sgd,train.momentum=0.9,train.lr=0.1,$SDP,privacy.target_epsilon=8"
+  [head-nonprivate]="$DPH"
+  [head-eps8]="$DPH,$SDP,privacy.target_epsilon=8"
+  [head-eps3]="$DPH,$SDP,privacy.target_epsilon=3"
+  [head-eps1]="$DPH,$SDP,privacy.target_epsilon=1"
   [clients100-nonprivate]="$C100"
   [clients100-z0.3]="$C100,privacy.mode=client-central,privacy.noise_multiplier=0.3,privacy.clip_norm=1.0,privacy.delta=1e-3"
   [clients100-z1.0]="$C100,privacy.mode=client-central,privacy.noise_multiplier=1.0,privacy.clip_norm=1.0,privacy.delta=1e-3"
 )
-ORDER=(nonprivate sample-eps8 sample-eps3 sample-eps1 sample-eps8-b64-ffa mean-eps8 prompt-nonprivate prompt-eps8 prompt-sgd-eps8 prompt-c5-eps8 prompt-c5-eps3 prompt-c5-eps1 clients100-nonprivate clients100-z0.3 clients100-z1.0)
+ORDER=(nonprivate sample-eps8 sample-eps3 sample-eps1 sample-eps8-b64-ffa mean-eps8 prompt-nonprivate prompt-eps8 prompt-sgd-eps8 prompt-c5-eps8 prompt-c5-eps3 prompt-c5-eps1 head-nonprivate head-eps8 head-eps3 head-eps1 clients100-nonprivate clients100-z0.3 clients100-z1.0)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
