@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune.compression.codec import VALID_CODECS
+from fedtune.compression.values import Sign
 from fedtune.errors import ConfigError
 
 
@@ -87,8 +88,8 @@ def _problems(c: CompressionConfig) -> list[str]:
         out.append(f"block_size: must be a positive integer (< 2**32) or None, got {c.block_size!r}")
     if not _is_real(c.ternary_alpha) or not c.ternary_alpha > 0:
         out.append(f"ternary_alpha: must be a finite number > 0, got {c.ternary_alpha!r}")
-    if c.sign_scale not in ("mean_abs", "rms"):
-        out.append(f"sign_scale: must be 'mean_abs' or 'rms', got {c.sign_scale!r}")
+    if c.sign_scale not in Sign.SCALES:
+        out.append(f"sign_scale: must be one of {', '.join(Sign.SCALES)}, got {c.sign_scale!r}")
     for field in ("randk_unbiased", "error_feedback"):
         if not isinstance(getattr(c, field), bool):
             out.append(f"{field}: must be true or false, got {getattr(c, field)!r}")
