@@ -7,8 +7,10 @@
     delta_hat = codec.decode(payload, layout_of(delta), seed=round_seed)  # server
 
 Codecs (`VALID_CODECS`) chain a sparsifier (top-k, rand-k) with a value coder
-(fp16, bf16, int8, int4, ComPEFT ternary); the wire format is described in
+(fp16, bf16, int8, int4, ComPEFT ternary, 1-bit sign); the wire format is described in
 `fedtune.compression.wire` and the size formulas in `fedtune.compression.codec`.
+``small_codec`` sends small tensors (the task head) through a second codec
+(`fedtune.compression.split.SplitCodec`).
 """
 
 from fedtune.compression.codec import (
