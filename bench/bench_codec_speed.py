@@ -2,11 +2,13 @@
 
     python bench/bench_codec_speed.py                  # all codecs, 1 thread
     python bench/bench_codec_speed.py --codecs topk+ternary int8 --repeats 5
+    python bench/bench_codec_speed.py --codecs sign --sign-scale rms --small-codec int4
 
 Two layouts of 10M float32 elements: one 10M tensor and 100 tensors of 100k.
 Times are the best of ``--repeats`` runs (the machine is shared). The target
 is encode + decode <= 0.3 s for ``topk+ternary`` and ``int8``; ``ratio`` is
-payload bytes over dense fp32 bytes.
+payload bytes over dense fp32 bytes. With ``--small-codec`` each layout also holds a
+768-value head tensor, sent through that codec (`fedtune.compression.split`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
-from fedtune.compression import VALID_CODECS, layout_of, make_codec
+from fedtune.compression import VALID_CODECS, CompressionConfig, build_codec, layout_of
 
 TARGETS = {"topk+ternary": 0.3, "int8": 0.3}
 DEFAULT = ["none", "fp16", "bf16", "int8", "int4", "ternary", "topk", "topk+ternary", "topk+int8", "topk+int4", "randk+fp16"]
@@ -40,6 +42,8 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="+", default=DEFAULT, choices=VALID_CODECS, metavar="CODEC")
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--block-size", type=int, default=None)
+    ap.add_argument("--sign-scale", default="mean_abs", choices=["mean_abs", "rms"])
+    ap.add_argument("--small-codec", default="same", choices=["same", *VALID_CODECS])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
@@ -50,12 +54,19 @@ def main() -> None:
         "1x10M": {"w": torch.randn(10_000_000, generator=g) * 1e-3},
         "100x100k": {f"layer.{i}.lora_A.weight": torch.randn(100, 1000, generator=g) * 1e-3 for i in range(100)},
     }
-    print(f"threads={args.threads} ratio={args.ratio} block_size={args.block_size} best of {args.repeats}")
+    if args.small_codec != "same":
+        for delta in layouts.values():
+            delta["classifier.weight"] = torch.randn(2, 384, generator=g) * 1e-3
+    print(f"threads={args.threads} ratio={args.ratio} block_size={args.block_size} sign_scale={args.sign_scale} "
+          f"small_codec={args.small_codec} best of {args.repeats}")
     head = f"{'codec':<14}{'layout':<10}{'elements':>11}{'encode s':>10}{'decode s':>10}{'total s':>9}{'bytes':>12}{'ratio':>8}"
     print(head)
     print("-" * len(head))
     for name in args.codecs:
-        codec = make_codec(name, ratio=args.ratio, block_size=args.block_size)
+        if name == "none" and args.small_codec != "same":
+            continue  # a split needs a compressing codec for the large tensors
+        codec = build_codec(CompressionConfig(codec=name, ratio=args.ratio, block_size=args.block_size,
+                                              sign_scale=args.sign_scale, small_codec=args.small_codec))
         for lname, delta in layouts.items():
             layout = layout_of(delta)
             n = sum(v.numel() for v in delta.values())
