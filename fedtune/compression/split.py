@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from fedtune.compression import wire
-from fedtune.compression.codec import ChainCodec, Layout
+from fedtune.compression.codec import ChainCodec, Layout, layout_of
 from fedtune.delta import Delta
 from fedtune.errors import PayloadError
 
@@ -50,10 +50,9 @@ class SplitCodec:
         return big, {k: s for k, s in layout.items() if self._is_small(s)}
 
     def encode(self, delta: Mapping[str, torch.Tensor], *, seed: int = 0) -> bytes:
-        big = {k: v for k, v in delta.items() if not self._is_small(tuple(v.shape))}
-        small = {k: v for k, v in delta.items() if self._is_small(tuple(v.shape))}
-        head = self.large.encode(big, seed=seed) if big else b""
-        tail = self.small.encode(small, seed=seed) if small else b""
+        big, small = self._split(layout_of(delta))
+        head = self.large.encode({k: delta[k] for k in big}, seed=seed) if big else b""
+        tail = self.small.encode({k: delta[k] for k in small}, seed=seed) if small else b""
         return _LEN.pack(len(head)) + head + tail
 
     def decode(self, payload: bytes, layout: Layout, *, seed: int = 0) -> Delta:
