@@ -25,7 +25,7 @@ declare -A ROWS=(
   [sign-rms-head4]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4"
   [sign-rms+EF]="compression.codec=sign,compression.sign_scale=rms,compression.error_feedback=true"
 )
-ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF sign sign+EF)
+ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done

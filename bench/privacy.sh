@@ -27,7 +27,7 @@ SDP5="privacy.mode=sample,privacy.max_grad_norm=5.0,privacy.delta=1e-5"
 # noised coordinates), plain SGD with momentum (clients' AdamW steps are sign-like, so averaging
 # label-skewed silos' updates becomes a vote of their majority labels), no logit adjustment (with
 # all 10 silos a round the averaged gradient is already the pooled, balanced one; the noisy counts
-# cost budget), batch 128 (noise std z*C/B on the mean gradient halves for a z ~30% larger)
+# cost budget), batch 128 (noise std z*C/B on the mean gradient falls by a third: twice the batch for a z ~1.3x larger)
 DPH="$ALL10,adapter.method=head,train.batch_size=128,train.optimizer=sgd,train.momentum=0.9,train.lr=0.1,train.logit_adjustment=0"
 C100="data.partition=iid,federation.num_clients=100,federation.fraction_train=0.1,train.local_steps=10,federation.rounds=12"
 declare -A ROWS=(
