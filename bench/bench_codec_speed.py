@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from fedtune.compression import VALID_CODECS, CompressionConfig, build_codec, layout_of
+from fedtune.compression.values import Sign
 
 TARGETS = {"topk+ternary": 0.3, "int8": 0.3}
 DEFAULT = ["none", "fp16", "bf16", "int8", "int4", "ternary", "topk", "topk+ternary", "topk+int8", "topk+int4", "randk+fp16"]
@@ -42,7 +43,7 @@ def main() -> None:
     ap.add_argument("--codecs", nargs="+", default=DEFAULT, choices=VALID_CODECS, metavar="CODEC")
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--block-size", type=int, default=None)
-    ap.add_argument("--sign-scale", default="mean_abs", choices=["mean_abs", "rms"])
+    ap.add_argument("--sign-scale", default="mean_abs", choices=Sign.SCALES)
     ap.add_argument("--small-codec", default="same", choices=["same", *VALID_CODECS])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)

@@ -69,24 +69,17 @@ def wrap(base, cfg: AdapterConfig, task: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         model = get_peft_model(base, pcfg)
-    if cfg.ffa:
-        freeze_lora_a_(model)
-    if cfg.method == "head":
-        freeze_lora_(model)
+    if cfg.ffa:  # FFA-LoRA: only B and the head train
+        freeze_(model, ".lora_A.")
+    if cfg.method == "head":  # every LoRA matrix (B = 0 at initialisation: an identity)
+        freeze_(model, ".lora_")
     return model
 
 
-def freeze_lora_(model) -> None:
-    """Head only: freeze every LoRA matrix (B = 0 at initialisation, so the LoRA is an identity)."""
+def freeze_(model, marker: str) -> None:
+    """Stop training every parameter whose name contains ``marker`` (e.g. ``".lora_A."``)."""
     for name, p in model.named_parameters():
-        if ".lora_" in name:
-            p.requires_grad_(False)
-
-
-def freeze_lora_a_(model) -> None:
-    """FFA-LoRA: freeze every LoRA A matrix (only B and the head stay trainable)."""
-    for name, p in model.named_parameters():
-        if ".lora_A." in name:
+        if marker in name:
             p.requires_grad_(False)
 
 

@@ -292,7 +292,7 @@ class ServerLoop:
 
     def _lora_aggregator(self, ws: workspace.Workspace):
         mode = self.cfg.aggregation.lora_mode
-        if mode == "naive" or self.cfg.adapter.method in ("prompt", "head"):
+        if mode == "naive" or self.cfg.adapter.method == "prompt":  # 'head' is refused any other mode
             return None  # Flower's strategy averages key by key
         from fedtune.aggregation import ExactLoRA, FactoredHeteroLoRA, FFALoRA, LoraScaling
 
