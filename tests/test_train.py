@@ -118,3 +118,10 @@ def test_head_only_is_refused_for_a_causal_lm_and_with_factor_aggregation(tiny_c
         workspace.get(tiny_cfg.replace(**{"model.name": "tiny-llama", "adapter.method": "head"}))
     with pytest.raises(ConfigError, match="lora_mode"):
         tiny_cfg.replace(**{"adapter.method": "head", "aggregation.lora_mode": "exact"})
+
+
+def test_ffa_trains_b_and_the_head_but_no_a(tiny_cfg):
+    ws = workspace.get(tiny_cfg.replace(**{"adapter.ffa": True, "aggregation.lora_mode": "ffa"}))
+    keys = adapters.trainable_keys(ws.model)
+    assert any(".lora_B." in k for k in keys) and any(".classifier." in k for k in keys)
+    assert not any(".lora_A." in k for k in keys)
