@@ -37,6 +37,7 @@ demo-llm: setup
 	$(VENV)/bin/fedtune simulate --config simulations/configs/smollm2-chatterbot.toml --out runs/demo-llm
 
 test: setup
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: setup

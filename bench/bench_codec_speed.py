@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,8 +72,8 @@ def main() -> None:
         for lname, delta in layouts.items():
             layout = layout_of(delta)
             n = sum(v.numel() for v in delta.values())
-            t_enc, payload = best_of(lambda: codec.encode(delta, seed=1), args.repeats)
-            t_dec, _ = best_of(lambda: codec.decode(payload, layout, seed=1), args.repeats)
+            t_enc, payload = best_of(partial(codec.encode, delta, seed=1), args.repeats)
+            t_dec, _ = best_of(partial(codec.decode, payload, layout, seed=1), args.repeats)
             total = t_enc + t_dec
             mark = ""
             if name in TARGETS:

@@ -26,8 +26,8 @@ from fedtune.compression import (
     randk_indices,
     residual_after,
     topk_indices,
+    wire,
 )
-from fedtune.compression import wire
 from fedtune.errors import ConfigError, PayloadError
 
 torch.set_num_threads(1)

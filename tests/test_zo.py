@@ -212,7 +212,7 @@ def test_estimator_equals_directional_derivative_on_quadratic(distribution):
     for idx in range(4):
         theta = theta0.clone()
         params = {"theta": theta}
-        g = zo_step_(params, lambda: 0.5 * theta @ a @ theta + b @ theta, idx, pool, eps=1e-3, lr=0.0)
+        g = zo_step_(params, lambda theta=theta: 0.5 * theta @ a @ theta + b @ theta, idx, pool, eps=1e-3, lr=0.0)
         (_, z), = perturbation(params, pool.seed(idx), distribution)
         exact = float(z @ (a @ theta0 + b))
         assert g == pytest.approx(exact, rel=1e-6, abs=1e-6)  # central difference is exact on a quadratic
@@ -229,7 +229,7 @@ def test_estimator_error_is_order_eps_squared():
     for eps in (2e-2, 1e-2):
         theta = theta0.clone()
 
-        def loss():
+        def loss(theta=theta):
             return 0.5 * theta @ a @ theta + b @ theta + c @ theta**3
 
         g = zo_step_({"theta": theta}, loss, 0, pool, eps=eps, lr=0.0)

@@ -4,7 +4,14 @@ Pure functions on ``dict[str, Tensor]``; no Flower import. Robust rules and
 server optimizers named in `AggregationConfig` are Flower's strategies.
 """
 
-from fedtune.aggregation.aggregator import Aggregator, ExactLoRA, FactoredHeteroLoRA, FFALoRA, NaiveLoRA, build_aggregator
+from fedtune.aggregation.aggregator import (
+    Aggregator,
+    ExactLoRA,
+    FactoredHeteroLoRA,
+    FFALoRA,
+    NaiveLoRA,
+    build_aggregator,
+)
 from fedtune.aggregation.config import AggregationConfig
 from fedtune.aggregation.fedprox import proximal_term
 from fedtune.aggregation.hetero import HeteroLoRA, cut_to_rank, hetero_round, hetero_update

@@ -445,7 +445,7 @@ def ffa_mean(
     w = _weights(weights, len(states))
     _check_same_keys(states)
     layers = lora_layers(states[0])
-    for prefix, (a_key, _) in layers.items():
+    for a_key, _ in layers.values():
         base = reference[a_key] if reference is not None else states[0][a_key]
         for i, st in enumerate(states):
             a = st[a_key]

@@ -284,7 +284,7 @@ def _san_entry(hostname: str) -> x509.GeneralName:
 
 
 def _validity(days: int) -> tuple[_dt.datetime, _dt.datetime]:
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     return now - _CLOCK_SKEW, now + _dt.timedelta(days=days)
 
 
