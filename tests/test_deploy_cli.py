@@ -10,7 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import shlex
+import shutil
+import subprocess
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from flwr.common.config import parse_config_args
 
 from fedtune import cli, config
 from fedtune.deploy import cli as dcli
+from fedtune.env import flower_env, flower_executable
 from fedtune.errors import ConfigError
 
 from .conftest import ROOT
@@ -27,9 +31,21 @@ from .conftest import ROOT
 
 @pytest.fixture
 def execs(monkeypatch):
-    """Capture os.execv instead of replacing the test process."""
-    calls: list[list[str]] = []
-    monkeypatch.setattr(dcli.os, "execv", lambda path, argv: calls.append(list(argv)))
+    """Capture os.execve instead of replacing the test process; each call's env in ``calls.envs``."""
+
+    class Calls(list):
+        def __init__(self):
+            super().__init__()
+            self.envs: list[dict[str, str]] = []
+
+    calls = Calls()
+
+    def execve(path, argv, env):
+        assert path == argv[0]
+        calls.append(list(argv))
+        calls.envs.append(dict(env))
+
+    monkeypatch.setattr(dcli.os, "execve", execve)
     return calls
 
 
@@ -231,6 +247,29 @@ def test_supernode_command_supervises_supernode_and_worker(tmp_path, execs, monk
     assert cli.main([*argv_in[:5], str(tmp_path / "nope"), *argv_in[6:]]) == 2
 
 
+def test_flower_executables_come_from_fedtunes_environment_without_it_on_path(tmp_path, execs, monkeypatch):
+    # `.venv/bin/fedtune deploy superlink` with the venv not activated: flower-superlink must be
+    # this environment's, and the children it starts by name (flower-superexec) must be found too
+    bin_dir = Path(sysconfig.get_path("scripts"))
+    assert (bin_dir / "flower-superexec").is_file(), "flwr is installed in this environment"
+    bare = os.pathsep.join(p for p in ("/usr/local/bin", "/usr/bin", "/bin") if Path(p).is_dir())
+    monkeypatch.setenv("PATH", bare)
+    assert shutil.which("flower-superexec") is None  # the broken setting this guards against
+
+    assert cli.main(["deploy", "superlink", "--insecure", "--port", "19002"]) == 0
+    (argv,), (env,) = execs, execs.envs
+    assert Path(argv[0]) == bin_dir / "flower-superlink"
+    assert env["PATH"].split(os.pathsep)[0] == str(bin_dir) and env["PATH"].endswith(bare)
+    assert shutil.which("flower-superexec", path=env["PATH"]) == str(bin_dir / "flower-superexec")
+
+    # a real child given that environment finds Flower's executables by name
+    found = subprocess.run(_py("import shutil; print(shutil.which('flwr-serverapp'))"), env=flower_env(),
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert found == str(bin_dir / "flwr-serverapp")
+    assert flower_executable("flwr") == str(bin_dir / "flwr")
+    assert flower_env({"PATH": f"{bin_dir}{os.pathsep}/bin"})["PATH"] == f"{bin_dir}{os.pathsep}/bin"  # no duplicate
+
+
 def test_supernode_argv_isolation_and_worker_argv():
     kw = dict(ca_cert="c", private_key="k", partition_id=0, num_partitions=1, port=2)
     assert "--isolation" not in dcli.supernode_argv("h:1", **kw)
@@ -281,7 +320,7 @@ def test_register_command_runs_flwr_and_prints_the_run_line(tmp_path, monkeypatc
     class Done:
         returncode = 0
 
-    monkeypatch.setattr(dcli.subprocess, "run", lambda argv, check: seen.append(argv) or Done())
+    monkeypatch.setattr(dcli.subprocess, "run", lambda argv, check, env: seen.append(argv) or Done())
     pub = tmp_path / "silo-1.pub"
     pub.write_text("ecdsa-sha2-nistp384 AAAA silo-1\n")
     assert cli.main(["deploy", "register", str(pub), "--connection", "prod"]) == 0

@@ -1,14 +1,13 @@
 """Flower's own `flwr run` drives the app: a local SuperLink in simulation mode."""
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+
+from fedtune.env import flower_env, flower_executable
 
 from .conftest import ROOT
 
@@ -41,12 +40,13 @@ def test_flwr_run_local_simulation(tmp_path):
         "options.num-supernodes = 10\noptions.backend.client-resources.num-cpus = 1\n"
     )
     out = tmp_path / "run"
+    # flwr starts flower-superlink (and it flower-superexec, ...) by name: this environment's come first
     env = {
-        **os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
+        **flower_env(), "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39391", "FLWR_LOCAL_CONTROL_API_PORT": "39393",
     }
-    flwr = str(Path(sys.executable).with_name("flwr"))
+    flwr = flower_executable("flwr")
     try:
         res = subprocess.run(
             [flwr, "run", str(app), "local", "--stream", "--run-config",

@@ -24,7 +24,6 @@ import ipaddress
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedtune.env import flower_env, flower_executable
 from fedtune.errors import ConfigError, FedtuneError
 
 __all__ = [
@@ -279,27 +279,16 @@ def _need_files(*paths: Path, hint: str) -> None:
         raise FedtuneError(f"missing {', '.join(missing)}; {hint}")
 
 
-def _executable(name: str) -> str:
-    """The Flower entry point of this environment, else the first on PATH."""
-    here = Path(sys.executable).with_name(name)
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    found = shutil.which(name)
-    if not found:
-        raise FedtuneError(f"{name} not found; install flwr in this environment (pip install 'flwr==1.41.*')")
-    return found
-
-
 def _announce(argv: Sequence[str]) -> None:
     print(f"fedtune: running: {shlex.join(argv)}", flush=True)
 
 
 def _exec(argv: list[str]) -> int:
     """Replace this process, so signals and the PID reach the Flower process itself."""
-    argv = [_executable(argv[0]), *argv[1:]]
+    argv = [flower_executable(argv[0]), *argv[1:]]
     _announce(argv)
     try:
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, flower_env())
     except OSError as err:
         raise FedtuneError(f"cannot start {argv[0]}: {err.strerror or err}") from err
     return 0  # pragma: no cover
@@ -319,7 +308,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
     _announce(argv)
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     try:
-        return subprocess.Popen(argv, preexec_fn=preexec)  # noqa: PLW1509 - single-threaded here
+        return subprocess.Popen(argv, env=flower_env(), preexec_fn=preexec)  # noqa: PLW1509 - single-threaded here
     except OSError as err:
         raise FedtuneError(f"cannot start {argv[0]}: {err.strerror or err}") from err
 
@@ -445,7 +434,7 @@ def cmd_supernode(args) -> int:
     )
     if args.isolation == "subprocess":
         return _exec(argv)
-    argv[0] = _executable(argv[0])
+    argv[0] = flower_executable(argv[0])
     return supervise(argv, worker_argv(args.port, parent_pid=os.getpid()))
 
 
@@ -453,9 +442,9 @@ def cmd_register(args) -> int:
     pub = Path(args.public_key)
     _need_files(pub, hint="ask the silo for the .pub file written by `fedtune deploy keys`")
     argv = register_argv(pub, args.connection, name=args.name or pub.name.removesuffix(".pub"))
-    argv[0] = _executable(argv[0])
+    argv[0] = flower_executable(argv[0])
     _announce(argv)
-    rc = subprocess.run(argv, check=False).returncode
+    rc = subprocess.run(argv, check=False, env=flower_env()).returncode
     if rc == 0:
         print("fedtune: when every silo is registered and online (`flwr supernode list "
               f"{args.connection}`), start the run with:\n  {shlex.join(run_argv('.', args.connection))}")
