@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3 table: the demo task (simulations/configs/default.toml: MiniLM + LoRA, Rotten Tomatoes,
+# Compression table: the demo task (simulations/configs/default.toml: MiniLM + LoRA, Rotten Tomatoes,
 # 10 clients, Dirichlet 0.5), same config, seeds and rounds for every row; only the uplink codec
 # differs. Pass row names to run a subset: bench/compression.sh none-fp32 sign+EF
 set -euo pipefail
@@ -12,9 +12,14 @@ declare -A ROWS=(
   [int8]="compression.codec=int8"
   [int4]="compression.codec=int4"
   [topk10]="compression.codec=topk,compression.ratio=0.1"
+  # ComPEFT's ternary scale: alpha x std of the sparsified tensor (the default, ternary_scale=sparse)
   [topk10+ternary]="compression.codec=topk+ternary,compression.ratio=0.1"
   [topk10+ternary+EF]="compression.codec=topk+ternary,compression.ratio=0.1,compression.error_feedback=true"
   [topk5+ternary+EF]="compression.codec=topk+ternary,compression.ratio=0.05,compression.error_feedback=true"
+  # alpha x std of the tensor before sparsification (ternary_scale=dense)
+  [topk10+ternary-dense]="compression.codec=topk+ternary,compression.ratio=0.1,compression.ternary_scale=dense"
+  [topk10+ternary+EF-dense]="compression.codec=topk+ternary,compression.ratio=0.1,compression.error_feedback=true,compression.ternary_scale=dense"
+  [topk5+ternary+EF-dense]="compression.codec=topk+ternary,compression.ratio=0.05,compression.error_feedback=true,compression.ternary_scale=dense"
   [sign]="compression.codec=sign"
   [sign+EF]="compression.codec=sign,compression.error_feedback=true"
   [sign-b512]="compression.codec=sign,compression.block_size=512"
@@ -25,7 +30,7 @@ declare -A ROWS=(
   [sign-rms-head4]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4"
   [sign-rms+EF]="compression.codec=sign,compression.sign_scale=rms,compression.error_feedback=true"
 )
-ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4)
+ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done

@@ -250,12 +250,44 @@ def test_topk_ternary_matches_compeft_by_hand():
     x = torch.tensor([0.5, -2.0, 0.1, 3.0, -0.2, 0.0])
     codec = make_codec("topk+ternary", ratio=0.5, ternary_alpha=2.0)
     payload, out = roundtrip(codec, {"w": x})
-    s = 2.0 * statistics.stdev([0.5, -2.0, 0.1, 3.0, -0.2, 0.0])  # alpha * unbiased std of the dense tensor
+    # ComPEFT's replace_noise_and_constant: drop all but the top 3 (set to 0), then
+    # alpha * tensor.std() of [0.5, -2, 0, 3, 0, 0]: mean 0.25, squared deviations sum to
+    # 0.0625 + 5.0625 + 0.0625 + 7.5625 + 0.0625 + 0.0625 = 12.875, / (6 - 1) = 2.575
+    s = 2.0 * math.sqrt(2.575)
+    assert s == pytest.approx(2.0 * statistics.stdev([0.5, -2.0, 0.0, 3.0, 0.0, 0.0]), rel=1e-12)
     np.testing.assert_allclose(out["w"].numpy(), [s, -s, 0, s, 0, 0], rtol=1e-6)
     # k = 3 kept at positions 0, 1, 3 -> bitmap 0b11010000; signs of (0.5, -2, 3) -> 0b01000000
     body = payload[HEADER:]
     assert body[:5] == struct.pack("<BI", 0, 3) and body[5] == 0xD0
     assert body[6:10] == struct.pack("<f", np.float32(s)) and body[10] == 0x40 and len(body) == 11
+
+
+def test_topk_ternary_dense_scale_is_the_std_before_sparsification():
+    x = torch.tensor([0.5, -2.0, 0.1, 3.0, -0.2, 0.0])
+    codec = make_codec("topk+ternary", ratio=0.5, ternary_alpha=2.0, ternary_scale="dense")
+    payload, out = roundtrip(codec, {"w": x})
+    s = 2.0 * statistics.stdev([0.5, -2.0, 0.1, 3.0, -0.2, 0.0])  # ComPEFT's tv.std() (qlora/ties_utils.py)
+    np.testing.assert_allclose(out["w"].numpy(), [s, -s, 0, s, 0, 0], rtol=1e-6)
+    assert len(payload) == len(make_codec("topk+ternary", ratio=0.5).encode({"w": x}))  # same wire format
+    with pytest.raises(ConfigError, match="ternary_scale"):
+        make_codec("topk+ternary", ternary_scale="kept")
+
+
+def test_topk_ternary_scale_on_a_gaussian_tensor_as_compeft_computes_it():
+    # the figures: 64 x 384 of N(0, 0.01^2) at ratio 0.1 -> 0.0066 (sparse) vs 0.0100 (dense)
+    x = 0.01 * torch.randn(64, 384, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    k = math.ceil(0.1 * x.numel())
+    drop = torch.ones(x.numel(), dtype=torch.bool)
+    drop[x.abs().flatten().topk(k).indices] = False
+    sparsified = x.flatten().clone()
+    sparsified[drop] = 0  # replace_noise_and_constant: tensor[mask] = 0, then tensor.std()
+    want = {"sparse": float(sparsified.std()), "dense": float(x.std())}
+    assert want["sparse"] == pytest.approx(0.0066, abs=1e-4) and want["dense"] == pytest.approx(0.0100, abs=1e-4)
+    for scale, s in want.items():
+        _, out = roundtrip(make_codec("topk+ternary", ratio=0.1, ternary_scale=scale), {"w": x.float()})
+        got = out["w"].flatten()
+        assert torch.equal(got != 0, ~drop)  # the same k entries kept
+        np.testing.assert_allclose(got[~drop].abs().numpy(), s, rtol=1e-5)
 
 
 def test_sign_by_hand_and_mean_magnitude_is_the_least_squares_scale():
@@ -610,6 +642,7 @@ def test_config_rejects_unknown_keys_naming_them():
         ("block_size", True),
         ("ternary_alpha", 0.0),
         ("ternary_alpha", float("inf")),
+        ("ternary_scale", "kept"),
         ("error_feedback", 1),
         ("randk_unbiased", "yes"),
     ],

@@ -223,6 +223,7 @@ def make_codec(
     ratio: float = 0.1,
     block_size: int | None = None,
     ternary_alpha: float = 1.0,
+    ternary_scale: str = "sparse",
     sign_scale: str = "mean_abs",
     randk_unbiased: bool = False,
 ) -> ChainCodec:
@@ -234,6 +235,7 @@ def make_codec(
         ratio=ratio,
         block_size=block_size,
         ternary_alpha=ternary_alpha,
+        ternary_scale=ternary_scale,
         sign_scale=sign_scale,
         randk_unbiased=randk_unbiased,
     )
@@ -247,7 +249,7 @@ def make_codec(
         "bf16": Bf16,
         "int8": lambda: IntQuant(8, block_size),
         "int4": lambda: IntQuant(4, block_size),
-        "ternary": lambda: Ternary(ternary_alpha),
+        "ternary": lambda: Ternary(ternary_alpha, ternary_scale),
         "sign": lambda: Sign(block_size, sign_scale),
     }[value_name]()
     if sparse_name == "topk":
@@ -270,6 +272,7 @@ def build_codec(config: CompressionConfig, direction: Literal["uplink", "downlin
             ratio=config.ratio,
             block_size=config.block_size,
             ternary_alpha=config.ternary_alpha,
+            ternary_scale=config.ternary_scale,
             sign_scale=config.sign_scale,
             randk_unbiased=config.randk_unbiased and name.startswith("randk"),
         )

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedtune.compression.codec import VALID_CODECS
-from fedtune.compression.values import Sign
+from fedtune.compression.values import Sign, Ternary
 from fedtune.errors import ConfigError
 
 
@@ -28,6 +28,10 @@ class CompressionConfig:
         block_size: values per int8/int4/sign scale; None = one scale per tensor.
             Flower's run_config cannot hold None: leave the key out instead.
         ternary_alpha: ComPEFT's alpha; ternary values are ``alpha * std``.
+        ternary_scale: whose ``std``: ``"sparse"`` (the sparsified tensor, dropped
+            entries as zeros: ComPEFT's ``replace_noise_and_constant``) or
+            ``"dense"`` (the tensor before sparsification: ComPEFT's compression
+            scripts). The same for stand-alone ``ternary``; see `Ternary`.
         sign_scale: the magnitude a ``sign`` block decodes to: ``"mean_abs"``
             (``mean|v|``, least squares for the signs) or ``"rms"``
             (``sqrt(mean v**2)``, keeps the block's L2 norm).
@@ -47,6 +51,7 @@ class CompressionConfig:
     ratio: float = 0.1
     block_size: int | None = None
     ternary_alpha: float = 1.0
+    ternary_scale: str = "sparse"
     sign_scale: str = "mean_abs"
     randk_unbiased: bool = False
     small_codec: str = "same"
@@ -88,6 +93,8 @@ def _problems(c: CompressionConfig) -> list[str]:
         out.append(f"block_size: must be a positive integer (< 2**32) or None, got {c.block_size!r}")
     if not _is_real(c.ternary_alpha) or not c.ternary_alpha > 0:
         out.append(f"ternary_alpha: must be a finite number > 0, got {c.ternary_alpha!r}")
+    if c.ternary_scale not in Ternary.SCALES:
+        out.append(f"ternary_scale: must be one of {', '.join(Ternary.SCALES)}, got {c.ternary_scale!r}")
     if c.sign_scale not in Sign.SCALES:
         out.append(f"sign_scale: must be one of {', '.join(Sign.SCALES)}, got {c.sign_scale!r}")
     for field in ("randk_unbiased", "error_feedback"):
