@@ -95,7 +95,7 @@ class PlainClient:
         import torch
 
         from fedtune import adapters
-        from fedtune.flower.client import client_seed
+        from fedtune.seeds import derive_seed
         from fedtune.train import round_lr, train_local
 
         ws, cfg = self.ws, self.cfg
@@ -103,7 +103,7 @@ class PlainClient:
         adapters.set_state_(ws.model, state)
         if cfg.train.lr_schedule != "constant":  # as the client does
             cfg = cfg.replace(**{"train.lr": round_lr(cfg.train, rnd, cfg.federation.rounds)})
-        gen = torch.Generator().manual_seed(client_seed(cfg.train.seed, rnd, pid))
+        gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rnd, pid))
         metrics = train_local(ws.model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device,
                               generator=gen)
         local = adapters.get_state(ws.model)

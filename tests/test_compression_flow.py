@@ -87,7 +87,7 @@ def test_error_feedback_keeps_what_was_dropped(tiny_cfg, tmp_path):
 def _round_seed(cfg, rnd=1):
     import zlib
 
-    return zlib.crc32(f"{cfg.federation.seed}/round/{rnd}".encode())
+    return zlib.crc32(f"{cfg.federation.seed}/round/{rnd}".encode())  # the round seed, by hand
 
 
 def test_malformed_payload_is_dropped(tiny_cfg, tmp_path):
@@ -128,7 +128,7 @@ def test_downlink_clients_track_the_public_adapter(tiny_cfg, tmp_path, downlink)
     last_round = max(v[0] for v in copies.values())
     for rnd, _, copy in copies.values():
         if rnd == last_round:  # clients of the last round hold exactly the server's public copy
-            for k, v in loop.broadcast.public.items():
+            for k, v in loop.protocol.broadcast.public.items():
                 torch.testing.assert_close(copy[k], v, rtol=0, atol=0)
-    dense = sum(v.numel() * 4 for v in loop.broadcast.public.values())
+    dense = sum(v.numel() * 4 for v in loop.protocol.broadcast.public.values())
     assert min(min(r["bytes_down_per_client"].values()) for r in rows[2:]) < dense

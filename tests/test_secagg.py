@@ -111,7 +111,12 @@ def test_secagg_simulation_equals_fedavg_up_to_quantization(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert all(r["accepted"] == n and "eval" in r for r in rows[1:])
-    assert json.loads((tmp_path / "summary.json").read_text())["aggregation"]["secure"] == "secagg+"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["aggregation"]["secure"] == "secagg+" and summary["mode"] == "secagg+"
+    # the same round and summary fields as every other mode (the loop's bookkeeping)
+    from tests.test_round_loop import ROW_FIELDS, SUMMARY_FIELDS
+
+    assert all(ROW_FIELDS <= set(r) for r in rows[1:]) and SUMMARY_FIELDS <= set(summary)
     assert [r for r, _, _ in steps] == [1, 2]
 
     agg = cfg.aggregation
@@ -127,3 +132,36 @@ def test_secagg_simulation_equals_fedavg_up_to_quantization(tmp_path):
         assert worst <= bound, (rnd, worst, bound)
         assert size > 100 * bound  # the deltas are far above the quantization error: the check means something
     assert workspace.get(cfg).trainable_keys()
+
+
+def test_secagg_samples_with_the_seeded_sampler():
+    """MeanDeltaFedAvg picks each round's clients with fedtune's (seed, round) sampler, not Flower's."""
+    import torch
+
+    from fedtune.flower.secagg import MeanDeltaFedAvg
+    from fedtune.flower.server import sample_nodes
+
+    class Proxy:
+        def __init__(self, nid):
+            self.cid, self.node_id = str(nid), nid
+
+    class Manager:
+        proxies = {str(n): Proxy(n) for n in range(100, 110)}
+
+        def num_available(self):
+            return len(self.proxies)
+
+        def wait_for(self, n, timeout=None):
+            return True
+
+        def all(self):
+            return self.proxies
+
+    def sample(rnd, ids):
+        return sample_nodes(ids, 0.3, 2, seed=7, rnd=rnd)
+
+    strategy = MeanDeltaFedAvg({"w": torch.zeros(2)}, ["w"], sample=sample, fraction_fit=0.3, min_fit_clients=2,
+                               on_fit_config_fn=lambda rnd: {"server-round": rnd})
+    for rnd in (1, 2, 3):
+        picked = [p.node_id for p, _ in strategy.configure_fit(rnd, strategy.initial_parameters, Manager())]
+        assert picked == sample_nodes(list(range(100, 110)), 0.3, 2, seed=7, rnd=rnd)

@@ -27,7 +27,7 @@ from fedtune.flower import zo_client as zc
 from fedtune.flower.local import LocalGrid
 from fedtune.flower.records import wire_bytes
 from fedtune.flower.server import ServerLoop
-from fedtune.flower.zo_server import HISTORY_FILE, run_zo
+from fedtune.flower.zo_server import HISTORY_FILE
 from fedtune.zo import (
     ProSampler,
     SeedHistory,
@@ -75,7 +75,7 @@ class RecordingGrid(LocalGrid):
 def run(cfg, out, client=None, offline=None):
     client = client or (lambda m, c: zc.handle_train_zo(m, c, cfg))
     grid = RecordingGrid(cfg.federation.num_clients, client, offline)
-    summary = run_zo(ServerLoop(cfg, out, progress=lambda s: None), grid)
+    summary = ServerLoop(cfg, out, progress=lambda s: None).main(grid)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, rows, grid
 
@@ -287,7 +287,7 @@ def test_scope_full_tunes_base_weights_and_replays(tmp_path):
     _, rows, grid = run(cfg, tmp_path)
     assert [r["accepted"] for r in rows[1:]] == [4, 4]
     ws = workspace.get(cfg)
-    server = zc.read_params(ws, "full")  # run_zo leaves the server's model loaded
+    server = zc.read_params(ws, "full")  # the loop leaves the server's model loaded
     initial = zc.initial_params(ws, "full")
     base = "base_model.model.bert.embeddings.word_embeddings.weight"
     assert base in server and not torch.equal(server[base], initial[base])
@@ -383,10 +383,10 @@ def test_resumed_run_continues_to_the_same_history(tmp_path):
 
     grid = CrashingGrid(4, lambda m, c: zc.handle_train_zo(m, c, cfg))
     with pytest.raises(Crash):
-        run_zo(ServerLoop(cfg, tmp_path / "resumed", progress=lambda s: None), grid)
-    assert len(history_of(cfg, tmp_path / "resumed")) == 2
+        ServerLoop(cfg, tmp_path / "resumed", progress=lambda s: None).main(grid)
+    assert len(history_of(cfg, tmp_path / "resumed" / "checkpoint")) == 2
     grid = RecordingGrid(4, lambda m, c: zc.handle_train_zo(m, c, cfg))
-    summary = run_zo(ServerLoop(cfg, tmp_path / "resumed", progress=lambda s: None, resume=True), grid)
+    summary = ServerLoop(cfg, tmp_path / "resumed", progress=lambda s: None, resume=True).main(grid)
     assert len(grid.sent) == 1  # round 3 only, everyone gets rounds 1-2
     assert (tmp_path / "resumed" / HISTORY_FILE).read_bytes() == (tmp_path / "whole" / HISTORY_FILE).read_bytes()
     rows = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
@@ -396,8 +396,7 @@ def test_resumed_run_continues_to_the_same_history(tmp_path):
     assert summary["final"] == whole["final"]
 
 
-def test_zo_loop_refuses_settings_it_would_ignore(tmp_path):
-    cfg = zo_cfg(**{"aggregation.robust": "median"})
+def test_zo_refuses_settings_it_would_ignore_at_validation():
     with pytest.raises(ConfigError, match="robust"):
-        run_zo(ServerLoop(cfg, tmp_path, progress=lambda s: None), LocalGrid(4, lambda m, c: None))
+        zo_cfg(**{"aggregation.robust": "median"})
 

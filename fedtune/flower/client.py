@@ -14,8 +14,6 @@ per-node ``context.state``.
 
 from __future__ import annotations
 
-import zlib
-
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
@@ -23,6 +21,7 @@ from fedtune import adapters, workspace
 from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
+from fedtune.seeds import derive_seed
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord
 from fedtune.train import round_lr, train_local
@@ -41,8 +40,14 @@ def partition_id(context: Context, cfg: FedtuneConfig) -> int:
     return int(node_cfg["partition-id"])
 
 
-def client_seed(base: int, rnd: int, pid: int) -> int:
-    return zlib.crc32(f"{base}/{rnd}/{pid}".encode())
+def local_data(ws: workspace.Workspace, context: Context, cfg: FedtuneConfig) -> tuple[int, list[dict]]:
+    """(partition id, training examples): a silo's own file (``data-path`` in the node config,
+    deployment) or its partition of the run's dataset (simulation)."""
+    data_path = context.node_config.get("data-path")
+    if data_path:
+        return int(context.node_config.get("partition-id", 0)), ws.file_data(str(data_path))
+    pid = partition_id(context, cfg)
+    return pid, ws.client_data(pid)
 
 
 def receive_global(msg: Message, context: Context, cfg: FedtuneConfig) -> Delta:
@@ -144,7 +149,7 @@ def _private_label_counts(ws, model, data, cfg: FedtuneConfig, context: Context,
     released = [(float(cfg.privacy.label_noise), 1.0, 1)]
     if P.DP_LABELS in context.state:
         return [float(c) for c in context.state[P.DP_LABELS]["counts"]], released
-    gen = torch.Generator().manual_seed(client_seed(cfg.train.seed + 104729, 0, pid))  # a stream of its own
+    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dp-labels", pid))
     return noisy_label_counts([int(d["label"]) for d in data], num_labels(model), cfg.privacy.label_noise, gen), released
 
 
@@ -162,13 +167,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     torch.set_num_threads(cfg.simulation.threads_per_client)
     ws = workspace.get(cfg)
     conf = msg.content[P.CONFIG]
-    data_path = context.node_config.get("data-path")
-    if data_path:  # a silo's own file (deployment)
-        pid = int(context.node_config.get("partition-id", 0))
-        data = ws.file_data(str(data_path))
-    else:  # a partition of the run's dataset (simulation)
-        pid = partition_id(context, cfg)
-        data = ws.client_data(pid)
+    pid, data = local_data(ws, context, cfg)
     rnd = int(conf["server-round"])
     global_state = receive_global(msg, context, cfg)
     model, rank = ws.model, None
@@ -181,7 +180,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     adapters.set_state_(model, global_state)
     if cfg.train.lr_schedule != "constant":
         cfg = cfg.replace(**{"train.lr": round_lr(cfg.train, rnd, cfg.federation.rounds)})
-    gen = torch.Generator().manual_seed(client_seed(cfg.train.seed, rnd, pid))
+    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rnd, pid))  # the batch order
     extra_loss = None
     mu = float(conf.get("proximal-mu", 0.0))
     if mu > 0:
@@ -206,7 +205,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         from fedtune.privacy import add_gaussian_noise, clip_delta, local_noise_std
 
         delta, norm = clip_delta(delta, privacy.clip_norm)
-        noise_gen = torch.Generator().manual_seed(client_seed(cfg.train.seed + 7919, rnd, pid))
+        noise_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dp-local", rnd, pid))
         delta = add_gaussian_noise(delta, local_noise_std(privacy.noise_multiplier, privacy.clip_norm), noise_gen)
         metrics["update-norm"] = float(norm)
     if rank is not None:
@@ -221,4 +220,4 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     return Message(reply, reply_to=msg)
 
 
-__all__ = ["handle_train", "partition_id", "receive_global", "encode_update"]
+__all__ = ["handle_train", "partition_id", "local_data", "receive_global", "encode_update"]

@@ -13,9 +13,11 @@ this mode has its own server loop and client over the same building blocks:
   sorted by name. ``secaggplus_mod`` quantizes it, weights it by
   ``num_examples / max_weight`` and masks it;
 - server: SecAgg+ unmasks only the weighted sum, which it divides into the
-  weighted mean of the deltas; `MeanDeltaFedAvg` adds that mean to the global
-  adapter, evaluates it on the held-out split and writes metrics.jsonl and
-  summary.json as `ServerLoop` does.
+  weighted mean of the deltas; `MeanDeltaFedAvg` samples with the loop's seeded
+  `NodeSampler` and adds that mean to the global adapter. The run's bookkeeping
+  (evaluation cadence, metrics rows, progress, privacy ledger, export, summary)
+  is `fedtune.runlog.RunLog` and `fedtune.privacy.ledger.RunPrivacy`, as in
+  `fedtune.flower.server.ServerLoop`.
 
 What the server learns is the weighted mean of the sampled clients' deltas, plus
 their example counts and train metrics (legacy ``FitRes`` metrics are not masked).
@@ -27,7 +29,6 @@ and a deployment alike. Not supported: resume.
 from __future__ import annotations
 
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,20 +38,24 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from fedtune import config, workspace
+from fedtune import adapters, workspace
 from fedtune.config import FedtuneConfig
 from fedtune.delta import Delta
 from fedtune.env import setup_environment
 from fedtune.errors import FedtuneError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord
-from fedtune.metrics import run_summary
+from fedtune.flower.server import NodeSampler, refuse_unfinished, round_seed
+from fedtune.metrics import held_out_metrics
+from fedtune.privacy.ledger import RunPrivacy
+from fedtune.runlog import RunLog, round_record
+from fedtune.workspace import export_adapter
 
 # ``fit`` config keys; the values are those `ServerLoop` sends in its ``config`` record
 _FIT_KEYS = ("server-round", "round-seed", "version", "proximal-mu")
@@ -58,9 +63,7 @@ _FIT_KEYS = ("server-round", "round-seed", "version", "proximal-mu")
 
 def fit_config(cfg: FedtuneConfig, rnd: int) -> dict[str, Any]:
     """The round's train config, as `ServerLoop` builds it (same round seed)."""
-    out: dict[str, Any] = {
-        "server-round": rnd, "round-seed": zlib.crc32(f"{cfg.federation.seed}/round/{rnd}".encode()), "version": rnd,
-    }
+    out: dict[str, Any] = {"server-round": rnd, "round-seed": round_seed(cfg, rnd), "version": rnd}
     if cfg.aggregation.server_optimizer == "fedprox":
         out["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
     return out
@@ -120,11 +123,15 @@ class MeanDeltaFedAvg(FedAvg):
 
     The strategy holds the global adapter; the aggregate it returns (and the
     workflow sends next round) is ``global + mean delta``. ``on_aggregate``
-    (round, global before, mean delta) lets a caller see each step.
+    (round, global before, mean delta) lets a caller see each step. ``sample``
+    (round, available node ids) -> node ids picks each round's clients (default:
+    Flower's own unseeded sampling).
     """
 
     def __init__(self, state: Delta, trainable: list[str], *,
-                 on_aggregate: Callable[[int, Delta, Delta], None] | None = None, **kwargs):
+                 on_aggregate: Callable[[int, Delta, Delta], None] | None = None,
+                 sample: Callable[[int, list[int]], list[int]] | None = None, **kwargs):
+        self.sample = sample
         self.keys = sorted(state)
         self.trainable = sorted(trainable)
         self.state = {k: state[k].clone() for k in self.keys}
@@ -134,6 +141,15 @@ class MeanDeltaFedAvg(FedAvg):
 
     def ndarrays(self) -> list[np.ndarray]:
         return [self.state[k].numpy() for k in self.keys]
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        if self.sample is None:
+            return super().configure_fit(server_round, parameters, client_manager)
+        fit_ins = FitIns(parameters, self.on_fit_config_fn(server_round) if self.on_fit_config_fn else {})
+        _, min_num = self.num_fit_clients(client_manager.num_available())
+        client_manager.wait_for(min_num)
+        proxies = {int(p.node_id): p for p in client_manager.all().values()}
+        return [(proxies[n], fit_ins) for n in self.sample(server_round, sorted(proxies))]
 
     def aggregate_fit(self, server_round, results, failures):
         params, metrics = super().aggregate_fit(server_round, results, failures)
@@ -167,65 +183,49 @@ def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | 
                progress: Callable[[str], None] = print,
                on_aggregate: Callable[[int, Delta, Delta], None] | None = None) -> dict[str, Any]:
     """One federated run with SecAgg+; returns the summary (also in ``out_dir``/summary.json)."""
-    from fedtune.flower.server import ServerLoop, _fmt, export_adapter, round_record
-
-    t_start = time.monotonic()
-    agg = cfg.aggregation
-    # ServerLoop owns the run directory, held-out evaluation and privacy accounting
-    loop = ServerLoop(cfg, out_dir, progress=progress)
-    loop.accountant = loop._privacy_accountant()
+    agg, fed = cfg.aggregation, cfg.federation
+    runlog = RunLog(cfg, out_dir, progress)
+    refuse_unfinished(runlog.path, resume=False)
+    privacy = RunPrivacy(cfg)
+    sampler = NodeSampler(cfg)
     ws = workspace.get(cfg)
     state = ws.initial_state()
     trainable = ws.trainable_keys()
     n_params = sum(state[k].numel() for k in trainable)
     adapter_bytes = 4 * sum(v.numel() for v in state.values())
-    if (loop.run.path / "checkpoint" / "meta.json").is_file():
-        raise FedtuneError(f"{loop.run.path} holds another run's checkpoint; write to another directory")
-    loop.run.write_config(config.to_toml(cfg))
-    loop.run.reset_metrics()
-    progress(f"model {cfg.model.name} ({ws.task}): {n_params:,} trainable params; {cfg.federation.num_clients} clients, "
-             f"{cfg.federation.rounds} rounds, secure aggregation SecAgg+")
-    history: list[dict] = []
-    final: dict[str, float] = {}
+
+    def evaluate(final: bool) -> dict[str, float]:
+        adapters.set_state_(ws.model, strategy.state)
+        return held_out_metrics(ws, cfg, final=final)
+
     t_round = [time.monotonic()]
 
-    def evaluate(rnd: int, _ndarrays, _config):
-        nonlocal final
-        last = rnd == cfg.federation.rounds
-        record: dict[str, Any]
-        if rnd == 0:
-            record = {"round": 0, "bytes_up": 0, "bytes_down": 0}
-        else:
+    def end_round(rnd: int, _ndarrays, _config):  # Flower's evaluate_fn: after round 0 (start) and each round
+        if rnd > 0:
             info = strategy.last_round or {"accepted": 0, "rejected": [], "clients": []}
             strategy.last_round = {}
-            sampled = info["accepted"] + len(info["rejected"])
             # estimate: one fp32 adapter down and one fp32 delta up per client; SecAgg+'s key
             # exchange and its masked integer vectors are not counted
             up = {c["node"]: 4 * n_params for c in info["clients"]}
             down = {c["node"]: adapter_bytes for c in info["clients"]}
             train = _weighted_metrics([(int(c["num-examples"]), c) for c in info["clients"]])
-            extra = {}
-            if loop.accountant is not None:
-                loop.accountant.step()
-                extra["dp_epsilon"] = loop.accountant.epsilon()
-            record = round_record(rnd, sampled, info["accepted"], info["rejected"], train, up, down,
-                                  info["clients"], **extra)
-        if rnd == 0 or rnd % cfg.federation.eval_every == 0 or last:
-            record["eval"] = final = loop._evaluate(ws, strategy.state, final=last)
-        record["seconds"] = time.monotonic() - t_round[0]
+            record = round_record(rnd, info["accepted"] + len(info["rejected"]), info["accepted"], info["rejected"],
+                                  train, up, down, info["clients"], **privacy.end_round(info["clients"]))
+            runlog.end_round(record, t_round[0], evaluate)
         t_round[0] = time.monotonic()
-        loop.run.append_metrics(record)
-        if rnd:
-            history.append(record)
-        progress(f"round {rnd}/{cfg.federation.rounds}: {record.get('accepted', 0)} clients, {_fmt(record.get('eval', {}))}")
         return None
 
-    fed = cfg.federation
     strategy = MeanDeltaFedAvg(
-        state, trainable, on_aggregate=on_aggregate,
-        fraction_fit=fed.fraction_train, min_fit_clients=fed.min_train_clients, min_available_clients=fed.min_available_clients,
-        fraction_evaluate=0.0, min_evaluate_clients=0, evaluate_fn=evaluate,
-        on_fit_config_fn=lambda rnd: fit_config(cfg, rnd), fit_metrics_aggregation_fn=_weighted_metrics,
+        state, trainable, on_aggregate=on_aggregate, sample=lambda rnd, ids: sampler.sample(grid, rnd, ids),
+        fraction_fit=fed.fraction_train, min_fit_clients=fed.min_train_clients,
+        min_available_clients=fed.min_available_clients, fraction_evaluate=0.0, min_evaluate_clients=0,
+        evaluate_fn=end_round, on_fit_config_fn=lambda rnd: fit_config(cfg, rnd),
+        fit_metrics_aggregation_fn=_weighted_metrics,
+    )
+    runlog.start(
+        f"model {cfg.model.name} ({ws.task}), adapter {cfg.adapter.method}: {n_params:,} trainable params, "
+        f"secure aggregation SecAgg+; {fed.num_clients} clients, {fed.rounds} rounds, "
+        f"{len(ws.test_data())} held-out examples", evaluate,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout),
                            strategy=strategy)
@@ -234,20 +234,14 @@ def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | 
         clipping_range=agg.clipping_range, quantization_range=agg.quantization_range, timeout=fed.round_timeout,
     ))
     workflow(grid, legacy)
-    if len(history) != fed.rounds or "eval" not in history[-1]:
-        raise FedtuneError(f"SecAgg+ run ended after {len(history)} of {fed.rounds} rounds; see Flower's log")
-    if cfg.output.save_adapter:
-        export_adapter(ws, strategy.state, loop.run.path / "adapter")
-    summary = run_summary(
-        cfg, ws.task, final=final, rounds_completed=len(history),
-        total_bytes_up=sum(r["bytes_up"] for r in history), total_bytes_down=sum(r["bytes_down"] for r in history),
-        trainable_params=n_params, seconds=time.monotonic() - t_start,
-        aggregation={"strategy": "SecAggPlusWorkflow+FedAvg", **cfg.to_dict()["aggregation"]},
-        privacy=loop._privacy_summary(),
+    if len(runlog.rows) != fed.rounds:
+        raise FedtuneError(f"SecAgg+ run ended after {len(runlog.rows)} of {fed.rounds} rounds; see Flower's log")
+    return runlog.finish(
+        ws.task, evaluate, lambda adapter_dir: export_adapter(ws, strategy.state, adapter_dir),
+        trainable_params=n_params, aggregation={"strategy": "SecAgg+ (SecAggPlusWorkflow), FedAvg of deltas",
+                                                **cfg.to_dict()["aggregation"]},
+        privacy=privacy.summary(), mode="secagg+",
     )
-    loop.run.write_summary(summary)
-    progress(f"done in {summary['seconds']:.0f}s: {_fmt(final)}; outputs in {loop.run.path}")
-    return summary
 
 
 __all__ = ["MeanDeltaFedAvg", "SecAggClient", "fit_config", "handle_secagg_train", "run_secagg", "train_delta"]

@@ -1,16 +1,27 @@
-"""The ServerApp's round loop: sample, send the global adapter, decode and check
-updates, aggregate with a Flower strategy, evaluate on the held-out split, write.
+"""The ServerApp's round loop: one loop for every kind of round.
 
-fedtune samples clients itself, with a generator seeded by (seed, round), so a run
-is reproducible and a resumed run samples what the uninterrupted one would
-have. Aggregation math is Flower's (the strategy's ``aggregate_train``): each
-accepted reply is turned into global + delta before it reaches the strategy,
-so FedAvg, FedAdam, Krum, ... all see ordinary model arrays.
+`ServerLoop` owns what every federated run does the same way: sampling
+(seeded by (seed, round) over nodes ordered by partition id, so a run is
+reproducible and a resumed run samples what the uninterrupted one would have),
+sending a round and collecting its replies, mapping SuperLink error replies to
+the node they were sent to, rejections with reasons, privacy accounting
+(`fedtune.privacy.ledger.RunPrivacy`), checkpoints and resume, and, through
+`fedtune.runlog.RunLog`, evaluation cadence, metrics rows, progress lines,
+export and the summary.
 
-With heterogeneous LoRA ranks (``aggregation.lora_mode = "hetero"``) each node
-is sent the global cut to its rank (`HeteroRanks`), its reply is rebuilt as
-the factors it trained, and `fedtune.aggregation.hetero_round` folds them into
-the global, which stays at ``adapter.r``; the strategy then only averages metrics.
+What differs between kinds of round plugs in behind `RoundProtocol`:
+
+- `DeltaRounds` (here): the global adapter goes down (dense, compressed
+  `Broadcast`, or cut to each node's rank, `HeteroRanks`), adapter deltas come
+  up (dense or through an uplink codec), are checked (`validate_update`) and
+  combined by the aggregation chosen once at set-up: a Flower strategy
+  (``aggregate_train`` sees global + delta per client, so FedAvg, FedAdam, Krum,
+  ... see ordinary model arrays), a LoRA-aware aggregator (product-space,
+  FFA-LoRA, heterogeneous ranks), or client-level central DP (DP-FedAvg).
+- `fedtune.flower.zo_server.SeedRounds`: FedKSeed's seeds and scalars.
+
+SecAgg+ runs on Flower's own workflow (`fedtune.flower.secagg`) with the same
+sampler, ledger and `RunLog`.
 """
 
 from __future__ import annotations
@@ -18,33 +29,35 @@ from __future__ import annotations
 import json
 import logging
 import os
-import zlib
+import pickle
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import adapters, config, workspace
+from fedtune.aggregation import Layout, validate_update
 from fedtune.config import FedtuneConfig
 from fedtune.delta import Delta
-from fedtune.aggregation import Layout, validate_update
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.identity import NodeIdentities
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
 from fedtune.flower.transport import send_and_receive
-from fedtune.rundir import RunDir, replace_dir
+from fedtune.metrics import held_out_metrics
+from fedtune.privacy.ledger import RunPrivacy
+from fedtune.rundir import replace_dir
+from fedtune.runlog import RunLog, round_record, short_reason
+from fedtune.seeds import derive_seed
 from fedtune.workspace import export_adapter
-from fedtune.metrics import held_out_metrics, run_summary
 
 log = logging.getLogger("fedtune")
-
 
 
 def sample_nodes(node_ids: Iterable[int], fraction: float, minimum: int, *, seed: int, rnd: int,
@@ -189,111 +202,120 @@ class HeteroRanks:
         return rank, self._cut(sent, rank)
 
 
-class ServerLoop:
-    """One federated run on a Flower ``Grid``."""
 
-    def __init__(self, cfg: FedtuneConfig, out_dir: str | Path, progress: Callable[[str], None] | None = None,
-                 *, resume: bool = False):
-        self.cfg = cfg
-        self.resume = resume
-        self.run = RunDir(out_dir)
-        self.progress = progress or (lambda s: log.info(s))
-        self.strategy = build_strategy(cfg)
+def round_seed(cfg: FedtuneConfig, rnd: int) -> int:
+    """The seed every party of round ``rnd`` shares (random-k coordinates, codec dithering)."""
+    return derive_seed(cfg.federation.seed, "round", rnd)
+
+
+class NodeSampler:
+    """This round's clients: `sample_nodes` seeded by (federation.seed, round) over nodes ordered by partition id."""
+
+    def __init__(self, cfg: FedtuneConfig):
+        self.fed = cfg.federation
         self.identities = NodeIdentities()
+
+    def sample(self, grid: Grid, rnd: int, available: Iterable[int] | None = None) -> list[int]:
+        fed = self.fed
+        if not fed.num_clients:
+            return []
+        available = list(grid.get_node_ids() if available is None else available)
+        self.identities.learn(grid, available, timeout=fed.round_timeout)
+        return sample_nodes(available, fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd,
+                            order=self.identities.order)
+
+
+def refuse_unfinished(path: Path, resume: bool) -> None:
+    """A fresh run must not overwrite an unfinished one (a checkpoint and no summary.json)."""
+    meta = path / "checkpoint" / "meta.json"
+    if not resume and meta.is_file() and not (path / "summary.json").is_file():
+        done = json.loads(meta.read_text()).get("round")
+        raise FedtuneError(
+            f"{path} holds an unfinished run (checkpoint after round {done}); resume it "
+            "(fedtune simulate --resume, or resume=true in flwr's --run-config) or write to another directory"
+        )
+
+
+class RoundProtocol(Protocol):
+    """What one kind of round does; `ServerLoop` does the rest.
+
+    ``receive`` raises `PayloadError` (or KeyError/TypeError/ValueError) for a
+    reply it drops; the loop records the reason and goes on.
+    """
+
+    mode: str  # summary.json "mode"
+
+    def setup(self, ws: workspace.Workspace) -> str:
+        """Build the global state; return the progress header's description of what trains."""
+        ...
+
+    def messages(self, rnd: int, nodes: list[int]) -> list[Message]: ...
+
+    def receive(self, rnd: int, node: int, reply: Message) -> dict[str, float]:
+        """Decode and check one reply; return the client's metrics (kept for aggregation)."""
+        ...
+
+    def failed(self, node: int) -> None:
+        """The node answered with an error (or the SuperLink did for it)."""
+        ...
+
+    def aggregate(self, rnd: int) -> tuple[dict[str, float], dict[str, Any]]:
+        """Fold this round's accepted replies into the global state: (train metrics, extra row fields)."""
+        ...
+
+    def global_state(self) -> Delta:
+        """The global adapter, to evaluate and export."""
+        ...
+
+    def trainable_params(self) -> int: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def export(self, adapter_dir: Path) -> None: ...
+
+    def finish(self, run_dir: Path) -> dict[str, Any]:
+        """Write this kind's own final files into ``run_dir``; return its summary.json fields
+        (``aggregation`` names what actually ran)."""
+        ...
+
+
+class DeltaRounds:
+    """Adapter deltas up, the global adapter down; see the module docstring."""
+
+    mode = "federated"
+
+    def __init__(self, cfg: FedtuneConfig):
+        self.cfg = cfg
+        self.strategy = build_strategy(cfg)
         self.broadcast: Broadcast | None = None
         self.hetero: HeteroRanks | None = None
-        self.worst_sample_eps = 0.0
+        self.uplink_codec = None
         if cfg.compression.codec != "none":
             from fedtune.compression import build_codec
 
             self.uplink_codec = build_codec(cfg.compression, "uplink")
 
-    # --- checkpoints -------------------------------------------------------------------
-    def _save_checkpoint(self, rnd: int, state: Delta) -> None:
-        """After every round, atomically: global adapter, strategy / accountant / broadcast state, round."""
-        import pickle
-
-        from safetensors.torch import save_file
-
-        extras = {
-            "strategy": {k: v for k, v in vars(self.strategy).items() if not callable(v)},
-            "accountant": self.accountant.state_dict() if self.accountant is not None else None,
-            "broadcast": vars(self.broadcast) if self.broadcast is not None else None,
-            "hetero_node_rank": dict(self.hetero.node_rank) if self.hetero is not None else None,
-            "worst_sample_eps": self.worst_sample_eps,
-        }
-        config_text = config.to_toml(self.cfg)
-
-        def fill(tmp: Path) -> None:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_state.safetensors"))
-            (tmp / "server_state.pkl").write_bytes(pickle.dumps(extras))
-            (tmp / "config.toml").write_text(config_text)
-            (tmp / "meta.json").write_text(json.dumps({"round": rnd, "format": 1}))
-
-        replace_dir(self.run.path / "checkpoint", fill)
-
-    def _load_checkpoint(self, state: Delta) -> dict | None:
-        import pickle
-
-        from safetensors.torch import load_file
-
-        ckpt = self.run.path / "checkpoint"
-        if not (ckpt / "meta.json").is_file():
-            self.progress(f"no checkpoint in {ckpt}: starting from round 1")
-            return None
-        saved_cfg = config.load(ckpt / "config.toml")
-        if saved_cfg.to_dict() != self.cfg.to_dict():
-            raise FedtuneError(f"--resume: the config differs from the one in {ckpt / 'config.toml'}; resume with the same config")
-        meta = json.loads((ckpt / "meta.json").read_text())
-        loaded = load_file(str(ckpt / "adapter_state.safetensors"))
-        if set(loaded) != set(state):
-            raise FedtuneError(f"--resume: {ckpt} holds a different adapter")
-        state.update(loaded)
-        extras = pickle.loads((ckpt / "server_state.pkl").read_bytes())  # our own file, written above
-        vars(self.strategy).update(extras["strategy"])
-        if self.accountant is not None and extras["accountant"] is not None:
-            self.accountant.load_state_dict(extras["accountant"])
-        if self.broadcast is not None and extras["broadcast"] is not None:
-            vars(self.broadcast).update(extras["broadcast"])
-        if self.hetero is not None and extras.get("hetero_node_rank"):
-            self.hetero.node_rank.update(extras["hetero_node_rank"])
-        self.worst_sample_eps = extras["worst_sample_eps"]
-        return meta
-
-    def _privacy_summary(self) -> dict[str, Any]:
-        priv = self.cfg.privacy
-        out: dict[str, Any] = {"settings": priv.to_dict(), "order": "clip + noise before compression"}
-        if self.accountant is not None:
-            out["epsilon"] = self.accountant.epsilon()
-            out["delta"] = priv.delta
-            out["guarantee"] = "client-level" + (" (central, trusted server)" if priv.mode == "client-central" else " (local)")
-        elif priv.mode == "sample":
-            out["epsilon"] = self.worst_sample_eps
-            out["delta"] = priv.delta
-            out["guarantee"] = "example-level DP-SGD, worst client"
-        else:
-            out["epsilon"] = float("inf")
-        return out
-
-    def _privacy_accountant(self):
-        """Client-level DP: the server's RDP accountant over rounds; refuses a run over budget."""
-        priv = self.cfg.privacy
-        if not priv.client_level:
-            return None
-        from fedtune.privacy import ClientLevelAccountant, check_budget_at_start
-
-        fed = self.cfg.federation
-        if priv.mode == "client-central":
-            acc = ClientLevelAccountant.from_config(priv, sample_rate=fed.clients_per_round / fed.num_clients)
-        else:
-            acc = ClientLevelAccountant.from_config(priv)
-        check_budget_at_start(priv, acc, fed.rounds)
-        return acc
+    def setup(self, ws: workspace.Workspace) -> str:
+        cfg = self.cfg
+        self.ws = ws
+        self.state = ws.initial_state()
+        self.keys = ws.trainable_keys()
+        self.expected = {k: (tuple(self.state[k].shape), torch.float32) for k in self.keys}
+        self.lora_aggregator = self._lora_aggregator(ws)
+        if cfg.aggregation.lora_mode == "hetero":
+            self.hetero = HeteroRanks(self.lora_aggregator.scaling, cfg.adapter.r)
+        if cfg.compression.downlink != "none":
+            self.broadcast = Broadcast(cfg, self.state)
+        n = self.trainable_params()
+        return f"adapter {cfg.adapter.method}: {n:,} trainable params ({4 * n / 1e6:.2f} MB fp32)"
 
     def _lora_aggregator(self, ws: workspace.Workspace):
+        """Product-space LoRA aggregation where ``aggregation.lora_mode`` asks for it, else None."""
         mode = self.cfg.aggregation.lora_mode
-        if mode == "naive" or self.cfg.adapter.method == "prompt":  # 'head' is refused any other mode
-            return None  # Flower's strategy averages key by key
+        if mode == "naive" or self.cfg.adapter.method == "prompt":  # config refuses 'head' with other modes
+            return None
         from fedtune.aggregation import ExactLoRA, FactoredHeteroLoRA, FFALoRA, LoraScaling
 
         if mode == "ffa":
@@ -303,255 +325,274 @@ class ServerLoop:
             return FactoredHeteroLoRA(LoraScaling.from_peft_config(pcfg), self.cfg.adapter.r)
         return ExactLoRA(LoraScaling.from_peft_config(pcfg), self.cfg.aggregation.rank)
 
-    def decode_update(self, record, layout: dict[str, tuple[int, ...]], round_seed: int) -> Delta:
+    def aggregation_name(self) -> str:
+        """What combines the accepted updates (config validation refuses what would not compose)."""
+        if self.cfg.privacy.mode == "client-central":
+            return "DP-FedAvg (client-level, central: clipped unweighted mean + Gaussian noise)"
+        if self.lora_aggregator is not None:
+            return type(self.lora_aggregator).__name__
+        return type(self.strategy).__name__
+
+    def trainable_params(self) -> int:
+        return sum(self.state[k].numel() for k in self.keys)
+
+    def global_state(self) -> Delta:
+        return self.state
+
+    def messages(self, rnd: int, nodes: list[int]) -> list[Message]:
+        cfg = self.cfg
+        self.global_arrays = to_arrayrecord(self.state)
+        self.round_seed = round_seed(cfg, rnd)
+        self.accepted: list[Message] = []
+        self.decoded: list[tuple[Delta, Delta, float]] = []  # (delta, global + delta, weight) per accepted reply
+        train_cfg = ConfigRecord({"server-round": rnd, "round-seed": self.round_seed, "version": rnd})
+        if cfg.aggregation.server_optimizer == "fedprox":
+            train_cfg["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
+        msgs = list(self.strategy.configure_train(rnd, self.global_arrays, train_cfg, _FixedGrid(nodes)))
+        if self.broadcast is not None:
+            self.broadcast.advance(rnd, self.state)
+            for m in msgs:
+                m.content = self.broadcast.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
+        if self.hetero is not None:
+            self.hetero.begin_round(self.state)
+            for m in msgs:
+                m.content = self.hetero.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
+        self.sampled = len(msgs)
+        return msgs
+
+    def decode_update(self, record, layout: dict[str, tuple[int, ...]]) -> Delta:
         """A client's delta from its ``update`` record; PayloadError if it is malformed."""
         if isinstance(record, ArrayRecord):
-            if self.cfg.compression.codec != "none":
+            if self.uplink_codec is not None:
                 raise PayloadError(f"expected a {self.cfg.compression.codec!r} payload, got dense arrays")
             return from_arrayrecord(record)
         if not isinstance(record, ConfigRecord) or "payload" not in record:
             raise PayloadError("update is neither arrays nor a codec payload")
-        if self.cfg.compression.codec == "none" or record.get("codec") != self.uplink_codec.name:
+        if self.uplink_codec is None or record.get("codec") != self.uplink_codec.name:
             raise PayloadError(
                 f"update uses codec {record.get('codec')!r}, this run expects {self.cfg.compression.codec!r}"
             )
-        return self.uplink_codec.decode(bytes(record["payload"]), layout, seed=round_seed)
+        return self.uplink_codec.decode(bytes(record["payload"]), layout, seed=self.round_seed)
 
-    def sample(self, grid: Grid, rnd: int) -> list[int]:
-        """This round's clients: seeded by (federation.seed, round) over nodes ordered by partition id."""
-        fed = self.cfg.federation
-        if not fed.num_clients:
-            return []
-        available = grid.get_node_ids()
-        self.identities.learn(grid, available, timeout=fed.round_timeout)
-        return sample_nodes(available, fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd,
-                            order=self.identities.order)
+    def receive(self, rnd: int, node: int, reply: Message) -> dict[str, float]:
+        m = reply.content[P.METRICS]
+        start, node_expected = self.state, self.expected
+        if self.hetero is not None:
+            rank, start = self.hetero.start_for(node, m)
+            node_expected = Layout(self.expected).for_rank(rank)
+        node_layout = {k: shape for k, (shape, _) in node_expected.items()}
+        delta = self.decode_update(reply.content[P.UPDATE], node_layout)
+        validate_update(delta, node_expected, max_norm=self.cfg.aggregation.max_update_norm)
+        if float(m.get("num-examples", 0)) <= 0:
+            raise PayloadError("metrics have no positive 'num-examples'")
+        # the same keys, in the same order, as the global record the strategy saw
+        full = {k: start[k] + delta[k] if k in delta else start[k] for k in start}
+        # mixed ranks cannot be averaged array by array: the strategy gets the global
+        # (and only aggregates the metrics), hetero_round aggregates the factors
+        arrays = self.global_arrays if self.hetero is not None else to_arrayrecord(full)
+        reply.content = RecordDict({P.ARRAYS: arrays, P.METRICS: m})
+        self.accepted.append(reply)
+        self.decoded.append((delta, full, float(m["num-examples"])))
+        if self.broadcast is not None:
+            self.broadcast.acknowledge(node, rnd)
+        return {k: float(v) for k, v in m.items()}
 
-    def _evaluate(self, ws: workspace.Workspace, state: Delta, *, final: bool = True) -> dict[str, float]:
-        """Held-out metrics; intermediate rounds may use a fixed prefix of the (shuffled) test split."""
-        adapters.set_state_(ws.model, state)
+    def failed(self, node: int) -> None:
+        pass
+
+    def aggregate(self, rnd: int) -> tuple[dict[str, float], dict[str, Any]]:
+        cfg, state = self.cfg, self.state
+        extra: dict[str, Any] = {}
+        if not self.accepted:
+            return {}, extra
+        agg, agg_metrics = self.strategy.aggregate_train(rnd, self.accepted)
+        if cfg.privacy.mode == "client-central":
+            # DP-FedAvg (McMahan et al. 2018): clip each update, unweighted mean over the
+            # m sampled clients, Gaussian noise from a generator seeded by (seed, round)
+            from fedtune.privacy import private_mean
+
+            noise_gen = torch.Generator().manual_seed(derive_seed(cfg.federation.seed, "dp", rnd))
+            mean = private_mean(
+                [delta for delta, _, _ in self.decoded], clip_norm=cfg.privacy.clip_norm,
+                noise_multiplier=cfg.privacy.noise_multiplier, num_sampled_clients=self.sampled, generator=noise_gen,
+            )
+            state.update({k: state[k] + mean[k] for k in self.keys})
+        elif self.lora_aggregator is not None:
+            # product-space LoRA averaging replaces the strategy's per-matrix mean
+            merged, report = self.lora_aggregator.aggregate(
+                [full for _, full, _ in self.decoded], [w for _, _, w in self.decoded], reference=state
+            )
+            state.update(merged)
+            extra["lora_truncation_residual"] = float(report.total_residual)
+        elif agg is not None:
+            # Flower's adaptive optimizers (FedAdam, FedYogi, FedAdagrad) compute in float64;
+            # the global keeps its dtypes, or the next round's replies would not match them
+            state.update({k: v.to(state[k].dtype) for k, v in from_arrayrecord(agg).items()})
+        return {k: float(v) for k, v in (agg_metrics or MetricRecord()).items()}, extra
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        extras = {
+            "strategy": {k: v for k, v in vars(self.strategy).items() if not callable(v)},
+            "broadcast": vars(self.broadcast) if self.broadcast is not None else None,
+            "hetero_node_rank": dict(self.hetero.node_rank) if self.hetero is not None else None,
+        }
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(directory / "adapter_state.safetensors"))
+        (directory / "server_state.pkl").write_bytes(pickle.dumps(extras))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        loaded = load_file(str(directory / "adapter_state.safetensors"))
+        if set(loaded) != set(self.state):
+            raise FedtuneError(f"--resume: {directory} holds a different adapter")
+        self.state.update(loaded)
+        extras = pickle.loads((directory / "server_state.pkl").read_bytes())  # our own file, written above
+        vars(self.strategy).update(extras["strategy"])
+        if self.broadcast is not None and extras["broadcast"] is not None:
+            vars(self.broadcast).update(extras["broadcast"])
+        if self.hetero is not None and extras.get("hetero_node_rank"):
+            self.hetero.node_rank.update(extras["hetero_node_rank"])
+
+    def export(self, adapter_dir: Path) -> None:
+        export_adapter(self.ws, self.state, adapter_dir)
+
+    def finish(self, run_dir: Path) -> dict[str, Any]:
+        return {"aggregation": {"strategy": self.aggregation_name(), **self.cfg.to_dict()["aggregation"]}}
+
+
+def make_protocol(cfg: FedtuneConfig) -> RoundProtocol:
+    """The round protocol ``cfg`` asks for (SecAgg+ runs on Flower's workflow instead, `fedtune.flower.secagg`)."""
+    if cfg.train.mode == "zo":
+        from fedtune.flower.zo_server import SeedRounds
+
+        return SeedRounds(cfg)
+    return DeltaRounds(cfg)
+
+
+class ServerLoop:
+    """One federated run on a Flower ``Grid``: the rounds of ``protocol`` (by default the one ``cfg`` asks for)."""
+
+    def __init__(self, cfg: FedtuneConfig, out_dir: str | Path, progress: Callable[[str], None] | None = None,
+                 *, resume: bool = False, protocol: RoundProtocol | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.runlog = RunLog(cfg, out_dir, progress)
+        self.progress = self.runlog.progress
+        self.protocol = protocol or make_protocol(cfg)
+        self.sampler = NodeSampler(cfg)
+        self.privacy: RunPrivacy | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.runlog.path
+
+    # --- checkpoints -------------------------------------------------------------------
+    def save_checkpoint(self, rnd: int) -> None:
+        """After every round, atomically: the protocol's state, the privacy ledger, the round."""
+        config_text = config.to_toml(self.cfg)
+        ledger = self.privacy.state_dict()
+
+        def fill(tmp: Path) -> None:
+            self.protocol.save(tmp)
+            (tmp / "privacy.pkl").write_bytes(pickle.dumps(ledger))
+            (tmp / "config.toml").write_text(config_text)
+            (tmp / "meta.json").write_text(json.dumps({"round": rnd, "format": 2}))
+
+        replace_dir(self.path / "checkpoint", fill)
+
+    def load_checkpoint(self) -> int | None:
+        """The last complete round of the checkpoint, its state loaded; None if there is none."""
+        ckpt = self.path / "checkpoint"
+        if not (ckpt / "meta.json").is_file():
+            self.progress(f"no checkpoint in {ckpt}: starting from round 1")
+            return None
+        saved_cfg = config.load(ckpt / "config.toml")
+        if saved_cfg.to_dict() != self.cfg.to_dict():
+            raise FedtuneError(f"--resume: the config differs from the one in {ckpt / 'config.toml'}; "
+                               "resume with the same config")
+        meta = json.loads((ckpt / "meta.json").read_text())
+        if meta.get("format") != 2:
+            raise FedtuneError(f"--resume: {ckpt} was written by another fedtune version (format {meta.get('format')})")
+        self.protocol.load(ckpt)
+        self.privacy.load_state_dict(pickle.loads((ckpt / "privacy.pkl").read_bytes()))  # our own file
+        return int(meta["round"])
+
+    def evaluate(self, ws: workspace.Workspace, final: bool) -> dict[str, float]:
+        """Held-out metrics of the global adapter (intermediate rounds may use a prefix of the test split)."""
+        adapters.set_state_(ws.model, self.protocol.global_state())
         return held_out_metrics(ws, self.cfg, final=final)
 
     def main(self, grid: Grid) -> dict[str, Any]:
-        cfg = self.cfg
-        if cfg.train.mode == "zo":
-            from fedtune.flower.zo_server import run_zo
-
-            return run_zo(self, grid)
+        cfg, fed, proto = self.cfg, self.cfg.federation, self.protocol
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        t_start = time.monotonic()
         ws = workspace.get(cfg)
-        state = ws.initial_state()
-        keys = ws.trainable_keys()
-        layout = {k: tuple(state[k].shape) for k in keys}
-        expected = {k: (layout[k], torch.float32) for k in keys}
-        self.lora_aggregator = self._lora_aggregator(ws)
-        if cfg.aggregation.lora_mode == "hetero":
-            self.hetero = HeteroRanks(self.lora_aggregator.scaling, cfg.adapter.r)
-        n_params = sum(state[k].numel() for k in keys)
-        self.accountant = self._privacy_accountant()
-        if cfg.compression.downlink != "none":
-            self.broadcast = Broadcast(cfg, state)
-        start_round = 1
-        ckpt_meta = self.run.path / "checkpoint" / "meta.json"
-        if not self.resume and ckpt_meta.is_file() and not (self.run.path / "summary.json").is_file():
-            done = json.loads(ckpt_meta.read_text()).get("round")
-            raise FedtuneError(
-                f"{self.run.path} holds an unfinished run (checkpoint after round {done}); resume it "
-                "(fedtune simulate --resume, or resume=true in flwr's --run-config) or write to another directory"
-            )
-        resumed = self._load_checkpoint(state) if self.resume else None
-        self.run.write_config(config.to_toml(cfg))
-        if resumed is not None:
-            start_round = resumed["round"] + 1
-            self.run.reset_metrics(keep_rounds_upto=resumed["round"])
-        else:
-            self.run.reset_metrics()
-        self.progress(
-            f"model {cfg.model.name} ({ws.task}), adapter {cfg.adapter.method}: {n_params:,} trainable params "
-            f"({4 * n_params / 1e6:.2f} MB fp32); {cfg.federation.num_clients} clients, "
-            f"{cfg.federation.rounds} rounds, {len(ws.test_data())} held-out examples"
+        what = proto.setup(ws)
+        self.privacy = RunPrivacy(cfg)
+        refuse_unfinished(self.path, self.resume)
+        resumed = self.load_checkpoint() if self.resume else None
+
+        def evaluate(final: bool) -> dict[str, float]:
+            return self.evaluate(ws, final)
+
+        self.runlog.start(
+            f"model {cfg.model.name} ({ws.task}), {what}; {fed.num_clients} clients, {fed.rounds} rounds, "
+            f"{len(ws.test_data())} held-out examples", evaluate, resumed_round=resumed,
         )
-        total_up = total_down = 0
-        history: list[dict] = []
-        if resumed is None:
-            metrics = self._evaluate(ws, state, final=False)
-            self.run.append_metrics({"round": 0, "eval": metrics, "bytes_up": 0, "bytes_down": 0})
-            self.progress(f"round 0: {_fmt(metrics)}")
-        else:
-            history = [r for r in self.run.read_metrics() if r.get("round", 0) >= 1]
-            total_up = sum(r["bytes_up"] for r in history)
-            total_down = sum(r["bytes_down"] for r in history)
-            metrics = next((r["eval"] for r in reversed(history) if "eval" in r), {})
-            self.progress(f"resumed after round {resumed['round']} from {self.run.path / 'checkpoint'}")
         stopped = None
-        for rnd in range(start_round, cfg.federation.rounds + 1):
-            if self.accountant is not None:
-                from fedtune.privacy import next_round_within_budget
-
-                if not next_round_within_budget(cfg.privacy, self.accountant):
-                    stopped = (f"privacy budget reached: epsilon {self.accountant.epsilon():.3f}, one more round "
-                               f"would exceed privacy.epsilon_budget = {cfg.privacy.epsilon_budget}")
-                    self.progress(f"stopping before round {rnd}: {stopped}")
-                    break
+        for rnd in range((resumed or 0) + 1, fed.rounds + 1):
+            stopped = self.privacy.stop_reason()
+            if stopped:
+                self.progress(f"stopping before round {rnd}: {stopped}")
+                break
             t0 = time.monotonic()
-            node_ids = self.sample(grid, rnd)
-            global_arrays = to_arrayrecord(state)
-            round_seed = zlib.crc32(f"{cfg.federation.seed}/round/{rnd}".encode())
-            train_cfg = ConfigRecord({"server-round": rnd, "round-seed": round_seed, "version": rnd})
-            if cfg.aggregation.server_optimizer == "fedprox":
-                train_cfg["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
-            msgs = list(self.strategy.configure_train(rnd, global_arrays, train_cfg, _FixedGrid(node_ids)))
-            if self.broadcast is not None:
-                self.broadcast.advance(rnd, state)
-                for m in msgs:
-                    m.content = self.broadcast.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
-            if self.hetero is not None:
-                self.hetero.begin_round(state)
-                for m in msgs:
-                    m.content = self.hetero.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
-            down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in msgs}
-            replies = send_and_receive(grid, msgs, timeout=cfg.federation.round_timeout)
-            accepted, rejected, up, client_metrics = [], [], {}, []
-            record_extra: dict[str, Any] = {}
-            decoded: list[tuple[Delta, Delta, float]] = []  # (delta, global + delta, weight) per accepted reply
-            sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
-            for r in replies:
-                node = r.metadata.src_node_id
-                if node not in node_ids:  # Flower's own error replies (node unavailable) come from the SuperLink
-                    node = sent_to.get(r.metadata.reply_to_message_id, node)
-                if r.has_error():
-                    rejected.append({"node": node, "reason": _short_reason(r.error.reason)})
-                    continue
-                up[node] = wire_bytes(r.content)
-                try:
-                    m = r.content[P.METRICS]
-                    start, node_expected = state, expected
-                    if self.hetero is not None:
-                        rank, start = self.hetero.start_for(node, m)
-                        node_expected = Layout(expected).for_rank(rank)
-                    node_layout = {k: shape for k, (shape, _) in node_expected.items()}
-                    delta = self.decode_update(r.content[P.UPDATE], node_layout, round_seed)
-                    validate_update(delta, node_expected, max_norm=cfg.aggregation.max_update_norm)
-                    if float(m.get("num-examples", 0)) <= 0:
-                        raise PayloadError("metrics have no positive 'num-examples'")
-                except (PayloadError, KeyError, TypeError, ValueError) as exc:  # a bad update, never a crash
-                    rejected.append({"node": node, "reason": str(exc)})
-                    continue
-                # the same keys, in the same order, as the global record the strategy saw
-                full = {k: start[k] + delta[k] if k in delta else start[k] for k in start}
-                # mixed ranks cannot be averaged array by array: the strategy gets the global
-                # (and only aggregates the metrics), hetero_round aggregates the factors below
-                arrays = global_arrays if self.hetero is not None else to_arrayrecord(full)
-                r.content = RecordDict({P.ARRAYS: arrays, P.METRICS: m})
-                accepted.append(r)
-                decoded.append((delta, full, float(m["num-examples"])))
-                if self.broadcast is not None:
-                    self.broadcast.acknowledge(node, rnd)
-                client_metrics.append({"node": node, **{k: float(v) for k, v in m.items()}})
-            for rej in rejected:
-                log.warning("round %d: update from node %s dropped: %s", rnd, rej["node"], rej["reason"])
-            train_metrics: dict[str, float] = {}
-            if accepted:
-                agg, agg_metrics = self.strategy.aggregate_train(rnd, accepted)
-                if cfg.privacy.mode == "client-central":
-                    # DP-FedAvg (McMahan et al. 2018): clip each update, unweighted mean over the
-                    # m sampled clients, Gaussian noise from a generator seeded by (seed, round)
-                    from fedtune.privacy import private_mean
-
-                    deltas = [delta for delta, _, _ in decoded]
-                    noise_gen = torch.Generator().manual_seed(zlib.crc32(f"{cfg.federation.seed}/dp/{rnd}".encode()))
-                    mean = private_mean(
-                        deltas, clip_norm=cfg.privacy.clip_norm, noise_multiplier=cfg.privacy.noise_multiplier,
-                        num_sampled_clients=len(msgs), generator=noise_gen,
-                    )
-                    state.update({k: state[k] + mean[k] for k in keys})
-                elif self.lora_aggregator is not None:
-                    # product-space LoRA averaging replaces the strategy's per-matrix mean
-                    states = [full for _, full, _ in decoded]
-                    weights = [w for _, _, w in decoded]
-                    merged, report = self.lora_aggregator.aggregate(states, weights, reference=state)
-                    state.update(merged)
-                    record_extra["lora_truncation_residual"] = float(report.total_residual)
-                elif agg is not None:
-                    # Flower's adaptive optimizers (FedAdam, FedYogi, FedAdagrad) compute in float64;
-                    # the global keeps its dtypes, or the next round's replies would not match them
-                    state.update({k: v.to(state[k].dtype) for k, v in from_arrayrecord(agg).items()})
-                train_metrics = {k: float(v) for k, v in (agg_metrics or MetricRecord()).items()}
-            if self.accountant is not None:
-                self.accountant.step()
-                record_extra["dp_epsilon"] = self.accountant.epsilon()
-            elif cfg.privacy.mode == "sample":
-                eps = [c.get("dp-epsilon", float("nan")) for c in client_metrics]
-                if eps:
-                    record_extra["dp_epsilon_worst_client"] = max(eps)
-                    self.worst_sample_eps = max(self.worst_sample_eps, max(eps))
-            bytes_up, bytes_down = sum(up.values()), sum(down.values())
-            total_up += bytes_up
-            total_down += bytes_down
-            record = round_record(rnd, len(msgs), len(accepted), rejected, train_metrics, up, down, client_metrics,
-                                  **record_extra)
-            last = rnd == cfg.federation.rounds
-            if rnd % cfg.federation.eval_every == 0 or last:
-                record["eval"] = metrics = self._evaluate(ws, state, final=last)
-            record["seconds"] = time.monotonic() - t0
-            self.run.append_metrics(record)
-            history.append(record)
-            self._save_checkpoint(rnd, state)
-            self.progress(
-                f"round {rnd}/{cfg.federation.rounds}: {len(accepted)}/{len(msgs)} clients"
-                f"{' (' + str(len(rejected)) + ' dropped)' if rejected else ''}, "
-                f"train loss {train_metrics.get('train_loss', float('nan')):.4f}, {_fmt(record.get('eval', {}))}, "
-                f"up {_mb(bytes_up)}, down {_mb(bytes_down)}, {record['seconds']:.1f}s"
-            )
-        if not history or "eval" not in history[-1] or history[-1]["round"] != cfg.federation.rounds:
-            metrics = self._evaluate(ws, state, final=True)  # stopped early: the full held-out split
-        if cfg.output.save_adapter:
-            export_adapter(ws, state, self.run.path / "adapter")
-        summary = run_summary(
-            cfg, ws.task, final=metrics, rounds_completed=len(history), total_bytes_up=total_up,
-            total_bytes_down=total_down, trainable_params=n_params, seconds=time.monotonic() - t_start,
-            aggregation={"strategy": type(self.strategy).__name__, **cfg.to_dict()["aggregation"]},
-            privacy=self._privacy_summary(), stopped_early=stopped,
-            records=[*self.run.read_metrics(), {"round": -1, "eval": metrics}],
+            self.runlog.end_round(self.run_round(grid, rnd), t0, evaluate)
+            self.save_checkpoint(rnd)
+        summary = proto.finish(self.path)
+        return self.runlog.finish(
+            ws.task, evaluate, proto.export, trainable_params=proto.trainable_params(),
+            aggregation=summary.pop("aggregation"), privacy=self.privacy.summary(), mode=proto.mode,
+            stopped_early=stopped, **summary,
         )
-        self.run.write_summary(summary)
-        priv = summary["privacy"]
-        if cfg.privacy.enabled:
-            self.progress(f"privacy: {priv['guarantee']}: (epsilon {priv['epsilon']:.3f}, delta {priv['delta']:g})")
-        self.progress(
-            f"done in {summary['seconds']:.0f}s: {_fmt(metrics)}; total up {_mb(total_up)}, down {_mb(total_down)}; "
-            f"outputs in {self.run.path}"
-        )
-        return summary
+
+    def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
+        """Sample, send, collect and check the replies, aggregate: the round's metrics.jsonl row."""
+        proto = self.protocol
+        nodes = self.sampler.sample(grid, rnd)
+        msgs = proto.messages(rnd, nodes)
+        down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in msgs}
+        replies = send_and_receive(grid, msgs, timeout=self.cfg.federation.round_timeout)
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
+        rejected: list[dict] = []
+        up: dict[int, int] = {}
+        clients: list[dict] = []
+        for r in replies:
+            node = r.metadata.src_node_id
+            if node not in nodes:  # Flower's own error replies (node unavailable) come from the SuperLink
+                node = sent_to.get(r.metadata.reply_to_message_id, node)
+            if r.has_error():
+                proto.failed(node)
+                rejected.append({"node": node, "reason": short_reason(r.error.reason)})
+                continue
+            up[node] = wire_bytes(r.content)
+            try:
+                metrics = proto.receive(rnd, node, r)
+            except (PayloadError, KeyError, TypeError, ValueError) as exc:  # a bad update, never a crash
+                rejected.append({"node": node, "reason": str(exc)})
+                continue
+            clients.append({"node": node, **metrics})
+        answered = {r["node"] for r in rejected} | {c["node"] for c in clients}
+        for node in nodes:
+            if node not in answered:
+                rejected.append({"node": node, "reason": f"no reply within federation.round_timeout = "
+                                                         f"{self.cfg.federation.round_timeout} s"})
+        for rej in rejected:
+            log.warning("round %d: update from node %s dropped: %s", rnd, rej["node"], rej["reason"])
+        train, extra = proto.aggregate(rnd)
+        extra.update(self.privacy.end_round(clients))
+        return round_record(rnd, len(msgs), len(clients), rejected, train, up, down, clients, **extra)
 
 
-def round_record(rnd: int, sampled: int, accepted: int, rejected: list[dict], train: dict[str, float],
-                 up: dict[int, int], down: dict[int, int], clients: list[dict], **extra: Any) -> dict[str, Any]:
-    """One metrics.jsonl row (the same fields in every training mode)."""
-    return {
-        "round": rnd, "sampled": sampled, "accepted": accepted, "rejected": rejected, "train": train,
-        "bytes_up": sum(up.values()), "bytes_down": sum(down.values()),
-        "bytes_up_per_client": {str(k): v for k, v in up.items()},
-        "bytes_down_per_client": {str(k): v for k, v in down.items()},
-        "clients": clients,
-        **extra,
-    }
-
-
-def _short_reason(reason: str) -> str:
-    """Ray wraps a client's exception in many lines; keep the exception's own last line."""
-    lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
-    return lines[-1][:500] if lines else "unknown error"
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    if "accuracy" in metrics:
-        return f"held-out accuracy {metrics['accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f})"
-    if "perplexity" in metrics:
-        return f"held-out loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f})"
-    return "no eval"
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
+__all__ = ["ServerLoop", "RoundProtocol", "DeltaRounds", "NodeSampler", "Broadcast", "HeteroRanks",
+           "build_strategy", "sample_nodes", "round_seed", "make_protocol", "refuse_unfinished"]

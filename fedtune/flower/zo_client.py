@@ -49,16 +49,17 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from fedtune import adapters, workspace
 from fedtune.config import FedtuneConfig
 from fedtune.data import collate
+from fedtune.delta import Delta
 from fedtune.env import setup_environment
 from fedtune.errors import PayloadError
 from fedtune.flower import protocol as P
-from fedtune.flower.client import partition_id
+from fedtune.seeds import derive_seed
+from fedtune.flower.client import local_data
 from fedtune.train import batch_loss, batch_stream, logit_adjustment_bias
 from fedtune.zo import (
     SeedHistory,
     decode_downlink,
     decode_history,
-    derive_seed,
     encode_history,
     encode_uplink,
     make_sampler,
@@ -72,13 +73,12 @@ PARAMS_STATE = "fedtune.zo.params"
 DOWNLINK_KEY = "downlink"
 UPLINK_KEY = "uplink"
 
-Params = dict[str, torch.Tensor]
 
 # model -> (scope, tuned parameters as first seen, on the CPU)
 _INITIAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def initial_params(ws: workspace.Workspace, scope: str) -> Params:
+def initial_params(ws: workspace.Workspace, scope: str) -> Delta:
     """The tuned parameters of the initial model (shared, read-only; CPU, original dtype).
 
     Snapshotted on first use per model (leaving the model's adapter at its initial
@@ -98,7 +98,7 @@ def initial_params(ws: workspace.Workspace, scope: str) -> Params:
     return held[1]
 
 
-def read_params(ws: workspace.Workspace, scope: str) -> Params:
+def read_params(ws: workspace.Workspace, scope: str) -> Delta:
     """A CPU copy of the model's tuned parameters (original dtype)."""
     return {n: p.detach().to("cpu", copy=True) for n, p in select_params(ws.model, scope)}
 
@@ -168,7 +168,7 @@ def batch_loss_fns(ws: workspace.Workspace, data: list[dict], steps: int, batch_
 
 def step_generators(cfg: FedtuneConfig, rnd: int, pid: int) -> tuple[torch.Generator, torch.Generator]:
     """(seed sampling, batch order) generators, from (train.seed, round, partition)."""
-    seeds = (derive_seed(what, cfg.train.seed, rnd, pid) for what in ("zo/seed-indices", "zo/batches"))
+    seeds = (derive_seed(what, cfg.train.seed, rnd, pid) for what in ("zo-seed-indices", "zo-batches"))
     return tuple(torch.Generator().manual_seed(s) for s in seeds)  # type: ignore[return-value]
 
 
@@ -225,12 +225,11 @@ def handle_train_zo(msg: Message, context: Context, cfg: FedtuneConfig) -> Messa
     setup_environment()
     torch.set_num_threads(cfg.simulation.threads_per_client)
     ws = workspace.get(cfg)
-    pid = partition_id(context, cfg)
+    pid, data = local_data(ws, context, cfg)
     rnd = int(msg.content[P.CONFIG]["server-round"])
     history = sync_model_(ws, context, cfg, bytes(msg.content[P.ZO][DOWNLINK_KEY]))
     if len(history) != rnd - 1:
         raise PayloadError(f"server round {rnd} needs rounds 1..{rnd - 1}, the downlink gives 1..{len(history)}")
-    data = ws.client_data(pid)
     pairs, train_loss = local_round_(ws, data, cfg, history, rnd, pid)
     reply = RecordDict({
         P.ZO: ConfigRecord({UPLINK_KEY: encode_uplink(pairs, history.pool)}),

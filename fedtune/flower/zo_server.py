@@ -1,76 +1,45 @@
-"""The ServerApp's round loop in zeroth-order mode (FedKSeed): the history is the model.
+"""Zeroth-order rounds (FedKSeed) for the one server loop: the history is the model.
 
-FedKSeed: Qin et al. 2024, arXiv:2312.06353. Each round the server samples nodes
-(`ServerLoop.sample`, seeded by (seed, round) over nodes ordered by partition id), sends each one the
-rounds of the seed history it lacks (never a tensor), receives (seed index, scalar)
-pairs, drops malformed ones, aggregates them into one round entry weighted by
-num-examples (`fedtune.zo.aggregate_pairs`: FedAvg of the local updates), appends it
-to the history and replays it onto its own copy of the tuned parameters to evaluate
-on the held-out split. Outputs follow the backprop loop (`ServerLoop.main`):
-metrics.jsonl rows with the same fields, summary.json, the exported adapter, plus
-``zo_history.bin`` (`fedtune.zo.encode_history`): with the initial model it *is*
-the tuned model, including base weights when ``zo.scope = "full"``, which the PEFT
-adapter export does not hold.
+FedKSeed: Qin et al. 2024, arXiv:2312.06353. `SeedRounds` is the
+`fedtune.flower.server.RoundProtocol` of ``train.mode = "zo"``: each sampled node
+is sent the rounds of the seed history it lacks (never a tensor), replies with
+(seed index, scalar) pairs; malformed replies are dropped (`decode_reply`), the
+accepted ones are aggregated into one round entry weighted by num-examples
+(`fedtune.zo.aggregate_pairs`: FedAvg of the local updates), appended to the
+history and replayed onto the server's copy of the tuned parameters, which
+`ServerLoop` evaluates on the held-out split. Sampling, replies, rejections,
+checkpoints, records and the summary are the loop's, as for dense rounds.
 
-Resume (``ServerLoop(..., resume=True)``): the history file is the checkpoint; it is
-written after each round's metrics row, so the run continues after its last round.
+The checkpoint holds ``zo_history.bin`` (`fedtune.zo.encode_history`); the run
+directory gets it too at the end: with the initial model it *is* the tuned model,
+including base weights when ``zo.scope = "full"``, which the PEFT adapter export
+does not hold.
 
 Which round each node holds is tracked here: a node that answered round r (even with
 an update that was then dropped) holds rounds 1..r-1; a node that answered with an
-error, or was never seen, gets the whole history from round 1 (its client replays
-from the initial model).
+error, or was never seen (after a resume: every node), gets the whole history from
+round 1 (its client replays from the initial model).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
-from flwr.serverapp import Grid
 
-from fedtune import adapters, config, workspace
-from fedtune.errors import ConfigError, FedtuneError, PayloadError
+from fedtune import adapters, workspace
+from fedtune.config import FedtuneConfig
+from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
-from fedtune.flower.records import wire_bytes
-from fedtune.flower.transport import send_and_receive
-from fedtune.metrics import run_summary
-from fedtune.flower.server import _fmt, _mb, _short_reason, export_adapter, round_record
 from fedtune.flower.zo_client import DOWNLINK_KEY, UPLINK_KEY, initial_params, load_params_, read_params
 from fedtune.rundir import atomic_write_bytes
+from fedtune.workspace import export_adapter
 from fedtune.zo import RoundEntry, SeedHistory, aggregate_pairs, decode_uplink, encode_downlink, replay_
 
-if TYPE_CHECKING:
-    from fedtune.flower.server import ServerLoop
-
-log = logging.getLogger("fedtune")
-
 HISTORY_FILE = "zo_history.bin"
-
-
-def check_zo_config(cfg) -> None:
-    """Refuse settings the zeroth-order loop would otherwise ignore silently (all at once)."""
-    errors = []
-    if cfg.train.mode != "zo":
-        errors.append(f"train.mode: run_zo needs 'zo', got {cfg.train.mode!r}")
-    if cfg.privacy.enabled:
-        errors.append(f"privacy.mode: {cfg.privacy.mode!r} is not implemented for zeroth-order mode; use 'none'")
-    agg = cfg.aggregation
-    if agg.robust != "none" or agg.server_optimizer != "fedavg":
-        errors.append("aggregation: zeroth-order mode averages scalars (FedAvg); set robust = 'none' and "
-                      f"server_optimizer = 'fedavg' (got {agg.robust!r}, {agg.server_optimizer!r})")
-    if agg.max_update_norm is not None:
-        errors.append("aggregation.max_update_norm: not used in zeroth-order mode; bound scalars with zo.grad_clip")
-    if cfg.compression.downlink != "none":
-        errors.append("compression.downlink: zeroth-order mode already sends only (seed, scalar) pairs; set it to 'none'")
-    if cfg.zo.scope == "full" and cfg.model.quantization != "none":
-        errors.append(f"zo.scope: 'full' would perturb {cfg.model.quantization} quantized base weights; use 'adapter'")
-    if errors:
-        raise ConfigError("; ".join(errors))
 
 
 def decode_reply(content: RecordDict, cfg) -> tuple[list[tuple[int, float]], float]:
@@ -92,164 +61,105 @@ def decode_reply(content: RecordDict, cfg) -> tuple[list[tuple[int, float]], flo
     return pairs, weight
 
 
-def run_zo(loop: ServerLoop, grid: Grid) -> dict[str, Any]:
-    """The FedKSeed round loop on ``loop``'s config and run directory; returns the summary."""
-    cfg = loop.cfg
-    check_zo_config(cfg)
-    zo, fed = cfg.zo, cfg.federation
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    t_start = time.monotonic()
-    ws = workspace.get(cfg)
-    pool = zo.pool()
-    initial = initial_params(ws, zo.scope)
-    current = {k: v.clone() for k, v in initial.items()}
-    history = _resumed_history(loop) if getattr(loop, "resume", False) else None
-    if history is None:
-        history = SeedHistory(pool)
-    start = len(history) + 1
-    node_round: dict[int, int] = {}  # after a resume every node gets the whole history once
-    n_params = sum(v.numel() for v in current.values())
-    loop.run.write_config(config.to_toml(cfg))
-    loop.run.reset_metrics(keep_rounds_upto=len(history) if start > 1 else None)
+class SeedRounds:
+    """FedKSeed rounds: seed history down, (seed index, scalar) pairs up."""
 
-    def global_state() -> dict[str, torch.Tensor]:
-        load_params_(ws, zo.scope, current)  # the shared model may hold a client's local model
-        return adapters.get_state(ws.model)
+    mode = "zeroth-order"
 
-    loop.progress(
-        f"model {cfg.model.name} ({ws.task}), zeroth-order FedKSeed, scope {zo.scope}: {n_params:,} tuned params, "
-        f"K={zo.num_seeds}, {zo.local_steps} local steps{' (Pro)' if zo.pro else ''}; "
-        f"{fed.num_clients} clients, {fed.rounds} rounds, {len(ws.test_data())} held-out examples"
-    )
-    total_up = total_down = 0
-    rows: list[dict] = []
-    if start == 1:
-        metrics = loop._evaluate(ws, global_state(), final=False)
-        loop.run.append_metrics({"round": 0, "eval": metrics, "bytes_up": 0, "bytes_down": 0})
-        loop.progress(f"round 0: {_fmt(metrics)}")
-    else:
-        replay_(load_params_(ws, zo.scope, current), history, lr=zo.lr)
-        current = read_params(ws, zo.scope)
-        rows = [r for r in loop.run.read_metrics() if r.get("round", 0) >= 1]
-        total_up, total_down = sum(r["bytes_up"] for r in rows), sum(r["bytes_down"] for r in rows)
-        metrics = next((r["eval"] for r in reversed(rows) if "eval" in r), {})
-        loop.progress(f"resumed after round {len(history)} from {loop.run.path / HISTORY_FILE}")
-    for rnd in range(start, fed.rounds + 1):
-        t0 = time.monotonic()
-        node_ids = loop.sample(grid, rnd)
-        msgs = [
+    def __init__(self, cfg: FedtuneConfig):
+        self.cfg = cfg
+        self.pool = cfg.zo.pool()
+        self.history = SeedHistory(self.pool)
+        self.node_round: dict[int, int] = {}
+
+    def setup(self, ws: workspace.Workspace) -> str:
+        zo = self.cfg.zo
+        self.ws = ws
+        self.initial = initial_params(ws, zo.scope)
+        self.current = {k: v.clone() for k, v in self.initial.items()}
+        return (f"zeroth-order FedKSeed, scope {zo.scope}: {self.trainable_params():,} tuned params, "
+                f"K={zo.num_seeds}, {zo.local_steps} local steps{' (Pro)' if zo.pro else ''}")
+
+    def trainable_params(self) -> int:
+        return sum(v.numel() for v in self.current.values())
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        load_params_(self.ws, self.cfg.zo.scope, self.current)  # the shared model may hold a client's local model
+        return adapters.get_state(self.ws.model)
+
+    def messages(self, rnd: int, nodes: list[int]) -> list[Message]:
+        self.accepted: list[list[tuple[int, float]]] = []
+        self.weights: list[float] = []
+        self.losses: list[tuple[float, float]] = []
+        return [
             Message(
                 RecordDict({
                     P.CONFIG: ConfigRecord({"server-round": rnd}),
-                    P.ZO: ConfigRecord({DOWNLINK_KEY: encode_downlink(history, node_round.get(node, 0))}),
+                    P.ZO: ConfigRecord({DOWNLINK_KEY: encode_downlink(self.history, self.node_round.get(node, 0))}),
                 }),
                 dst_node_id=node, message_type=MessageType.TRAIN,
             )
-            for node in node_ids
+            for node in nodes
         ]
-        down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in msgs}
-        replies = send_and_receive(grid, msgs, timeout=fed.round_timeout)
-        accepted: list[list[tuple[int, float]]] = []
-        weights: list[float] = []
-        rejected: list[dict] = []
-        up: dict[int, int] = {}
-        client_metrics: list[dict] = []
-        for r in replies:
-            node = r.metadata.src_node_id
-            if r.has_error():
-                node_round.pop(node, None)  # its state is unknown: send everything next time
-                rejected.append({"node": node, "reason": _short_reason(r.error.reason)})
-                continue
-            node_round[node] = rnd - 1
-            up[node] = wire_bytes(r.content)
-            try:
-                pairs, weight = decode_reply(r.content, cfg)
-            except PayloadError as exc:
-                rejected.append({"node": node, "reason": str(exc)})
-                continue
-            accepted.append(pairs)
-            weights.append(weight)
-            client_metrics.append({"node": node, **{k: float(v) for k, v in r.content[P.METRICS].items()}})
-        for rej in rejected:
-            log.warning("round %d: update from node %s dropped: %s", rnd, rej["node"], rej["reason"])
-        record_extra: dict[str, Any] = {}
+
+    def failed(self, node: int) -> None:
+        self.node_round.pop(node, None)  # its state is unknown: send everything next time
+
+    def receive(self, rnd: int, node: int, reply: Message) -> dict[str, float]:
+        self.node_round[node] = rnd - 1
+        pairs, weight = decode_reply(reply.content, self.cfg)
+        metrics = {k: float(v) for k, v in reply.content[P.METRICS].items()}
+        self.accepted.append(pairs)
+        self.weights.append(weight)
+        if math.isfinite(metrics.get("train_loss", math.nan)):
+            self.losses.append((weight, metrics["train_loss"]))
+        return metrics
+
+    def aggregate(self, rnd: int) -> tuple[dict[str, float], dict[str, Any]]:
+        extra: dict[str, Any] = {}
         entry = RoundEntry.empty()
-        if accepted:
+        if self.accepted:
             try:
-                entry = aggregate_pairs(accepted, weights, pool.num_seeds)
+                entry = aggregate_pairs(self.accepted, self.weights, self.pool.num_seeds)
             except PayloadError as exc:  # a float32 overflow of the mean: skip the round, keep the run
-                record_extra["aggregation_error"] = str(exc)
-                log.warning("round %d: aggregation failed, round left empty: %s", rnd, exc)
-        history.append_(entry)
-        replay_(load_params_(ws, zo.scope, current), history, rnd - 1, rnd, lr=zo.lr)
-        current = read_params(ws, zo.scope)
-        train_metrics = _weighted_mean(client_metrics, "train_loss")
-        bytes_up, bytes_down = sum(up.values()), sum(down.values())
-        total_up += bytes_up
-        total_down += bytes_down
-        record = round_record(
-            rnd, len(msgs), len(accepted), rejected, train_metrics, up, down, client_metrics,
-            zo={"pairs": entry.nnz, "history_rounds": len(history)}, **record_extra,
-        )
-        last = rnd == fed.rounds
-        if rnd % fed.eval_every == 0 or last:
-            record["eval"] = metrics = loop._evaluate(ws, global_state(), final=last)
-        record["seconds"] = time.monotonic() - t0
-        loop.run.append_metrics(record)
-        # after the row: a history of R rounds on disk means rounds 1..R are complete (resume)
-        atomic_write_bytes(loop.run.path / HISTORY_FILE, history.to_bytes())
-        rows.append(record)
-        loop.progress(
-            f"round {rnd}/{fed.rounds}: {len(accepted)}/{len(msgs)} clients"
-            f"{' (' + str(len(rejected)) + ' dropped)' if rejected else ''}, "
-            f"train loss {train_metrics.get('train_loss', float('nan')):.4f}, {_fmt(record.get('eval', {}))}, "
-            f"up {_mb(bytes_up)}, down {_mb(bytes_down)}, {record['seconds']:.1f}s"
-        )
-    state = global_state()
-    if not rows or "eval" not in rows[-1]:
-        metrics = loop._evaluate(ws, state, final=True)
-    if cfg.output.save_adapter:
-        export_adapter(ws, state, loop.run.path / "adapter")
-    summary = run_summary(
-        cfg, ws.task, final=metrics, rounds_completed=len(rows), total_bytes_up=total_up, total_bytes_down=total_down,
-        trainable_params=n_params, seconds=time.monotonic() - t_start,
-        adapter_bytes_fp32=4 * sum(state[k].numel() for k in ws.trainable_keys()),
-        aggregation={"strategy": "FedKSeed (weighted mean of scalars)"},
-        privacy={"settings": cfg.privacy.to_dict(), "epsilon": float("inf")},
-        zo=zo.to_dict(),
-        zo_history={
-            "rounds": len(history),
-            "pairs": sum(e.nnz for e in history.entries),
-            "bytes": len(history.to_bytes()),
-            "file": HISTORY_FILE,
-        },
-    )
-    loop.run.write_summary(summary)
-    loop.progress(
-        f"done in {summary['seconds']:.0f}s: {_fmt(metrics)}; total up {_mb(total_up)}, down {_mb(total_down)}; "
-        f"history {len(history)} rounds, {summary['zo_history']['bytes']} bytes; outputs in {loop.run.path}"
-    )
-    return summary
+                extra["aggregation_error"] = str(exc)
+        self.history.append_(entry)
+        zo = self.cfg.zo
+        replay_(load_params_(self.ws, zo.scope, self.current), self.history, rnd - 1, rnd, lr=zo.lr)
+        self.current = read_params(self.ws, zo.scope)
+        total = math.fsum(w for w, _ in self.losses)
+        train = {"train_loss": math.fsum(w * v for w, v in self.losses) / total} if total > 0 else {}
+        extra["zo"] = {"pairs": entry.nnz, "history_rounds": len(self.history)}
+        return train, extra
+
+    def save(self, directory: Path) -> None:
+        (directory / HISTORY_FILE).write_bytes(self.history.to_bytes())
+
+    def load(self, directory: Path) -> None:
+        history = SeedHistory.from_bytes((directory / HISTORY_FILE).read_bytes(), self.pool)
+        if len(history) > self.cfg.federation.rounds:
+            raise FedtuneError(f"--resume: {directory} holds {len(history)} rounds, more than federation.rounds")
+        self.history = history
+        zo = self.cfg.zo
+        replay_(load_params_(self.ws, zo.scope, self.current), history, lr=zo.lr)
+        self.current = read_params(self.ws, zo.scope)
+        self.node_round.clear()  # after a resume every node gets the whole history once
+
+    def export(self, adapter_dir: Path) -> None:
+        export_adapter(self.ws, self.global_state(), adapter_dir)
+
+    def finish(self, run_dir: Path) -> dict[str, Any]:
+        # the tuned model is the initial one + this file, whether or not the adapter is exported
+        data = self.history.to_bytes()
+        atomic_write_bytes(run_dir / HISTORY_FILE, data)
+        state = self.global_state()
+        return {
+            "aggregation": {"strategy": "FedKSeed (weighted mean of scalars)", **self.cfg.to_dict()["aggregation"]},
+            "adapter_bytes_fp32": 4 * sum(state[k].numel() for k in self.ws.trainable_keys()),
+            "zo": self.cfg.zo.to_dict(),
+            "zo_history": {"rounds": len(self.history), "pairs": sum(e.nnz for e in self.history.entries),
+                           "bytes": len(data), "file": HISTORY_FILE},
+        }
 
 
-def _resumed_history(loop: ServerLoop) -> SeedHistory | None:
-    """The history a previous run in ``loop.run`` wrote, if any; the config must be the same."""
-    path, cfg_path = loop.run.path / HISTORY_FILE, loop.run.path / "config.toml"
-    if not path.is_file():
-        loop.progress(f"no {HISTORY_FILE} in {loop.run.path}: starting from round 1")
-        return None
-    if not cfg_path.is_file() or config.load(cfg_path).to_dict() != loop.cfg.to_dict():
-        raise FedtuneError(f"--resume: the config differs from {cfg_path}; resume with the same config")
-    history = SeedHistory.from_bytes(path.read_bytes(), loop.cfg.zo.pool())
-    if len(history) > loop.cfg.federation.rounds:
-        raise FedtuneError(f"--resume: {path} holds {len(history)} rounds, more than federation.rounds")
-    return history
-
-
-def _weighted_mean(client_metrics: list[dict], key: str) -> dict[str, float]:
-    rows = [(c["num-examples"], c[key]) for c in client_metrics if key in c and math.isfinite(c[key])]
-    total = math.fsum(w for w, _ in rows)
-    return {key: math.fsum(w * v for w, v in rows) / total} if total > 0 else {}
-
-
-__all__ = ["run_zo", "check_zo_config", "decode_reply", "HISTORY_FILE"]
+__all__ = ["SeedRounds", "decode_reply", "HISTORY_FILE"]

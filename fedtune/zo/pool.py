@@ -5,7 +5,7 @@ K seeds fixed for the whole run, so a step is fully described by (seed index, sc
 That only works if every party regenerates exactly the same perturbation ``z`` from a
 seed, on every machine, in every process. How this module makes sure of that:
 
-* Seeds are derived with blake2b (never Python's randomized ``hash``):
+* Seeds come from `fedtune.seeds.derive_seed` (never Python's randomized ``hash``):
   ``seed(i) = derive_seed("seed", pool_seed, i)`` and each parameter gets its own stream
   ``derive_seed("param", seed(i), name)``, drawn from a fresh
   ``torch.Generator(device="cpu")``. A parameter's ``z`` therefore depends on its name
@@ -35,7 +35,6 @@ identically everywhere.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from fedtune.errors import ConfigError
+from fedtune.seeds import derive_seed
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
 MAX_NUM_SEEDS = 2**31
@@ -50,20 +50,6 @@ MAX_POOL_SEED = 2**63
 _CHUNK = 1 << 16  # elements per CPU chunk: keeps the bit/step buffers in L2; a multiple of 8
 
 NamedTensors = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed from ints and strings, identical in every process and on every machine."""
-    h = hashlib.blake2b(digest_size=8, person=b"fedtune.zo")
-    for part in parts:
-        if isinstance(part, str):
-            raw = part.encode("utf-8")
-            h.update(b"s" + len(raw).to_bytes(8, "little") + raw)
-        elif isinstance(part, int) and not isinstance(part, bool):
-            h.update(b"i" + part.to_bytes(16, "little", signed=True))
-        else:
-            raise TypeError(f"derive_seed takes ints and strings, got {type(part).__name__}")
-    return int.from_bytes(h.digest(), "little") & (2**63 - 1)
 
 
 @dataclass(frozen=True)
