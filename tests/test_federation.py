@@ -114,8 +114,9 @@ def test_fedavg_of_identical_updates_is_that_update(tiny_cfg, tmp_path):
         [Message(RecordDict({"arrays": to_arrayrecord(start), "config": __import__("flwr").app.ConfigRecord({"server-round": 1})}),
                  dst_node_id=1000, message_type=MessageType.TRAIN)]
     )[0]
-    from fedtune.flower.records import from_arrayrecord
     from peft import PeftModel  # noqa: F401  (peft loads the export below)
+
+    from fedtune.flower.records import from_arrayrecord
 
     delta = from_arrayrecord(single.content["update"])
     exported = _load_safetensors(tmp_path / "adapter" / "adapter_model.safetensors")

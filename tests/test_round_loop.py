@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from flwr.app import Error, Message, Metadata, MessageType
+from flwr.app import Error, Message, MessageType, Metadata
 
 from fedtune.centralized import run_centralized
 from fedtune.flower.client import handle_train

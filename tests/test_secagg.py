@@ -84,9 +84,8 @@ def _reference_mean(cfg, start, rnd, num_clients):
 
 @pytest.mark.slow
 def test_secagg_simulation_equals_fedavg_up_to_quantization(tmp_path):
-    from flwr.simulation import run_simulation
-
     from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
 
     from fedtune.flower.apps import make_client_app
     from fedtune.flower.secagg import run_secagg

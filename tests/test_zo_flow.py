@@ -16,11 +16,10 @@ import struct
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, MessageType, RecordDict, ConfigRecord
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedtune import adapters, config, workspace
 from fedtune.data import collate
-from fedtune.train import batch_stream
 from fedtune.errors import ConfigError
 from fedtune.flower import protocol as P
 from fedtune.flower import zo_client as zc
@@ -28,6 +27,7 @@ from fedtune.flower.local import LocalGrid
 from fedtune.flower.records import wire_bytes
 from fedtune.flower.server import ServerLoop
 from fedtune.flower.zo_server import HISTORY_FILE
+from fedtune.train import batch_stream
 from fedtune.zo import (
     ProSampler,
     SeedHistory,

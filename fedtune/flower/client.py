@@ -21,9 +21,9 @@ from fedtune import adapters, workspace
 from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
-from fedtune.seeds import derive_seed
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord
+from fedtune.seeds import derive_seed
 from fedtune.train import round_lr, train_local
 
 

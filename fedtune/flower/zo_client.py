@@ -53,8 +53,8 @@ from fedtune.delta import Delta
 from fedtune.env import setup_environment
 from fedtune.errors import PayloadError
 from fedtune.flower import protocol as P
-from fedtune.seeds import derive_seed
 from fedtune.flower.client import local_data
+from fedtune.seeds import derive_seed
 from fedtune.train import batch_loss, batch_stream, logit_adjustment_bias
 from fedtune.zo import (
     SeedHistory,
