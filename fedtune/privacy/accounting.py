@@ -66,7 +66,7 @@ class RdpAccountant:
 
     def record(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         """Record ``steps`` sampled Gaussian steps (merged with the last entry when equal)."""
-        _check_entry(noise_multiplier, sample_rate, steps)
+        check_entry(noise_multiplier, sample_rate, steps)
         if steps == 0:
             return
         hist = self.opacus.history
@@ -89,7 +89,7 @@ class RdpAccountant:
     ) -> float:
         """Epsilon if ``steps`` more such steps were taken; does not change the state."""
         delta = self.delta if delta is None else delta
-        _check_entry(noise_multiplier, sample_rate, steps)
+        check_entry(noise_multiplier, sample_rate, steps)
         return history_epsilon(self.history + [(noise_multiplier, sample_rate, steps)], delta)
 
     def state_dict(self) -> dict[str, Any]:
@@ -121,7 +121,7 @@ def max_steps_within(budget: float, *, noise_multiplier: float, sample_rate: flo
     """
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ConfigError(f"budget={budget!r} must be a positive number")
-    _check_entry(noise_multiplier, sample_rate, 1)
+    check_entry(noise_multiplier, sample_rate, 1)
     _check_delta(delta)
     # opacus' compute_rdp is per_step * steps, so this matches history_epsilon exactly
     per_step = np.asarray(
@@ -160,7 +160,7 @@ def calibrate_noise_multiplier(
     counts of logit adjustment); ConfigError if they alone spend the target.
     """
     _check_delta(delta)
-    _check_entry(1.0, sample_rate, steps)
+    check_entry(1.0, sample_rate, steps)
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not target_epsilon > 0:
         raise ConfigError(f"target_epsilon={target_epsilon!r} must be a positive number")
     released = list(released)
@@ -216,7 +216,7 @@ def history_from_state(state: Mapping[str, Any]) -> History:
     history: History = []
     for z, q, n in zip(*cols):
         try:
-            _check_entry(z, q, n)
+            check_entry(z, q, n)
         except ConfigError as err:
             raise FedtuneError(
                 f"accountant state: bad entry (noise_multiplier={z!r}, sample_rate={q!r}, steps={n!r}): {err}"
@@ -237,7 +237,7 @@ def _check_delta(delta: float) -> None:
         raise ConfigError(f"delta={delta!r} must be in (0, 1)")
 
 
-def _check_entry(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+def check_entry(noise_multiplier: float, sample_rate: float, steps: int) -> None:
     if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
         math.isfinite(noise_multiplier) and noise_multiplier >= 0
     ):

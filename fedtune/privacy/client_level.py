@@ -32,7 +32,7 @@ import torch
 
 from fedtune.delta import Delta, global_norm
 from fedtune.errors import ConfigError, PayloadError
-from fedtune.privacy.accounting import RdpAccountant, _check_entry, history_epsilon, max_steps_within
+from fedtune.privacy.accounting import RdpAccountant, check_entry, history_epsilon, max_steps_within
 from fedtune.privacy.config import PrivacyConfig
 
 
@@ -181,7 +181,7 @@ class ClientLevelAccountant:
 
     def __init__(self, noise_multiplier: float, sample_rate: float, delta: float = 1e-5) -> None:
         self._rdp = RdpAccountant(delta)
-        _check_entry(noise_multiplier, sample_rate, 0)
+        check_entry(noise_multiplier, sample_rate, 0)
         self.noise_multiplier = float(noise_multiplier)
         self.sample_rate = float(sample_rate)
 

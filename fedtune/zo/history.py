@@ -101,7 +101,7 @@ class RoundEntry:
         return hash((self.indices.tobytes(), self.scalars.tobytes()))
 
 
-def _check_pair(pair: object, num_seeds: int, where: str) -> Pair:
+def check_pair(pair: object, num_seeds: int, where: str) -> Pair:
     try:
         index, scalar = pair  # type: ignore[misc]
     except (TypeError, ValueError):
@@ -152,7 +152,7 @@ def aggregate_pairs(
     for k, (pairs, w) in enumerate(zip(client_pairs, ws)):
         per_seed: dict[int, list[float]] = {}
         for j, pair in enumerate(pairs):
-            index, value = _check_pair(pair, num_seeds, f"client {k}, pair {j}")
+            index, value = check_pair(pair, num_seeds, f"client {k}, pair {j}")
             per_seed.setdefault(index, []).append(value)
         for index, values in per_seed.items():
             terms.setdefault(index, []).append((w / total) * math.fsum(values))

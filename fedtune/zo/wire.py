@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from fedtune.errors import PayloadError
-from fedtune.zo.history import Pair, RoundEntry, SeedHistory, _check_pair
+from fedtune.zo.history import Pair, RoundEntry, SeedHistory, check_pair
 from fedtune.zo.pool import SeedPool
 
 VERSION = 1
@@ -68,7 +68,7 @@ def downlink_size(entries: Iterable[RoundEntry], pool: SeedPool) -> int:
 
 def encode_uplink(pairs: Sequence[Pair], pool: SeedPool) -> bytes:
     """A client's (seed index, scalar) pairs as bytes; scalars are rounded to float32."""
-    checked = [_check_pair(p, pool.num_seeds, f"pair {j}") for j, p in enumerate(pairs)]
+    checked = [check_pair(p, pool.num_seeds, f"pair {j}") for j, p in enumerate(pairs)]
     idx = np.array([i for i, _ in checked], dtype=_index_dtype(pool.index_bytes))
     with np.errstate(over="ignore"):
         val = np.array([v for _, v in checked], dtype=np.float64).astype("<f4")
