@@ -7,7 +7,7 @@ model, a network or a global random state. Functions that mutate end in ``_``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -29,31 +29,6 @@ def add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Delta:
 def scale(a: Mapping[str, torch.Tensor], factor: float) -> Delta:
     """Return ``factor * a``."""
     return {k: v * factor for k, v in a.items()}
-
-
-def weighted_mean(deltas: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Delta:
-    """Weighted average of deltas (FedAvg, McMahan et al. 2017, arXiv:1602.05629).
-
-    Accumulates in float64 so the result does not depend on client order beyond
-    rounding of the final cast.
-    """
-    if not deltas:
-        raise ValueError("weighted_mean needs at least one delta")
-    if len(deltas) != len(weights):
-        raise ValueError(f"got {len(deltas)} deltas but {len(weights)} weights")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, got {total}")
-    first = deltas[0]
-    for d in deltas[1:]:
-        _check_same_keys(first, d)
-    out: Delta = {}
-    for k, ref in first.items():
-        acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for d, w in zip(deltas, weights):
-            acc += d[k].to(torch.float64) * (w / total)
-        out[k] = acc.to(ref.dtype)
-    return out
 
 
 def global_norm(a: Mapping[str, torch.Tensor]) -> float:

@@ -12,15 +12,16 @@ from hypothesis import strategies as st
 from fedtune.aggregation import (
     AggregationConfig,
     ExactLoRA,
+    FactoredHeteroLoRA,
     FFALoRA,
-    HeteroLoRA,
     Layout,
     LoraScaling,
     NaiveLoRA,
-    build_aggregator,
+    cut_to_rank,
     dense_mean,
     factors_for_rank,
     ffa_mean,
+    hetero_round,
     hetero_update,
     lora_layers,
     naive_mean,
@@ -74,7 +75,7 @@ def rel(a, b):
 
 def truncate_dense(m: torch.Tensor, r: int) -> torch.Tensor:
     """The best rank-r approximation of m (Eckart-Young), by hand."""
-    u, s, vh = torch.linalg.svd(m)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
     return (u[:, :r] * s[:r]) @ vh[:r]
 
 
@@ -396,48 +397,53 @@ def test_hetero_update_keeps_what_low_rank_clients_cannot_hold():
     assert torch.allclose(new[f"{Q}.lora_BA.weight"], g[f"{Q}.lora_BA.weight"] + 0.25 * change, atol=1e-10)
 
 
-def test_hetero_server_matches_hand_computed_update_over_rounds():
-    """G <- G + sum_i w_i (s_i B_i A_i - T_{r_i}(G)), with T_r the rank-r SVD truncation, done densely by hand."""
+def test_hetero_round_matches_hand_computed_update_over_rounds():
+    """G <- G + sum_i w_i (s_i B_i A_i - T_{r_i}(G)), with T_r the rank-r SVD truncation, done densely by hand;
+    the global held as factors at rank R (5: exact here; 2: the best rank-2 approximation of that update)."""
     gen = torch.Generator().manual_seed(18)
-    init = client(gen, r=3)
-    server = HeteroLoRA(SCALING, initial=init)
-    capped = HeteroLoRA(SCALING, initial=init, global_rank=2)
-    g = {p: products(init, SCALING)[p] for p in (Q, V)}
-    for _ in range(2):
-        ranks, weights = (1, 3, 2), [2.0, 1.0, 1.0]
-        states = [{k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in server.state_for_rank(r).items()} for r in ranks]
-        dense, report = server.aggregate(states, weights)
-        capped_dense, capped_report = capped.aggregate(states, weights)
-        for p in (Q, V):
-            u, sv, vh = torch.linalg.svd(g[p])
-            sent = sum(w * (u[:, :r] * sv[:r]) @ vh[:r] for r, w in zip(ranks, weights)) / 4
-            g[p] = g[p] + manual_dense(states, weights, SCALING)[p] - sent
-            assert rel(dense[f"{p}.lora_BA.weight"], g[p]) < 1e-10
-            assert report.layers[p].residual == 0.0
-            # capped: the exact update of the capped global, then its best rank-2 approximation
-            assert capped_dense[f"{p}.lora_BA.weight"].shape == g[p].shape
-            assert torch.linalg.matrix_rank(capped_dense[f"{p}.lora_BA.weight"]) == 2
-            assert capped_report.layers[p].rank == 2 and capped_report.layers[p].residual > 0
-        assert torch.allclose(dense[HEAD], sum(w * st[HEAD] for w, st in zip(weights, states)) / 4)
-    # the pure function gives the same as the server from the same global
-    same = hetero_update(dense, [server.state_for_rank(r) for r in (2, 5)], [1, 1], SCALING)
-    assert all(rel(same[k], dense[k]) < 1e-10 for k in dense)
+    for rank, ranks in ((5, (1, 3, 5)), (2, (1, 2, 2))):
+        glob = client(gen, r=rank)
+        aggregator = FactoredHeteroLoRA(SCALING, rank)
+        g = products(glob, SCALING)
+        for _ in range(2):
+            weights = [2.0, 1.0, 1.0]
+            states = [
+                {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in cut_to_rank(glob, r, SCALING).items()}
+                for r in ranks
+            ]
+            new, report = aggregator.aggregate(states, weights, reference=glob)
+            dense = hetero_update(to_dense(glob, SCALING), states, weights, SCALING)  # the same update, pure and dense
+            for p in (Q, V):
+                sent = sum(w * truncate_dense(g[p], r) for r, w in zip(ranks, weights)) / 4
+                exact = g[p] + manual_dense(states, weights, SCALING)[p] - sent
+                assert rel(dense[f"{p}.lora_BA.weight"], exact) < 1e-10
+                want = truncate_dense(exact, rank)
+                assert new[f"{p}.lora_A.weight"].shape == (rank, 5)
+                assert rel(products(new, SCALING)[p], want) < 1e-10
+                sv = torch.linalg.svdvals(exact)
+                assert report.layers[p].rank == min(rank, *exact.shape)  # value (4 x 5) holds at most rank 4
+                assert report.layers[p].residual == pytest.approx(float(sv[rank:].norm() / sv.norm()), abs=1e-10)
+                g[p] = want
+            assert torch.allclose(new[HEAD], sum(w * st[HEAD] for w, st in zip(weights, states)) / 4)
+            glob = new
+    with pytest.raises(ValueError, match="reference"):
+        aggregator.aggregate(states, weights)
 
 
-def test_hetero_server_round():
+def test_hetero_round_from_a_fresh_adapter():
     gen = torch.Generator().manual_seed(12)
     init = client(gen, r=4, b_zero=True)
-    server = HeteroLoRA(SCALING, initial=init)
-    sent = {r: server.state_for_rank(r) for r in (2, 4)}
+    sent = {r: cut_to_rank(init, r, SCALING) for r in (2, 4)}
     for r, s in sent.items():
         assert s[f"{Q}.lora_A.weight"].shape == (r, 5)
         assert torch.count_nonzero(s[f"{Q}.lora_B.weight"]) == 0
         assert torch.linalg.matrix_rank(s[f"{Q}.lora_A.weight"]) == r  # trainable from round one
     trained = {r: {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in s.items()} for r, s in sent.items()}
-    dense, report = server.aggregate(list(trained.values()), [1, 1])
-    assert set(dense) == {f"{Q}.lora_BA.weight", f"{V}.lora_BA.weight", HEAD}
-    assert report.layers[Q].numerical_rank == 5  # 2 + 4 clipped at min(6, 5)
-    assert server.state_for_rank(2, reference=trained[2])[f"{V}.lora_A.weight"].shape == (2, 5)
+    out, report = hetero_round(init, list(trained.values()), [1, 1], SCALING, 4)
+    assert set(out) == set(init) and out[f"{Q}.lora_A.weight"].shape == (4, 5)
+    assert report.layers[Q].numerical_rank == 5 and report.layers[Q].rank == 4  # 2 + 4 clipped at min(6, 5), cut to 4
+    want = truncate_dense(manual_dense(list(trained.values()), [1, 1], SCALING)[Q], 4)  # B = 0: nothing to keep
+    assert rel(products(out, SCALING)[Q], want) < 1e-10
 
 
 # --------------------------------------------------------------------------- FFA-LoRA
@@ -470,14 +476,17 @@ def test_ffa_equals_exact_when_a_is_shared():
 # --------------------------------------------------------------------------- aggregator, weights, keys
 
 
-def test_build_aggregator_and_bad_inputs():
+def test_aggregators_and_bad_inputs():
     gen = torch.Generator().manual_seed(14)
     states = [client(gen, r=2) for _ in range(2)]
-    assert isinstance(build_aggregator(AggregationConfig(), SCALING), NaiveLoRA)
-    assert isinstance(build_aggregator(AggregationConfig(lora_mode="ffa"), SCALING), FFALoRA)
-    assert isinstance(build_aggregator(AggregationConfig(lora_mode="hetero"), SCALING), HeteroLoRA)
-    exact = build_aggregator(AggregationConfig(lora_mode="exact", rank="lossless"), SCALING)
-    assert isinstance(exact, ExactLoRA)
+    naive, _ = NaiveLoRA().aggregate(states, [1, 3])
+    for k in (HEAD, f"{Q}.lora_A.weight", f"{V}.lora_B.weight"):  # each key averaged on its own
+        assert torch.allclose(naive[k], (states[0][k] + 3 * states[1][k]) / 4)
+    shared_a = [states[0], dict(states[1], **{k: v for k, v in states[0].items() if "lora_A" in k})]
+    ffa, _ = FFALoRA().aggregate(shared_a, [1, 3])
+    assert torch.equal(ffa[f"{Q}.lora_A.weight"], states[0][f"{Q}.lora_A.weight"])
+    assert torch.allclose(ffa[f"{Q}.lora_B.weight"], (states[0][f"{Q}.lora_B.weight"] + 3 * states[1][f"{Q}.lora_B.weight"]) / 4)
+    exact = ExactLoRA(SCALING, "lossless")
     out, _ = exact.aggregate(states, [1, 1], reference=states[0])
     assert out[f"{Q}.lora_A.weight"].shape == (4, 5)
     for weights, msg in (([1, -1], "weight of client 1"), ([0, 0], "positive"), ([1], "2 states but 1")):

@@ -4,17 +4,10 @@ Pure functions on ``dict[str, Tensor]``; no Flower import. Robust rules and
 server optimizers named in `AggregationConfig` are Flower's strategies.
 """
 
-from fedtune.aggregation.aggregator import (
-    Aggregator,
-    ExactLoRA,
-    FactoredHeteroLoRA,
-    FFALoRA,
-    NaiveLoRA,
-    build_aggregator,
-)
+from fedtune.aggregation.aggregator import Aggregator, ExactLoRA, FactoredHeteroLoRA, FFALoRA, NaiveLoRA
 from fedtune.aggregation.config import AggregationConfig
 from fedtune.aggregation.fedprox import proximal_term
-from fedtune.aggregation.hetero import HeteroLoRA, cut_to_rank, hetero_round, hetero_update
+from fedtune.aggregation.hetero import cut_to_rank, hetero_round, hetero_update
 from fedtune.aggregation.lora import (
     AggregationReport,
     LayerReport,
@@ -38,12 +31,10 @@ __all__ = [
     "ExactLoRA",
     "FactoredHeteroLoRA",
     "FFALoRA",
-    "HeteroLoRA",
     "LayerReport",
     "Layout",
     "LoraScaling",
     "NaiveLoRA",
-    "build_aggregator",
     "cut_to_rank",
     "dense_mean",
     "dense_svds",

@@ -1,4 +1,4 @@
-"""One `Aggregator` per LoRA mode, chosen from an `AggregationConfig`.
+"""One `Aggregator` per LoRA mode (`AggregationConfig.lora_mode`).
 
 Each takes the clients' adapter states and example counts and returns the new
 global state with a report. The robust rules and server optimizers of the
@@ -11,8 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
-from fedtune.aggregation.config import AggregationConfig
-from fedtune.aggregation.hetero import HeteroLoRA, hetero_round
+from fedtune.aggregation.hetero import hetero_round
 from fedtune.aggregation.lora import (
     AggregationReport,
     RankSpec,
@@ -68,9 +67,8 @@ class ExactLoRA:
 class FactoredHeteroLoRA:
     """Heterogeneous client ranks with the global held as factors at ``rank`` (`hetero_round`).
 
-    Stateless, unlike `HeteroLoRA`: ``reference`` (required) is the global the
-    clients' factors were cut from, so a checkpoint of the global is all a
-    resumed server needs. This is what the federated loop uses.
+    Stateless: ``reference`` (required) is the global the clients' factors were
+    cut from, so a checkpoint of the global is all a resumed server needs.
     """
 
     scaling: ScalingSpec
@@ -81,13 +79,3 @@ class FactoredHeteroLoRA:
             raise ValueError("FactoredHeteroLoRA needs reference=: the global state the clients' factors were cut from")
         return hetero_round(reference, states, weights, self.scaling, self.rank)
 
-
-def build_aggregator(config: AggregationConfig, scaling: ScalingSpec) -> Aggregator:
-    """The aggregator for ``config.lora_mode`` (``scaling``: see `fedtune.aggregation.lora.LoraScaling`)."""
-    if config.lora_mode == "naive":
-        return NaiveLoRA()
-    if config.lora_mode == "ffa":
-        return FFALoRA()
-    if config.lora_mode == "exact":
-        return ExactLoRA(scaling, config.rank)
-    return HeteroLoRA(scaling)

@@ -41,7 +41,6 @@ from fedtune.aggregation.lora import (
     factors_for_rank,
     lora_layers,
     refactor,
-    to_dense,
 )
 from fedtune.delta import Delta
 from fedtune.errors import ConfigError, PayloadError
@@ -181,55 +180,3 @@ def _hetero_step(
         residual = (dropped / total) ** 0.5 if total > 0 else 0.0
         parts[prefix] = (LayerReport(rank=k, numerical_rank=numerical, residual=residual), dropped, total)
     return out, svds, parts
-
-
-class HeteroLoRA:
-    """Server state for heterogeneous ranks: the global kept as a thin SVD per layer, cut to each client's rank.
-
-    ``global_rank=None`` keeps the global exact (rank up to min(out, in), a
-    dense matrix's worth of memory at worst); an int keeps it at that rank
-    (the report gives what the cut drops). Fits the `Aggregator` protocol:
-    `aggregate` returns the new global in dense form, `state_for_rank` the
-    factors to send one client.
-    """
-
-    def __init__(
-        self,
-        scaling: ScalingSpec,
-        *,
-        global_rank: int | None = None,
-        keep_residual: bool = True,
-        initial: State | None = None,
-    ) -> None:
-        """``initial``: the starting adapter state (any rank, e.g. a fresh peft model with B = 0)."""
-        self.scaling = scaling
-        self.global_rank = global_rank
-        self.keep_residual = keep_residual
-        self.global_dense: Delta | None = None
-        self._svds: dict[str, Svd] | None = None
-        # A rows seen last: they seed directions the global leaves empty (B = 0 at the start).
-        self._fill: dict[str, torch.Tensor] = {}
-        if initial is not None:
-            self.global_dense = to_dense(initial, scaling)
-            self._svds = _state_svds(initial, scaling)
-            self._fill = {p: _factors(initial, a, b, "initial")[0] for p, (a, b) in lora_layers(initial).items()}
-
-    def aggregate(
-        self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None
-    ) -> tuple[Delta, AggregationReport]:
-        """Fold one round of client states into the global and return it dense (``reference`` is unused)."""
-        base = self._svds if self.keep_residual else None
-        dense, svds, parts = _hetero_step(base, states, weights, self.scaling, self.global_rank)
-        w = _weights(weights, len(states))
-        self._fill = {
-            p: torch.cat([_factors(st, a, b, f"client {i}")[0] * wi**0.5 for i, (st, wi) in enumerate(zip(states, w))])
-            for p, (a, b) in lora_layers(states[0]).items()
-        }
-        self.global_dense, self._svds = dense, svds
-        return dense, AggregationReport.from_parts(parts)
-
-    def state_for_rank(self, rank: int | Mapping[str, int], *, reference: State | None = None) -> Delta:
-        """Factors at ``rank`` for one client; ``reference`` (its last state) keeps its basis stable."""
-        if self.global_dense is None:
-            raise ValueError("HeteroLoRA has no global yet: pass initial= or aggregate a round first")
-        return refactor(self.global_dense, rank, self.scaling, reference=reference, fill=self._fill, svds=self._svds)[0]

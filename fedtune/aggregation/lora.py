@@ -589,13 +589,10 @@ def refactor(
     scaling: ScalingSpec,
     *,
     reference: State | None = None,
-    fill: Mapping[str, torch.Tensor] | None = None,
     svds: Mapping[str, Svd] | None = None,
 ) -> tuple[Delta, AggregationReport]:
     """`factors_for_rank` with its report (residual = what the rank cut drops).
 
-    ``fill`` optionally maps a prefix to candidate A rows (k x in) for
-    directions the source leaves empty, when ``reference`` does not give them.
     ``svds``: `dense_svds` of a dense source, computed once to cut it for many clients.
     """
     if rank is None or isinstance(rank, str):
@@ -615,13 +612,13 @@ def refactor(
             _, a_key, b_key = dense[prefix]
             shape = tuple(value.shape)
             u, s, vh = svds[prefix] if svds and prefix in svds else _dense_svd(value)
-            cands = fill.get(prefix) if fill else None
+            cands = None
         elif key in a_keys:
             prefix = a_keys[key]
             a_key, b_key = pairs[prefix]
             a2, b2, shape = _factors(dense_or_global, a_key, b_key, "global state")
             u, s, vh = _svd_of_product(b2 * _scaling(scaling, prefix, a2.shape[0]), a2)
-            cands = fill[prefix] if fill and prefix in fill else a2
+            cands = a2
         else:
             out[key] = value.detach().clone()
             continue

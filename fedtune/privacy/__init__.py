@@ -11,8 +11,10 @@ Two granularities (chosen by :class:`PrivacyConfig` ``mode``):
   :func:`central_noise_std` / :func:`local_noise_std`, :func:`private_mean`, and a
   per-round :class:`ClientLevelAccountant` with an epsilon budget.
 
-FFA-LoRA (Sun et al. 2024, arXiv:2403.12313), :func:`freeze_lora_A_`, trains and
-sends only LoRA B and the head, which suits both.
+FFA-LoRA (Sun et al. 2024, arXiv:2403.12313; ``adapter.ffa``, frozen by
+:func:`fedtune.adapters.wrap`) trains and sends only LoRA B and the head, which
+suits both: with A fixed every update is linear in B, so averaging B is exact,
+and DP noise goes to half as many numbers, no longer amplified by the product B A.
 
 Order of operations
 -------------------
@@ -69,7 +71,6 @@ from fedtune.privacy.client_level import (
     private_mean,
 )
 from fedtune.privacy.config import PrivacyConfig
-from fedtune.privacy.ffa_lora import freeze_lora_A_
 from fedtune.privacy.sample_level import (
     PrivateTraining,
     check_dp_compatible,
@@ -95,7 +96,6 @@ __all__ = [
     "clip_delta",
     "empty_batch_step",
     "enable_per_sample_prompts_",
-    "freeze_lora_A_",
     "history_epsilon",
     "local_epsilon",
     "local_noise_std",
