@@ -6,7 +6,7 @@ For quick looks at a recipe's learning curve; same client and server code as
     .venv/bin/python bench/fed_probe.py OUT_DIR key=value [key=value ...]
 
 e.g. the DP recipe of BENCHMARKS.md at clip 5 on an IID split:
-    .venv/bin/python bench/fed_probe.py /tmp/dp-iid data.partition=iid model.pooling=mean \
+    .venv/bin/python bench/fed_probe.py bench/results/fed-probe/dp-iid data.partition=iid model.pooling=mean \
         federation.fraction_train=1.0 federation.min_train_clients=10 federation.rounds=6 \
         train.batch_size=64 train.local_steps=5 adapter.method=prompt adapter.num_virtual_tokens=4 \
         train.lr=1e-2 privacy.mode=sample privacy.target_epsilon=8 privacy.max_grad_norm=1.0 federation.eval_every=2
