@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
+# the one name for a dict of tensors: an update, a global adapter, tuned parameters
 Delta = dict[str, torch.Tensor]
 
 

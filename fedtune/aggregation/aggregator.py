@@ -16,7 +16,6 @@ from fedtune.aggregation.lora import (
     AggregationReport,
     RankSpec,
     ScalingSpec,
-    State,
     ffa_mean,
     naive_mean,
     product_space_mean,
@@ -28,7 +27,7 @@ class Aggregator(Protocol):
     """Combines client states into a new global state."""
 
     def aggregate(
-        self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None
+        self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None
     ) -> tuple[Delta, AggregationReport]:
         """``reference`` is the global state the clients started from (optional)."""
         ...
@@ -38,7 +37,7 @@ class Aggregator(Protocol):
 class NaiveLoRA:
     """A and B averaged separately (`naive_mean`)."""
 
-    def aggregate(self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
         return naive_mean(states, weights)
 
 
@@ -48,7 +47,7 @@ class FFALoRA:
 
     atol: float = 0.0
 
-    def aggregate(self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
         return ffa_mean(states, weights, atol=self.atol, reference=reference)
 
 
@@ -59,7 +58,7 @@ class ExactLoRA:
     scaling: ScalingSpec
     rank: RankSpec | str | None = None
 
-    def aggregate(self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
         return product_space_mean(states, weights, self.scaling, self.rank, reference=reference)
 
 
@@ -74,7 +73,7 @@ class FactoredHeteroLoRA:
     scaling: ScalingSpec
     rank: int
 
-    def aggregate(self, states: Sequence[State], weights: Sequence[float], *, reference: State | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
         if reference is None:
             raise ValueError("FactoredHeteroLoRA needs reference=: the global state the clients' factors were cut from")
         return hetero_round(reference, states, weights, self.scaling, self.rank)

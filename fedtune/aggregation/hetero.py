@@ -27,7 +27,6 @@ from fedtune.aggregation.lora import (
     AggregationReport,
     LayerReport,
     ScalingSpec,
-    State,
     Svd,
     _dense_key,
     _dense_layers,
@@ -47,8 +46,8 @@ from fedtune.errors import ConfigError, PayloadError
 
 
 def hetero_update(
-    global_dense: State | None,
-    states: Sequence[State],
+    global_dense: Delta | None,
+    states: Sequence[Delta],
     weights: Sequence[float],
     scaling: ScalingSpec,
     *,
@@ -66,7 +65,7 @@ def hetero_update(
     return _hetero_step(svds, states, weights, scaling, max_rank)[0]
 
 
-def cut_to_rank(state: State, rank: int, scaling: ScalingSpec) -> Delta:
+def cut_to_rank(state: Delta, rank: int, scaling: ScalingSpec) -> Delta:
     """The factors a rank-``rank`` client starts from: ``state`` itself when its LoRA layers are
     at ``rank`` already, else their truncated SVD at ``rank`` (`factors_for_rank`).
 
@@ -83,8 +82,8 @@ def cut_to_rank(state: State, rank: int, scaling: ScalingSpec) -> Delta:
 
 
 def hetero_round(
-    global_state: State,
-    states: Sequence[State],
+    global_state: Delta,
+    states: Sequence[Delta],
     weights: Sequence[float],
     scaling: ScalingSpec,
     rank: int,
@@ -103,7 +102,7 @@ def hetero_round(
     return out, AggregationReport.from_parts(parts)
 
 
-def _state_svds(state: State, scaling: ScalingSpec) -> dict[str, Svd]:
+def _state_svds(state: Delta, scaling: ScalingSpec) -> dict[str, Svd]:
     """Thin SVD of each LoRA layer of a dense or factor state, cut at its numerical rank."""
     out = {}
     for prefix, (key, _, _) in _dense_layers(state).items():
@@ -120,7 +119,7 @@ def _state_svds(state: State, scaling: ScalingSpec) -> dict[str, Svd]:
 
 def _hetero_step(
     global_svds: Mapping[str, Svd] | None,
-    states: Sequence[State],
+    states: Sequence[Delta],
     weights: Sequence[float],
     scaling: ScalingSpec,
     max_rank: int | None,

@@ -44,7 +44,6 @@ import torch
 from fedtune.delta import Delta
 from fedtune.errors import ConfigError, PayloadError
 
-State = Mapping[str, torch.Tensor]
 ScalingSpec = float | Mapping[str, float] | Callable[[str, int], float]
 RankSpec = int | Mapping[str, int]
 Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -191,7 +190,7 @@ def _weights(weights: Sequence[float], n: int) -> list[float]:
     return [w / total for w in ws]
 
 
-def _check_same_keys(states: Sequence[State]) -> None:
+def _check_same_keys(states: Sequence[Delta]) -> None:
     first = list(states[0])
     for i, st in enumerate(states[1:], start=1):
         if st.keys() != states[0].keys():
@@ -200,7 +199,7 @@ def _check_same_keys(states: Sequence[State]) -> None:
             raise PayloadError(f"client {i} has different keys than client 0 (missing {missing}, extra {extra})")
 
 
-def _plain_mean(states: Sequence[State], w: Sequence[float], key: str) -> torch.Tensor:
+def _plain_mean(states: Sequence[Delta], w: Sequence[float], key: str) -> torch.Tensor:
     ref = states[0][key]
     acc = torch.zeros(ref.shape, dtype=_F64)
     for i, (st, wi) in enumerate(zip(states, w)):
@@ -239,7 +238,7 @@ def _target_rank(rank: RankSpec | str | None, prefix: str, client_ranks: Sequenc
     return r
 
 
-def _factors(state: State, a_key: str, b_key: str, who: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+def _factors(state: Delta, a_key: str, b_key: str, who: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
     """2-D float64 views ``(A: r x in, B: out x r)`` and the dense shape ``(out, *A.shape[1:])``."""
     a, b = state[a_key], state[b_key]
     if a.ndim < 2 or b.ndim < 2:
@@ -258,7 +257,7 @@ def _unflatten(b2: torch.Tensor, a2: torch.Tensor, dense_shape: tuple[int, ...],
     return a, b
 
 
-def _ref_rows(reference: State | None, a_key: str, in_dim: int) -> torch.Tensor | None:
+def _ref_rows(reference: Delta | None, a_key: str, in_dim: int) -> torch.Tensor | None:
     if reference is None:
         return None
     if a_key not in reference:
@@ -401,7 +400,7 @@ def _factorize(
 # --------------------------------------------------------------------------- aggregation
 
 
-def naive_mean(states: Sequence[State], weights: Sequence[float]) -> tuple[Delta, AggregationReport]:
+def naive_mean(states: Sequence[Delta], weights: Sequence[float]) -> tuple[Delta, AggregationReport]:
     """Average every key separately, A and B included (FedIT, arXiv:2305.05644).
 
     The report's residual is the bias ``||mean(B) mean(A) - mean(B A)|| / ||mean(B A)||``
@@ -428,11 +427,11 @@ def naive_mean(states: Sequence[State], weights: Sequence[float]) -> tuple[Delta
 
 
 def ffa_mean(
-    states: Sequence[State],
+    states: Sequence[Delta],
     weights: Sequence[float],
     *,
     atol: float = 0.0,
-    reference: State | None = None,
+    reference: Delta | None = None,
 ) -> tuple[Delta, AggregationReport]:
     """FFA-LoRA: A is frozen and shared, so averaging B alone is exact (Sun et al. 2024, arXiv:2403.12313).
 
@@ -467,12 +466,12 @@ def ffa_mean(
 
 
 def product_space_mean(
-    states: Sequence[State],
+    states: Sequence[Delta],
     weights: Sequence[float],
     scaling: ScalingSpec,
     rank: RankSpec | str | None = None,
     *,
-    reference: State | None = None,
+    reference: Delta | None = None,
 ) -> tuple[Delta, AggregationReport]:
     """Exact FedAvg of the effective updates, re-factored to LoRA by truncated SVD.
 
@@ -535,7 +534,7 @@ def product_space_mean(
     return {k: out[k] for k in states[0]}, AggregationReport.from_parts(parts)
 
 
-def dense_mean(states: Sequence[State], weights: Sequence[float], scaling: ScalingSpec) -> Delta:
+def dense_mean(states: Sequence[Delta], weights: Sequence[float], scaling: ScalingSpec) -> Delta:
     """Weighted mean in product space, kept dense: each LoRA pair becomes ``<prefix>.lora_BA.weight``.
 
     ``sum_i w_i s_i B_i @ A_i`` per layer, whatever each client's rank; other
@@ -573,22 +572,22 @@ def _dense_svd(value: torch.Tensor) -> Svd:
     return torch.linalg.svd(m.reshape(m.shape[0], -1), full_matrices=False)
 
 
-def dense_svds(dense: State) -> dict[str, Svd]:
+def dense_svds(dense: Delta) -> dict[str, Svd]:
     """Thin float64 SVD ``(U, S, Vh)`` of each dense LoRA layer, keyed by prefix."""
     return {p: _dense_svd(dense[d[0]]) for p, d in _dense_layers(dense).items()}
 
 
-def to_dense(state: State, scaling: ScalingSpec) -> Delta:
+def to_dense(state: Delta, scaling: ScalingSpec) -> Delta:
     """One state in dense form: each LoRA pair replaced by ``scaling * B @ A`` (see `dense_mean`)."""
     return dense_mean([state], [1.0], scaling)
 
 
 def refactor(
-    dense_or_global: State,
+    dense_or_global: Delta,
     rank: RankSpec,
     scaling: ScalingSpec,
     *,
-    reference: State | None = None,
+    reference: Delta | None = None,
     svds: Mapping[str, Svd] | None = None,
 ) -> tuple[Delta, AggregationReport]:
     """`factors_for_rank` with its report (residual = what the rank cut drops).
@@ -631,11 +630,11 @@ def refactor(
 
 
 def factors_for_rank(
-    dense_or_global: State,
+    dense_or_global: Delta,
     rank: RankSpec,
     scaling: ScalingSpec,
     *,
-    reference: State | None = None,
+    reference: Delta | None = None,
 ) -> Delta:
     """A client's LoRA factors at ``rank`` from a dense state or a higher-rank global state.
 
