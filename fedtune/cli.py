@@ -9,9 +9,17 @@ from pathlib import Path
 from fedtune.deploy import cli as deploy_cli
 from fedtune.errors import FedtuneError
 
+# The documented default job (README, `make demo`). It lives in the repository, next to the package,
+# not inside it: one file for the docs, the demo and this default. A non-editable install has no
+# repository, and then a command without --config stops and says so rather than run something else.
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "simulations" / "configs" / "default.toml"
+
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="TOML config file (default: built-in defaults)")
+    p.add_argument(
+        "--config", "-c",
+        help="TOML config file (default: simulations/configs/default.toml, the documented default job)",
+    )
     p.add_argument(
         "--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set train.lr=2e-3 (repeatable)",
@@ -21,7 +29,15 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _load_config(args):
     from fedtune import config
 
-    return config.load(args.config, config.parse_overrides(args.overrides))
+    path = args.config
+    if path is None:
+        if not DEFAULT_CONFIG.is_file():
+            raise FedtuneError(
+                f"no --config given, and the default job {DEFAULT_CONFIG} is not there (fedtune installed without "
+                "its repository?); pass --config FILE"
+            )
+        path = DEFAULT_CONFIG
+    return config.load(path, config.parse_overrides(args.overrides))
 
 
 def cmd_simulate(args) -> int:
@@ -41,6 +57,10 @@ def cmd_check_config(args) -> int:
     from fedtune import config
 
     cfg = _load_config(args)
+    if not args.config_only:  # what a run refuses once it reads the model's name and the data
+        from fedtune.workspace import check_data
+
+        check_data(cfg)
     print(config.to_toml(cfg))
     return 0
 
@@ -73,8 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete round")
     p.set_defaults(func=cmd_simulate)
-    p = sub.add_parser("check-config", help="validate a config and print it resolved")
+    p = sub.add_parser(
+        "check-config",
+        help="validate a config and print it resolved; refuses everything a run would refuse before training",
+    )
     _add_config_args(p)
+    p.add_argument(
+        "--config-only", action="store_true",
+        help="skip the checks that read the data and resolve the model (for a config of another machine)",
+    )
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser(
         "centralized",

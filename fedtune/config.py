@@ -11,66 +11,39 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedtune.errors import ConfigError
+from fedtune.validation import Section, at_least, between, build_section, choice, fraction, positive
 
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal-lm"
-
-
-def _choice(section: str, name: str, value: Any, allowed: tuple[str, ...], errors: list[str]) -> None:
-    if value not in allowed:
-        errors.append(f"{section}.{name}: {value!r} is not one of {', '.join(allowed)}")
-
-
-def _positive(section: str, name: str, value: float | int | None, errors: list[str], *, allow_zero=False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        errors.append(f"{section}.{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def _fraction(section: str, name: str, value: float, errors: list[str], *, open_low=True) -> None:
-    if not ((0 < value if open_low else 0 <= value) and value <= 1):
-        errors.append(f"{section}.{name}: must be in {'(0, 1]' if open_low else '[0, 1]'}, got {value!r}")
-
-
-class _Section:
-    """Mixin: ``problems()`` lists every bad field; ``__post_init__`` raises them all in one ConfigError."""
-
-    SECTION = ""
-
-    def problems(self) -> list[str]:
-        return []
-
-    def __post_init__(self) -> None:
-        errs = self.problems()
-        if errs:
-            raise ConfigError("invalid configuration:\n  " + "\n  ".join(errs))
 
 
 POOLINGS = ("auto", "mean")
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The pre-trained base model.
 
     ``name`` is a bundled alias (``minilm``, ``smollm2``, ``tiny-bert``,
     ``tiny-llama``), a local directory holding a Hugging Face checkpoint, or a hub
     id (only when hub access is allowed, see ``fedtune.models``).
+
+    ``num_labels``: the classifier's number of classes. Unset, it is the number of
+    distinct labels in the data (as in Hugging Face's classification examples); set,
+    it must equal that number (`fedtune.data.num_labels` refuses a conflict before
+    any training). A deployment whose clients cannot read ``data.dataset`` sets it.
     """
 
     SECTION = "model"
     name: str = "minilm"
     task: str = "auto"
-    num_labels: int = 2
+    num_labels: int | None = None
     max_length: int = 64
     dtype: str = "auto"
     quantization: str = "none"
@@ -83,20 +56,19 @@ class ModelConfig(_Section):
     def problems(self) -> list[str]:
         e: list[str] = []
         if not self.name:
-            e.append("model.name: must not be empty")
-        _choice("model", "pooling", self.pooling, POOLINGS, e)
-        _choice("model", "task", self.task, ("auto", CLASSIFICATION, CAUSAL_LM), e)
-        _choice("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"), e)
-        _choice("model", "quantization", self.quantization, ("none", "4bit"), e)
-        _choice("model", "device", self.device, ("auto", "cpu", "cuda"), e)
-        if self.num_labels < 2:
-            e.append(f"model.num_labels: must be >= 2, got {self.num_labels!r}")
-        _positive("model", "max_length", self.max_length, e)
+            e.append("model.name: must not be empty (got '')")
+        choice(e, "model.pooling", self.pooling, POOLINGS)
+        choice(e, "model.task", self.task, ("auto", CLASSIFICATION, CAUSAL_LM))
+        choice(e, "model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        choice(e, "model.quantization", self.quantization, ("none", "4bit"))
+        choice(e, "model.device", self.device, ("auto", "cpu", "cuda"))
+        at_least(e, "model.num_labels", self.num_labels, 2)
+        positive(e, "model.max_length", self.max_length)
         return e
 
 
 @dataclass(frozen=True)
-class AdapterConfig(_Section):
+class AdapterConfig(Section):
     """The parameter-efficient adapter each client trains (through peft)."""
 
     SECTION = "adapter"
@@ -111,19 +83,20 @@ class AdapterConfig(_Section):
 
     def problems(self) -> list[str]:
         e: list[str] = []
-        _choice("adapter", "method", self.method, ("lora", "dora", "prompt", "head"), e)
-        _positive("adapter", "r", self.r, e)
-        _positive("adapter", "alpha", self.alpha, e)
-        _positive("adapter", "num_virtual_tokens", self.num_virtual_tokens, e)
-        if not 0 <= self.dropout < 1:
-            e.append(f"adapter.dropout: must be in [0, 1), got {self.dropout!r}")
+        choice(e, "adapter.method", self.method, ("lora", "dora", "prompt", "head"))
+        positive(e, "adapter.r", self.r)
+        positive(e, "adapter.alpha", self.alpha)
+        positive(e, "adapter.num_virtual_tokens", self.num_virtual_tokens)
+        between(e, "adapter.dropout", self.dropout, 0, 1, "[)")
         if self.ffa and self.method in ("prompt", "head"):
-            e.append(f"adapter.ffa: FFA-LoRA freezes LoRA A matrices; it does not apply to method {self.method!r}")
+            e.append(
+                f"adapter.ffa: FFA-LoRA freezes LoRA A matrices; adapter.method = {self.method!r} has none (got True)"
+            )
         return e
 
 
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where the examples come from and how they are split among clients.
 
     ``dataset`` is a bundled name (``rotten_tomatoes``, ``imdb``, ``chatterbot``)
@@ -150,20 +123,18 @@ class DataConfig(_Section):
     def problems(self) -> list[str]:
         e: list[str] = []
         if not self.dataset:
-            e.append("data.dataset: must not be empty")
-        _choice("data", "partition", self.partition, ("iid", "dirichlet", "pathological", "domain"), e)
-        if not 0 < self.test_fraction < 1:
-            e.append(f"data.test_fraction: must be in (0, 1), got {self.test_fraction!r}")
-        _positive("data", "dirichlet_alpha", self.dirichlet_alpha, e)
-        _positive("data", "labels_per_client", self.labels_per_client, e)
-        _positive("data", "max_train_examples", self.max_train_examples, e, allow_zero=True)
-        _positive("data", "max_test_examples", self.max_test_examples, e, allow_zero=True)
-        _positive("data", "min_examples_per_client", self.min_examples_per_client, e, allow_zero=True)
+            e.append("data.dataset: must not be empty (got '')")
+        choice(e, "data.partition", self.partition, ("iid", "dirichlet", "pathological", "domain"))
+        between(e, "data.test_fraction", self.test_fraction, 0, 1, "()")
+        positive(e, "data.dirichlet_alpha", self.dirichlet_alpha)
+        positive(e, "data.labels_per_client", self.labels_per_client)
+        for name in ("max_train_examples", "max_test_examples", "min_examples_per_client"):
+            positive(e, f"data.{name}", getattr(self, name), allow_zero=True)
         return e
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Local training on each client."""
 
     SECTION = "train"
@@ -189,23 +160,22 @@ class TrainConfig(_Section):
 
     def problems(self) -> list[str]:
         e: list[str] = []
-        _positive("train", "logit_adjustment", self.logit_adjustment, e, allow_zero=True)
+        positive(e, "train.logit_adjustment", self.logit_adjustment, allow_zero=True)
         for name in ("local_steps", "batch_size", "lr", "eval_batch_size"):
-            _positive("train", name, getattr(self, name), e)
-        _choice("train", "optimizer", self.optimizer, ("adamw", "sgd"), e)
-        _choice("train", "mixed_precision", self.mixed_precision, ("no", "bf16", "auto"), e)
-        _choice("train", "lr_schedule", self.lr_schedule, ("constant", "cosine"), e)
-        _fraction("train", "lr_min_ratio", self.lr_min_ratio, e, open_low=False)
-        _choice("train", "mode", self.mode, ("backprop", "zo"), e)
-        if not 0 <= self.momentum < 1:
-            e.append(f"train.momentum: must be in [0, 1), got {self.momentum!r}")
-        _positive("train", "weight_decay", self.weight_decay, e, allow_zero=True)
-        _positive("train", "max_grad_norm", self.max_grad_norm, e, allow_zero=True)
+            positive(e, f"train.{name}", getattr(self, name))
+        choice(e, "train.optimizer", self.optimizer, ("adamw", "sgd"))
+        choice(e, "train.mixed_precision", self.mixed_precision, ("no", "bf16", "auto"))
+        choice(e, "train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
+        fraction(e, "train.lr_min_ratio", self.lr_min_ratio, open_low=False)
+        choice(e, "train.mode", self.mode, ("backprop", "zo"))
+        between(e, "train.momentum", self.momentum, 0, 1, "[)")
+        positive(e, "train.weight_decay", self.weight_decay, allow_zero=True)
+        positive(e, "train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         return e
 
 
 @dataclass(frozen=True)
-class FederationConfig(_Section):
+class FederationConfig(Section):
     """The federated loop run by the ServerApp."""
 
     SECTION = "federation"
@@ -227,24 +197,20 @@ class FederationConfig(_Section):
     def problems(self) -> list[str]:
         e: list[str] = []
         for name in ("num_clients", "rounds", "min_train_clients", "min_available_clients", "round_timeout", "eval_every"):
-            _positive("federation", name, getattr(self, name), e)
-        _fraction("federation", "fraction_train", self.fraction_train, e)
-        _positive("federation", "round_eval_examples", self.round_eval_examples, e, allow_zero=True)
-        if self.min_available_clients > self.num_clients:
-            e.append(
-                f"federation.min_available_clients: {self.min_available_clients} is more than "
-                f"federation.num_clients ({self.num_clients})"
-            )
-        if self.min_train_clients > self.num_clients:
-            e.append(
-                f"federation.min_train_clients: {self.min_train_clients} is more than "
-                f"federation.num_clients ({self.num_clients})"
-            )
+            positive(e, f"federation.{name}", getattr(self, name))
+        fraction(e, "federation.fraction_train", self.fraction_train)
+        positive(e, "federation.round_eval_examples", self.round_eval_examples, allow_zero=True)
+        for name in ("min_available_clients", "min_train_clients"):
+            if getattr(self, name) > self.num_clients:
+                e.append(
+                    f"federation.{name}: must be at most federation.num_clients = {self.num_clients} "
+                    f"(got {getattr(self, name)!r})"
+                )
         return e
 
 
 @dataclass(frozen=True)
-class SimulationConfig(_Section):
+class SimulationConfig(Section):
     """Flower's simulation engine (Ray backend) on one machine."""
 
     SECTION = "simulation"
@@ -256,16 +222,16 @@ class SimulationConfig(_Section):
 
     def problems(self) -> list[str]:
         e: list[str] = []
-        _choice("simulation", "backend", self.backend, ("ray",), e)
-        _positive("simulation", "cpus", self.cpus, e, allow_zero=True)
-        _positive("simulation", "cpus_per_client", self.cpus_per_client, e)
-        _positive("simulation", "threads_per_client", self.threads_per_client, e)
-        _positive("simulation", "gpus_per_client", self.gpus_per_client, e, allow_zero=True)
+        choice(e, "simulation.backend", self.backend, ("ray",))
+        positive(e, "simulation.cpus", self.cpus, allow_zero=True)
+        positive(e, "simulation.cpus_per_client", self.cpus_per_client)
+        positive(e, "simulation.threads_per_client", self.threads_per_client)
+        positive(e, "simulation.gpus_per_client", self.gpus_per_client, allow_zero=True)
         return e
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Optional held-out metrics for causal LMs, computed at every evaluation (see ``fedtune.metrics``).
 
     ``rouge_examples`` held-out prompts are answered by greedy generation (at most
@@ -285,15 +251,15 @@ class EvalConfig(_Section):
 
     def problems(self) -> list[str]:
         e: list[str] = []
-        _positive("eval", "rouge_examples", self.rouge_examples, e, allow_zero=True)
-        _positive("eval", "max_new_tokens", self.max_new_tokens, e)
-        _positive("eval", "forgetting_examples", self.forgetting_examples, e, allow_zero=True)
-        _choice("eval", "forgetting_source", self.forgetting_source, ("auto", "chatterbot", "rotten_tomatoes"), e)
+        positive(e, "eval.rouge_examples", self.rouge_examples, allow_zero=True)
+        positive(e, "eval.max_new_tokens", self.max_new_tokens)
+        positive(e, "eval.forgetting_examples", self.forgetting_examples, allow_zero=True)
+        choice(e, "eval.forgetting_source", self.forgetting_source, ("auto", "chatterbot", "rotten_tomatoes"))
         return e
 
 
 @dataclass(frozen=True)
-class OutputConfig(_Section):
+class OutputConfig(Section):
     """Where a run writes its adapter, metrics and summary."""
 
     SECTION = "output"
@@ -333,9 +299,9 @@ def _zo_default():
 class FedtuneConfig:
     """The whole validated configuration of a run.
 
-    The last four sections belong to their packages (``fedtune.compression``,
-    ``fedtune.privacy``, ``fedtune.aggregation``, ``fedtune.zo``), which
-    validate them with their own ``from_dict``.
+    The sections after ``eval`` belong to their packages (``fedtune.compression``,
+    ``fedtune.privacy``, ``fedtune.aggregation``, ``fedtune.zo``, ...); every
+    section is validated the same way (`fedtune.validation.Section`).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -380,118 +346,195 @@ _EXTENSIONS = ("compression", "privacy", "aggregation", "zo")
 SECTIONS = (*_CORE, *_EXTENSIONS)
 
 
-def _coerce(section: str, name: str, tp: Any, value: Any) -> Any:
-    """Convert a TOML / run_config value to the declared field type, or raise."""
-    origin = typing.get_origin(tp)
-    where = f"{section}.{name}"
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        return tuple(_coerce(section, name, item_tp, v) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(section, name, args[0], value)
-    return value
-
-
 def section_from_dict(cls: type, section: str, values: Mapping[str, Any]) -> Any:
-    """Build one section dataclass, rejecting unknown keys and wrong types."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(
-            f"unknown key(s) in [{section}]: {', '.join(unknown)} (known: {', '.join(sorted(fields))})"
-        )
-    kwargs = {k: _coerce(section, k, hints[k], v) for k, v in values.items()}
-    return cls(**kwargs)
+    """Build one section dataclass from plain data, every problem (unknown keys, types, values) at once."""
+    return build_section(cls, section, values)
+
+
+def _section_class(name: str) -> type:
+    if name in _CORE:
+        return _CORE[name]
+    return type(FedtuneConfig.__dataclass_fields__[name].default_factory())  # the extension's own class
 
 
 def from_dict(data: Mapping[str, Any]) -> FedtuneConfig:
-    """Validate a nested mapping (a parsed TOML file) into a :class:`FedtuneConfig`."""
+    """Validate a nested mapping (a parsed TOML file) into a :class:`FedtuneConfig`.
+
+    Every section's problems are reported together; the checks across sections
+    (`cross_section_problems`) run once every section is valid on its own.
+    """
     unknown = sorted(set(data) - set(SECTIONS))
     errors: list[str] = []
     if unknown:
         errors.append(f"unknown section(s): {', '.join(unknown)} (known: {', '.join(SECTIONS)})")
     built: dict[str, Any] = {}
     for name in SECTIONS:
-        values = data.get(name, {})
-        if not isinstance(values, Mapping):
-            errors.append(f"[{name}] must be a table, got {values!r}")
-            continue
         try:
-            if name in _CORE:
-                built[name] = section_from_dict(_CORE[name], name, values)
-            else:
-                ext_cls = type(FedtuneConfig.__dataclass_fields__[name].default_factory())
-                built[name] = ext_cls.from_dict(dict(values))
+            built[name] = section_from_dict(_section_class(name), name, data.get(name, {}))
         except ConfigError as exc:
-            for line in str(exc).removeprefix("invalid configuration:\n  ").split("\n  "):
-                errors.append(line if name in _CORE or line.startswith(f"{name}.") else f"{name}.{line}")
-        except (TypeError, ValueError) as exc:
-            errors.append(f"[{name}]: {exc}")
+            errors.extend(exc.problems)
     if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+        raise ConfigError(errors)
     cfg = FedtuneConfig(**built)
-    _cross_check(cfg)
+    errors = cross_section_problems(cfg)
+    if errors:
+        raise ConfigError(errors)
     return cfg
 
 
-def _cross_check(cfg: FedtuneConfig) -> None:
+def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
+    """Every setting that cannot be combined with another section's, each naming both keys.
+
+    These are all the refusals a run can decide from its configuration alone, so
+    ``fedtune check-config`` makes each of them before any run would.
+    """
     errors: list[str] = []
     if cfg.model.quantization == "4bit" and cfg.model.device == "cpu":
-        errors.append("model.quantization: '4bit' (QLoRA through bitsandbytes) needs a CUDA device, model.device is 'cpu'")
+        errors.append(
+            "model.quantization: '4bit' cannot be combined with model.device = 'cpu' "
+            "(QLoRA through bitsandbytes needs a CUDA device); use 'none' or device = 'cuda'"
+        )
     if cfg.privacy.mode == "sample" and cfg.adapter.method == "dora":
         errors.append(
-            "privacy.mode: sample-level DP-SGD cannot be combined with adapter.method = 'dora' "
+            "privacy.mode: 'sample' cannot be combined with adapter.method = 'dora' "
             "(opacus cannot compute per-sample gradients of DoRA layers); use 'lora' or a client-level mode"
         )
-    if cfg.adapter.method == "head" and cfg.aggregation.lora_mode != "naive":
+    if cfg.eval.forgetting_examples and cfg.eval.forgetting_source == "chatterbot" and (
+        cfg.data.dataset == "chatterbot" and not cfg.data.domains
+    ):
         errors.append(
-            f"aggregation.lora_mode: {cfg.aggregation.lora_mode!r} aggregates LoRA factors; adapter.method = 'head' "
-            "trains none (set lora_mode = 'naive')"
+            "eval.forgetting_source: 'chatterbot' cannot be combined with data.dataset = 'chatterbot' and no "
+            "data.domains (every category is tuned on, none is left to measure forgetting); set data.domains "
+            "or use forgetting_source = 'rotten_tomatoes'"
         )
-    if cfg.train.mode == "zo" and cfg.privacy.mode == "sample":
-        errors.append("train.mode: zeroth-order training has no per-sample gradients for DP-SGD; use a client-level privacy mode")
-    if cfg.train.mode == "zo" and cfg.compression.codec != "none":
-        errors.append("compression.codec: zeroth-order mode already sends only (seed, scalar) pairs; set it to 'none'")
-    agg = cfg.aggregation
-    if agg.lora_mode == "ffa" and not cfg.adapter.ffa:
-        errors.append("aggregation.lora_mode: 'ffa' needs adapter.ffa = true (A frozen on every client)")
-    if agg.lora_mode == "hetero":
+    errors.extend(_aggregation_problems(cfg))
+    if cfg.train.mode == "zo":
+        errors.extend(_zo_problems(cfg))
+    if cfg.aggregation.lora_mode == "hetero":
         errors.extend(_hetero_problems(cfg))
-    if agg.lora_mode == "exact" and agg.server_optimizer not in ("fedavg", "fedprox"):
-        errors.append(
-            f"aggregation.lora_mode: 'exact' re-factors the mean product; it cannot be combined with "
-            f"server_optimizer = {agg.server_optimizer!r} (use fedavg or fedprox)"
-        )
-    if agg.secure != "none":
+    if cfg.aggregation.secure != "none":
         errors.extend(_secure_problems(cfg))
-    if errors:
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    errors.extend(_budget_problems(cfg))
+    return errors
+
+
+def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
+    """Aggregation settings that the adapter or the privacy mode would leave unused.
+
+    Which step decides the new global state (`fedtune.flower.server`): client-central
+    DP's private mean, else a LoRA-aware aggregator (``lora_mode`` exact / ffa /
+    hetero), else the Flower strategy (a robust rule, else the server optimizer).
+    A setting of a step that does not run would be computed and thrown away, so
+    each such pair is refused, naming both keys (the pairs inside ``[aggregation]``
+    are `AggregationConfig`'s own checks).
+    """
+    from fedtune.aggregation.config import SERVER_MEAN_OPTIMIZERS
+
+    agg, e = cfg.aggregation, []
+    if agg.lora_mode in ("exact", "ffa") and cfg.adapter.method in ("head", "prompt"):
+        e.append(
+            f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with adapter.method = "
+            f"{cfg.adapter.method!r} (it aggregates LoRA factors, and this adapter has none); use 'naive'"
+        )
+    if agg.lora_mode in ("exact", "ffa") and cfg.adapter.method in ("lora", "dora") and (
+        agg.server_optimizer not in SERVER_MEAN_OPTIMIZERS
+    ):
+        e.append(
+            f"aggregation.server_optimizer: {agg.server_optimizer!r} cannot be combined with aggregation.lora_mode = "
+            f"{agg.lora_mode!r} (the LoRA-aware {agg.lora_mode} aggregator decides the new global state, so the "
+            "optimizer's step would never run); use 'fedavg' or 'fedprox', or lora_mode = 'naive'"
+        )
+    if agg.lora_mode == "ffa" and not cfg.adapter.ffa:
+        e.append("aggregation.lora_mode: 'ffa' needs adapter.ffa = true (A frozen on every client), which is false")
+    if cfg.privacy.mode == "client-central":
+        # DP-FedAvg's clipped, unweighted, noised mean replaces whatever the strategy or a LoRA aggregator computes
+        why = "the server's DP-FedAvg step, a clipped mean plus Gaussian noise, replaces it"
+        if agg.robust != "none":
+            e.append(
+                f"aggregation.robust: {agg.robust!r} cannot be combined with privacy.mode = 'client-central' ({why}); "
+                "use robust = 'none', or privacy.mode = 'client-local' (clients add the noise, then the robust rule "
+                "aggregates)"
+            )
+        if agg.server_optimizer not in SERVER_MEAN_OPTIMIZERS:
+            e.append(
+                f"aggregation.server_optimizer: {agg.server_optimizer!r} cannot be combined with privacy.mode = "
+                f"'client-central' ({why}); use 'fedavg' or 'fedprox', or privacy.mode = 'client-local'"
+            )
+        if agg.lora_mode != "naive":
+            hint = " (with adapter.ffa = true, A is not trained and the private mean averages B only)" if (
+                agg.lora_mode == "ffa") else ""
+            e.append(
+                f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with privacy.mode = 'client-central' "
+                f"({why}, averaging each factor of same-shape deltas); use 'naive'{hint}, or privacy.mode = "
+                "'client-local'"
+            )
+    return e
+
+
+def _zo_problems(cfg: FedtuneConfig) -> list[str]:
+    """What zeroth-order training (clients send (seed, scalar) pairs, the server averages scalars) ignores."""
+    e: list[str] = []
+    agg = cfg.aggregation
+    if cfg.privacy.enabled:
+        why = "it has no per-sample gradients for DP-SGD" if cfg.privacy.mode == "sample" else (
+            "no client-level mechanism is implemented for (seed, scalar) pairs")
+        e.append(f"privacy.mode: {cfg.privacy.mode!r} cannot be combined with train.mode = 'zo' ({why}); use 'none'")
+    if cfg.compression.codec != "none":
+        e.append(
+            f"compression.codec: {cfg.compression.codec!r} cannot be combined with train.mode = 'zo' (zeroth-order "
+            "clients already send only (seed, scalar) pairs); use 'none'"
+        )
+    if cfg.compression.downlink != "none":
+        e.append(
+            f"compression.downlink: {cfg.compression.downlink!r} cannot be combined with train.mode = 'zo' "
+            "(the server broadcasts (seed, scalar) pairs); use 'none'"
+        )
+    why = "the server averages the clients' scalars of shared seeds, FedAvg"
+    if agg.robust != "none":
+        e.append(f"aggregation.robust: {agg.robust!r} cannot be combined with train.mode = 'zo' ({why}); use 'none'")
+    if agg.server_optimizer != "fedavg":
+        e.append(
+            f"aggregation.server_optimizer: {agg.server_optimizer!r} cannot be combined with train.mode = 'zo' "
+            f"({why}); use 'fedavg'"
+        )
+    if agg.lora_mode in ("exact", "ffa"):
+        e.append(
+            f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with train.mode = 'zo' ({why}, never "
+            "LoRA factors); use 'naive' (adapter.ffa = true still keeps A frozen)"
+        )
+    if agg.max_update_norm is not None:
+        e.append(
+            f"aggregation.max_update_norm: cannot be combined with train.mode = 'zo' (there is no update tensor to "
+            f"bound); bound the scalars with zo.grad_clip (got {agg.max_update_norm!r})"
+        )
+    if cfg.zo.scope == "full" and cfg.model.quantization != "none":
+        e.append(
+            f"zo.scope: 'full' cannot be combined with model.quantization = {cfg.model.quantization!r} (it would "
+            "perturb quantized base weights); use 'adapter'"
+        )
+    return e
+
+
+def _budget_problems(cfg: FedtuneConfig) -> list[str]:
+    """``privacy.budget_policy = 'refuse'``: the configured rounds must fit ``privacy.epsilon_budget``."""
+    priv, fed = cfg.privacy, cfg.federation
+    if not priv.client_level or priv.epsilon_budget is None or priv.budget_policy != "refuse":
+        return []
+    from fedtune.privacy import ClientLevelAccountant
+
+    # the server's accountant (ServerLoop): central DP is amplified by client sampling, local DP is not
+    rate = fed.clients_per_round / fed.num_clients if priv.mode == "client-central" else None
+    acc = ClientLevelAccountant.from_config(priv, sample_rate=rate)
+    eps = acc.epsilon_after(fed.rounds)
+    if eps <= priv.epsilon_budget:
+        return []
+    fit = max(acc.max_rounds_within(priv.epsilon_budget), 0)
+    return [
+        f"privacy.epsilon_budget: federation.rounds = {fed.rounds} would spend epsilon {eps:.4g} at delta "
+        f"{priv.delta:g} (privacy.noise_multiplier = {priv.noise_multiplier:g}, client sampling rate "
+        f"{acc.sample_rate:g}); at most {fit} rounds fit: lower federation.rounds, raise privacy.noise_multiplier, "
+        f"raise the budget or set budget_policy = 'stop' (got {priv.epsilon_budget!r})"
+    ]
 
 
 def _secure_problems(cfg: FedtuneConfig) -> list[str]:
@@ -512,7 +555,7 @@ def _secure_problems(cfg: FedtuneConfig) -> list[str]:
     if cfg.privacy.epsilon_budget is not None:
         e.append("privacy.epsilon_budget: not supported with aggregation.secure = 'secagg+'; unset it")
     if cfg.train.mode != "backprop":
-        e.append(f"train.mode: aggregation.secure = 'secagg+' needs 'backprop' (dense deltas), got {cfg.train.mode!r}")
+        e.append(f"train.mode: aggregation.secure = 'secagg+' needs 'backprop' (dense deltas) (got {cfg.train.mode!r})")
     sampled = cfg.federation.clients_per_round
     if sampled < 2:
         e.append(
@@ -527,7 +570,7 @@ def _hetero_problems(cfg: FedtuneConfig) -> list[str]:
     e: list[str] = []
     ranks = cfg.aggregation.client_ranks or ()
     if cfg.adapter.method not in ("lora", "dora"):
-        e.append(f"aggregation.lora_mode: 'hetero' needs LoRA factors; adapter.method is {cfg.adapter.method!r} (use 'lora' or 'dora')")
+        e.append(f"aggregation.lora_mode: 'hetero' needs LoRA factors, which adapter.method = {cfg.adapter.method!r} has not (use 'lora' or 'dora')")
     if cfg.adapter.ffa:
         e.append("aggregation.lora_mode: 'hetero' re-factors A every round, so A cannot stay frozen; set adapter.ffa = false")
     above = sorted({r for r in ranks if r > cfg.adapter.r})
@@ -537,12 +580,7 @@ def _hetero_problems(cfg: FedtuneConfig) -> list[str]:
             f"set adapter.r = max(client_ranks) = {max(ranks)}"
         )
     if cfg.train.mode != "backprop":
-        e.append(f"aggregation.lora_mode: 'hetero' needs train.mode = 'backprop', got {cfg.train.mode!r}")
-    if cfg.privacy.mode == "client-central":
-        e.append(
-            "privacy.mode: 'client-central' averages same-shape deltas on the server; it cannot be combined with "
-            "aggregation.lora_mode = 'hetero' (use 'client-local' or 'sample')"
-        )
+        e.append(f"aggregation.lora_mode: 'hetero' needs train.mode = 'backprop', which is {cfg.train.mode!r}")
     if cfg.compression.downlink != "none":
         e.append(
             "compression.downlink: the compressed broadcast is one copy for all clients, but with "

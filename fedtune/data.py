@@ -209,6 +209,26 @@ def encode_labels(examples: list[Example]) -> tuple[list[Example], tuple[str, ..
         return [{**e, "label": index[str(e["label"])]} for e in examples], names
 
 
+def num_labels(splits: Splits, requested: int | None, dataset: str) -> int:
+    """The classifier's number of classes: the data's label count (``len(splits.labels)``).
+
+    As in Hugging Face's classification examples (``num_labels = len(label_list)``).
+    ``requested`` is ``model.num_labels``: None takes the data's count; a number must
+    equal it, or the loss would index past the head (too few) or the head would
+    hold classes no example has (too many).
+    """
+    n = len(splits.labels)
+    shown = ", ".join(splits.labels[:10]) + (", ..." if n > 10 else "")
+    if n < 2:
+        raise ConfigError(f"data.label_column: {dataset!r} has {n} distinct label(s) ({shown}); a classifier needs at least 2")
+    if requested is not None and requested != n:
+        raise ConfigError(
+            f"model.num_labels: data.dataset {dataset!r} has {n} labels ({shown}), so the classifier needs {n}; "
+            f"unset model.num_labels to take the count from the data (got {requested!r})"
+        )
+    return n
+
+
 def split(cfg: DataConfig, task: str) -> Splits:
     """Load, cut a seeded held-out test split, cap sizes."""
     ex = load_examples(cfg, task)

@@ -165,7 +165,7 @@ def held_out_metrics(ws, cfg: FedtuneConfig, *, final: bool = True) -> dict[str,
         test = test[:limit]
     out = evaluate(
         ws.model, test, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-        batch_size=cfg.train.eval_batch_size, num_labels=cfg.model.num_labels,
+        batch_size=cfg.train.eval_batch_size, num_labels=ws.num_labels,
         mixed_precision=cfg.train.mixed_precision,
     )
     out.update(extra_eval(ws, cfg))

@@ -180,7 +180,7 @@ def load_tokenizer(resolved: ResolvedModel):
     return tok
 
 
-def _tiny(name: str, vocab_size: int, num_labels: int, pad_token_id: int):
+def _tiny(name: str, vocab_size: int, num_labels: int | None, pad_token_id: int):
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     with torch.random.fork_rng(devices=[]):
@@ -188,7 +188,8 @@ def _tiny(name: str, vocab_size: int, num_labels: int, pad_token_id: int):
         if name == "tiny-bert":
             conf = BertConfig(
                 vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, max_position_embeddings=128, num_labels=num_labels, pad_token_id=pad_token_id,
+                intermediate_size=64, max_position_embeddings=128, pad_token_id=pad_token_id,
+                **({} if num_labels is None else {"num_labels": num_labels}),
             )
             return BertForSequenceClassification(conf)
         conf = LlamaConfig(
@@ -200,7 +201,11 @@ def _tiny(name: str, vocab_size: int, num_labels: int, pad_token_id: int):
 
 
 def load_base(resolved: ResolvedModel, cfg: ModelConfig, tokenizer, device: torch.device):
-    """Load the frozen base model on ``device``."""
+    """Load the frozen base model on ``device``.
+
+    A classifier gets ``cfg.num_labels`` outputs; unset, the checkpoint's own head
+    size (`fedtune.workspace.build` sets it from the data first).
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = pick_dtype(cfg, device)
@@ -209,8 +214,8 @@ def load_base(resolved: ResolvedModel, cfg: ModelConfig, tokenizer, device: torc
         if device.type != "cuda":
             raise ConfigError("model.quantization: '4bit' (QLoRA through bitsandbytes) needs a CUDA device")
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError:
             raise FedtuneError("model.quantization '4bit' needs bitsandbytes: pip install bitsandbytes") from None
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -225,7 +230,9 @@ def load_base(resolved: ResolvedModel, cfg: ModelConfig, tokenizer, device: torc
             if resolved.task == CAUSAL_LM:
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=cfg.num_labels, **kwargs)
+                if cfg.num_labels is not None:
+                    kwargs["num_labels"] = cfg.num_labels
+                model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.pooling == "mean":

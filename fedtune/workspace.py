@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from fedtune import adapters, data, models
-from fedtune.config import CAUSAL_LM, FedtuneConfig
+from fedtune.config import CAUSAL_LM, CLASSIFICATION, FedtuneConfig
 from fedtune.delta import Delta
+from fedtune.errors import ConfigError
 
 
 @dataclass
@@ -59,18 +60,25 @@ class Workspace:
         if rank == self.cfg.adapter.r:
             return self.model
         if rank not in self._rank_models:
-            from dataclasses import replace
-
-            base = models.load_base(self.resolved, self.cfg.model, self.tokenizer, self.device)
+            model_cfg = replace(self.cfg.model, num_labels=self.num_labels) if self.task == CLASSIFICATION else self.cfg.model
+            base = models.load_base(self.resolved, model_cfg, self.tokenizer, self.device)
             self._rank_models[rank] = adapters.wrap(base, replace(self.cfg.adapter, r=rank), self.task)
         return self._rank_models[rank]
 
     def trainable_keys(self) -> list[str]:
         return adapters.trainable_keys(self.model)
 
+    @property
+    def num_labels(self) -> int:
+        """The classes the model scores (its head's outputs; the label words' classes for label-word tasks)."""
+        return int(self.model.config.num_labels)
+
     def _ensure_splits(self) -> data.Splits:
         if self.splits is None:
-            self.splits = data.split(self.cfg.data, self.task)
+            splits = data.split(self.cfg.data, self.task)
+            if self.task == CLASSIFICATION:  # an explicit model.num_labels is checked when the data is first read
+                data.num_labels(splits, self.num_labels, self.cfg.data.dataset)
+            self.splits = splits
         return self.splits
 
     def partitions(self) -> list[list[int]]:
@@ -99,11 +107,14 @@ class Workspace:
         """
         key = f"file:{path}"
         if key not in self._files:
-            from dataclasses import replace
-
             ex = data.load_examples(replace(self.cfg.data, dataset=path, domains=()), self.task)
             if self.task != CAUSAL_LM:
-                ex, _ = data.encode_labels(ex)
+                ex, names = data.encode_labels(ex)
+                if self.task == CLASSIFICATION and len(names) > self.num_labels:
+                    raise ConfigError(
+                        f"model.num_labels: data-path {path} has {len(names)} labels ({', '.join(names[:10])}) but the "
+                        f"classifier has {self.num_labels}; set model.num_labels to the count of every silo's labels"
+                    )
             if not ex:
                 raise ValueError(f"data-path {path} has no examples")
             self._files[key] = data.tokenize(ex, self.tokenizer, self.task, self.cfg.model.max_length)
@@ -141,20 +152,65 @@ def get(cfg: FedtuneConfig) -> Workspace:
         return ws
 
 
+def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
+    """Refuse what a run of ``cfg`` would refuse once it reads its model and data, before any weights load.
+
+    The config's own checks (`fedtune.config.from_dict`) need neither; these do:
+    the model name resolves (no weights are read) on a device this machine has,
+    the adapter and pooling fit the model's task, the data loads with the
+    configured columns, ``model.num_labels`` agrees with the data's labels
+    (`fedtune.data.num_labels`), and the partition gives every client examples.
+    ``fedtune simulate`` and ``fedtune check-config`` run it; returns the resolved model.
+    """
+    resolved = models.resolve(cfg.model)
+    device = models.pick_device(cfg.model)
+    task = resolved.task
+    problems = []
+    if cfg.model.quantization == "4bit" and device.type != "cuda":
+        problems.append("model.quantization: '4bit' (QLoRA through bitsandbytes) needs a CUDA device; this machine has none")
+    if cfg.adapter.method == "head" and task == CAUSAL_LM:
+        problems.append(
+            f"adapter.method: 'head' trains only a classification head, and model.name = {cfg.model.name!r} is a "
+            "causal LM, which has none (use 'lora' or 'prompt')"
+        )
+    if cfg.model.pooling == "mean" and task != CLASSIFICATION:
+        problems.append(
+            f"model.pooling: 'mean' needs a BERT-family sequence classifier, and model.name = {cfg.model.name!r} is "
+            "a causal LM; use 'auto'"
+        )
+    if problems:
+        raise ConfigError(problems)
+    splits = data.split(cfg.data, resolved.task)
+    if resolved.task == CLASSIFICATION:
+        data.num_labels(splits, cfg.model.num_labels, cfg.data.dataset)
+    parts = data.client_indices(cfg.data, splits, cfg.federation.num_clients, resolved.task)
+    empty = [i for i, p in enumerate(parts) if not p]
+    if empty:
+        raise ConfigError(
+            f"data.partition: clients {empty[:5]} get no examples with {cfg.data.partition!r}; "
+            "use fewer clients, a larger data.dirichlet_alpha or data.partition = 'iid'"
+        )
+    return resolved
+
+
 def build(cfg: FedtuneConfig) -> Workspace:
     resolved = models.resolve(cfg.model)
     device = models.pick_device(cfg.model)
     tok = models.load_tokenizer(resolved)
-    base = models.load_base(resolved, cfg.model, tok, device)
+    splits, model_cfg = None, cfg.model
+    if resolved.task == CLASSIFICATION and cfg.model.num_labels is None:
+        # the head has as many outputs as the data has labels (Hugging Face's run_glue: len(label_list))
+        splits = data.split(cfg.data, resolved.task)
+        model_cfg = replace(cfg.model, num_labels=data.num_labels(splits, None, cfg.data.dataset))
+    base = models.load_base(resolved, model_cfg, tok, device)
     model = adapters.wrap(base, cfg.adapter, resolved.task)
-    ws = Workspace(cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device)
+    ws = Workspace(cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device, splits=splits)
     ws.initial_state()  # snapshot before any round loads another state
     return ws
 
 
 def export_adapter(ws: Workspace, state: Delta, target) -> None:
     """Write ``state`` as a PEFT-format adapter (loadable by ``PeftModel.from_pretrained``), atomically."""
-    from fedtune.config import CLASSIFICATION
     from fedtune.rundir import replace_dir
 
     adapters.set_state_(ws.model, state)

@@ -1,17 +1,36 @@
+import math
+import re
+import tomllib
+
 import pytest
 
-from fedtune import config
+from fedtune import cli, config, workspace
 from fedtune.errors import ConfigError
 
 from .conftest import CONFIGS, ROOT
 
+SHIPPED = sorted(CONFIGS.glob("*.toml"))
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
+
+def problems(overrides, path=None) -> tuple[str, ...]:
+    """The problems `config.load` reports for ``overrides`` (it must refuse them)."""
+    with pytest.raises(ConfigError) as exc:
+        config.load(path, overrides)
+    return exc.value.problems
+
+
+def test_the_shipped_configs_are_there():
+    assert {p.name for p in SHIPPED} >= {"default.toml", "tiny.toml", "flwr-run.toml", "smollm2-chatterbot.toml"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_passes_check_config(path):
     cfg = config.load(path)
     # round trip through the TOML the run directory records
-    again = config.from_dict(__import__("tomllib").loads(config.to_toml(cfg)))
+    again = config.from_dict(tomllib.loads(config.to_toml(cfg)))
     assert again.to_dict() == cfg.to_dict()
+    workspace.check_data(cfg)  # what check-config adds: the model resolves, the data loads and partitions
+    assert cli.main(["check-config", "--config", str(path)]) == 0
 
 
 def test_defaults_are_the_bundled_demo():
@@ -19,11 +38,15 @@ def test_defaults_are_the_bundled_demo():
     assert cfg.model.name == "minilm"
     assert cfg.adapter.method == "lora"
     assert cfg.data.dataset == "rotten_tomatoes"
+    assert cfg.model.num_labels is None  # the data's label count
 
 
 def test_unknown_key_is_named():
-    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[train\]: lrr"):
-        config.load(None, {"train.lrr": 0.1})
+    assert problems({"train.lrr": 0.1}) == (
+        "train.lrr: unknown key (known: batch_size, eval_batch_size, local_steps, logit_adjustment, lr, lr_min_ratio, "
+        "lr_schedule, max_grad_norm, mixed_precision, mode, momentum, optimizer, seed, weight_decay)",
+    )
+    assert problems({"zo.num_seed": 5})[0].startswith("zo.num_seed: unknown key (known: distribution, eps,")
 
 
 def test_unknown_section_is_named():
@@ -34,23 +57,99 @@ def test_unknown_section_is_named():
 @pytest.mark.parametrize(
     "key,value,needle",
     [
-        ("train.lr", -1.0, "train.lr: must be > 0"),
-        ("train.local_steps", 2.5, "train.local_steps: expected an integer"),
-        ("adapter.method", "lorax", "adapter.method: 'lorax' is not one of"),
-        ("data.partition", "random", "data.partition"),
-        ("federation.fraction_train", 1.5, "federation.fraction_train"),
-        ("model.quantization", "3bit", "model.quantization"),
+        ("train.lr", -1.0, "train.lr: must be > 0 (got -1.0)"),
+        ("train.lr", "abc", "train.lr: expected a number, got 'abc'"),
+        ("train.local_steps", 2.5, "train.local_steps: expected an integer, got 2.5"),
+        ("adapter.method", "lorax", "adapter.method: must be one of lora, dora, prompt, head (got 'lorax')"),
+        ("data.partition", "random", "data.partition: must be one of iid, dirichlet, pathological, domain (got 'random')"),
+        ("federation.fraction_train", 1.5, "federation.fraction_train: must be in (0, 1] (got 1.5)"),
+        ("model.quantization", "3bit", "model.quantization: must be one of none, 4bit (got '3bit')"),
+        ("model.num_labels", 1, "model.num_labels: must be >= 2 (got 1)"),
+        ("adapter.ffa", "maybe", "adapter.ffa: expected true or false, got 'maybe'"),
+        ("compression.ratio", float("nan"), "compression.ratio: expected a finite number, got nan"),
+        ("zo.lr", "abc", "zo.lr: expected a number, got 'abc'"),
+        ("aggregation.client_ranks", "2,x", "aggregation.client_ranks: expected a list of integers, got '2,x'"),
     ],
 )
 def test_bad_values_name_the_key(key, value, needle):
-    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
-        config.load(None, {key: value})
+    assert needle in problems({key: value})
 
 
-def test_all_errors_reported_at_once():
+# Two bad keys per section: both must be reported, each as `section.key: why (got value)`
+# (a value of the wrong type as `section.key: expected <type>, got value`).
+TWO_BAD = {
+    "model": ({"max_length": 0, "device": "tpu"},
+              ["model.max_length: must be > 0 (got 0)", "model.device: must be one of auto, cpu, cuda (got 'tpu')"]),
+    "adapter": ({"r": 0, "dropout": 1.0},
+                ["adapter.r: must be > 0 (got 0)", "adapter.dropout: must be in [0, 1) (got 1.0)"]),
+    "data": ({"test_fraction": 1.0, "dirichlet_alpha": "high"},
+             ["data.test_fraction: must be in (0, 1) (got 1.0)", "data.dirichlet_alpha: expected a number, got 'high'"]),
+    "train": ({"lr": "abc", "batch_size": 0},
+              ["train.lr: expected a number, got 'abc'", "train.batch_size: must be > 0 (got 0)"]),
+    "federation": ({"rounds": 0, "fraction_train": 1.5},
+                   ["federation.rounds: must be > 0 (got 0)", "federation.fraction_train: must be in (0, 1] (got 1.5)"]),
+    "simulation": ({"backend": "dask", "cpus_per_client": 0},
+                   ["simulation.backend: must be one of ray (got 'dask')", "simulation.cpus_per_client: must be > 0 (got 0.0)"]),
+    "output": ({"name": 3, "save_adapter": "maybe"},
+               ["output.name: expected a string, got 3", "output.save_adapter: expected true or false, got 'maybe'"]),
+    "eval": ({"max_new_tokens": 0, "forgetting_source": "wiki"},
+             ["eval.max_new_tokens: must be > 0 (got 0)",
+              "eval.forgetting_source: must be one of auto, chatterbot, rotten_tomatoes (got 'wiki')"]),
+    "compression": ({"ratio": 2.0, "sign_scale": "max"},
+                    ["compression.ratio: must be in (0, 1] (got 2.0)",
+                     "compression.sign_scale: must be one of mean_abs, rms (got 'max')"]),
+    "privacy": ({"delta": 2.0, "budget_policy": "warn"},
+                ["privacy.delta: must be in (0, 1) (got 2.0)",
+                 "privacy.budget_policy: must be one of refuse, stop (got 'warn')"]),
+    "aggregation": ({"trim_beta": 0.7, "num_malicious": -1},
+                    ["aggregation.trim_beta: must be in [0, 0.5) (got 0.7)", "aggregation.num_malicious: must be >= 0 (got -1)"]),
+    "zo": ({"eps": 0, "scope": "lora"},
+           ["zo.eps: must be > 0 (got 0.0)", "zo.scope: must be one of adapter, full (got 'lora')"]),
+}
+
+
+@pytest.mark.parametrize("section", sorted(TWO_BAD))
+def test_every_section_reports_all_its_problems_at_once(section):
+    values, expected = TWO_BAD[section]
+    got = problems({f"{section}.{k}": v for k, v in values.items()})
+    assert sorted(got) == sorted(expected)
+    # the same two lines whether the section is built alone or as part of a run's config
+    cls = type(getattr(config.FedtuneConfig(), section))
     with pytest.raises(ConfigError) as exc:
-        config.load(None, {"train.lr": -1.0, "train.batch_size": 0})
-    assert "train.lr" in str(exc.value) and "train.batch_size" in str(exc.value)
+        cls.from_dict(values)
+    assert sorted(exc.value.problems) == sorted(expected)
+
+
+def test_every_section_is_covered_by_the_two_bad_keys_test():
+    assert set(config.SECTIONS) - {"label_words"} == set(TWO_BAD)
+
+
+def test_problems_of_every_section_come_together():
+    got = problems({"train.lr": "abc", "zo.eps": -1.0, "privacy.mode": "dp", "compression.bitz": 4})
+    assert [p.split(":")[0] for p in got] == ["train.lr", "compression.bitz", "privacy.mode", "zo.eps"]
+
+
+def test_a_wrong_type_does_not_raise_checks_of_its_default():
+    # noise_multiplier of the wrong type: 'sample' must not also be told it has no noise multiplier
+    got = problems({"privacy.mode": "sample", "privacy.noise_multiplier": "abc", "privacy.max_grad_norm": 1.0})
+    assert got == ("privacy.noise_multiplier: expected a number, got 'abc'",)
+    # num_clients of the wrong type: min_train_clients is not compared with the default of 10
+    got = problems({"federation.num_clients": "ten", "federation.min_train_clients": 20})
+    assert got == ("federation.num_clients: expected an integer, got 'ten'",)
+    # a section constructed directly is checked the same way
+    with pytest.raises(ConfigError, match=re.escape("model.max_length: expected an integer, got '64'")):
+        config.ModelConfig(max_length="64")
+
+
+def test_flat_run_config_spellings_are_read():
+    cfg = config.from_run_config({
+        "config": "simulations/configs/tiny.toml", "output.save_adapter": "false", "train.local_steps": 4.0,
+        "train.lr": 1, "aggregation.lora-mode": "hetero", "aggregation.client_ranks": "2 4,8", "adapter.r": 8,
+    }, base_dir=ROOT)
+    assert cfg.output.save_adapter is False and cfg.aggregation.lora_mode == "hetero"
+    assert (cfg.train.local_steps, cfg.train.lr, cfg.aggregation.client_ranks) == (4, 1.0, (2, 4, 8))
+    assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.local_steps, int)
+    assert "aggregation.lora_mode: given twice" in problems({"aggregation.lora-mode": "naive", "aggregation.lora_mode": "naive"})[0]
 
 
 def test_overrides_parse_toml_values():
@@ -68,9 +167,141 @@ def test_run_config_from_flower(tmp_path):
 
 
 def test_pyproject_registers_the_flower_app():
-    import tomllib
-
     py = tomllib.loads((ROOT / "pyproject.toml").read_text())
     comps = py["tool"]["flwr"]["app"]["components"]
     assert comps == {"serverapp": "server.app:app", "clientapp": "clients.app:app"}
     assert (ROOT / py["tool"]["flwr"]["app"]["config"]["config"]).is_file()
+
+
+# --- aggregation composes or refuses --------------------------------------------------------------
+# The server decides the new global state with, in this order: client-central DP's private mean, a
+# LoRA-aware aggregator (lora_mode exact / ffa / hetero), the Flower strategy (robust rule, else server
+# optimizer) (fedtune/flower/server.py). Each pair below used to be accepted, and the later step computed
+# and thrown away while summary.json named it.
+
+CENTRAL = {"privacy.mode": "client-central", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0}
+FFA = {"adapter.ffa": True, "aggregation.lora_mode": "ffa"}
+
+
+@pytest.mark.parametrize(
+    "overrides,first,second",
+    [
+        ({**FFA, "aggregation.robust": "krum"}, "aggregation.robust: 'krum'", "aggregation.lora_mode = 'ffa'"),
+        ({**FFA, "aggregation.robust": "median"}, "aggregation.robust: 'median'", "aggregation.lora_mode = 'ffa'"),
+        ({**FFA, "aggregation.robust": "trimmed-mean"}, "aggregation.robust: 'trimmed-mean'", "aggregation.lora_mode = 'ffa'"),
+        ({**CENTRAL, "aggregation.robust": "median"}, "aggregation.robust: 'median'", "privacy.mode = 'client-central'"),
+        ({**CENTRAL, "aggregation.robust": "krum"}, "aggregation.robust: 'krum'", "privacy.mode = 'client-central'"),
+        ({"aggregation.lora_mode": "exact", "aggregation.robust": "krum"}, "aggregation.robust: 'krum'",
+         "aggregation.lora_mode = 'exact'"),
+        ({"aggregation.lora_mode": "hetero", "aggregation.robust": "median"}, "aggregation.robust: 'median'",
+         "aggregation.lora_mode = 'hetero'"),
+        ({**CENTRAL, "aggregation.server_optimizer": "fedadam"}, "aggregation.server_optimizer: 'fedadam'",
+         "privacy.mode = 'client-central'"),
+        ({**CENTRAL, "aggregation.server_optimizer": "fedavgm"}, "aggregation.server_optimizer: 'fedavgm'",
+         "privacy.mode = 'client-central'"),
+        ({**CENTRAL, "aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact'", "privacy.mode = 'client-central'"),
+        ({**CENTRAL, **FFA}, "aggregation.lora_mode: 'ffa'", "privacy.mode = 'client-central'"),
+        ({**CENTRAL, "aggregation.lora_mode": "hetero"}, "aggregation.lora_mode: 'hetero'", "privacy.mode = 'client-central'"),
+        ({**FFA, "aggregation.server_optimizer": "fedyogi"}, "aggregation.server_optimizer: 'fedyogi'",
+         "aggregation.lora_mode = 'ffa'"),
+        ({"aggregation.lora_mode": "exact", "aggregation.server_optimizer": "fedadam"},
+         "aggregation.server_optimizer: 'fedadam'", "aggregation.lora_mode = 'exact'"),
+        ({"adapter.method": "prompt", "aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact'",
+         "adapter.method = 'prompt'"),
+    ],
+)
+def test_aggregation_that_would_be_thrown_away_is_refused_naming_both_keys(overrides, first, second):
+    got = problems(overrides)
+    named = [p for p in got if p.startswith(first)]
+    assert len(named) == 1 and second in named[0] and "; use " in named[0], got
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {**CENTRAL, "aggregation.server_optimizer": "fedprox"},  # FedProx's server step is the mean; mu acts on clients
+        {"adapter.ffa": True, "aggregation.robust": "krum"},  # the fix the ffa refusal suggests: A frozen, Krum on B
+        {"privacy.mode": "client-local", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0,
+         "aggregation.robust": "median"},
+        {"aggregation.lora_mode": "exact", "aggregation.server_optimizer": "fedprox"},
+        {**FFA, "aggregation.server_optimizer": "fedprox"},
+        {"aggregation.robust": "krum", "aggregation.server_optimizer": "fedprox"},
+        {**CENTRAL, "adapter.ffa": True},
+    ],
+)
+def test_aggregation_that_composes_is_accepted(overrides):
+    config.load(None, overrides)
+
+
+# --- every refusal a run would make from its configuration, made at validation --------------------
+
+ZO = {"train.mode": "zo"}
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        ({**ZO, "privacy.mode": "client-local", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0},
+         "privacy.mode: 'client-local' cannot be combined with train.mode = 'zo'"),
+        ({**ZO, **CENTRAL}, "privacy.mode: 'client-central' cannot be combined with train.mode = 'zo'"),
+        ({**ZO, "aggregation.robust": "median"}, "aggregation.robust: 'median' cannot be combined with train.mode = 'zo'"),
+        ({**ZO, "aggregation.server_optimizer": "fedprox"},
+         "aggregation.server_optimizer: 'fedprox' cannot be combined with train.mode = 'zo'"),
+        ({**ZO, "aggregation.max_update_norm": 5.0}, "aggregation.max_update_norm: cannot be combined with train.mode = 'zo'"),
+        ({**ZO, "compression.downlink": "int8"}, "compression.downlink: 'int8' cannot be combined with train.mode = 'zo'"),
+        ({**ZO, "compression.codec": "int8"}, "compression.codec: 'int8' cannot be combined with train.mode = 'zo'"),
+        ({**ZO, "zo.scope": "full", "model.quantization": "4bit"},
+         "zo.scope: 'full' cannot be combined with model.quantization = '4bit'"),
+        ({**ZO, "aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact' cannot be combined with train.mode = 'zo'"),
+        ({"eval.forgetting_examples": 5, "eval.forgetting_source": "chatterbot", "data.dataset": "chatterbot"},
+         "eval.forgetting_source: 'chatterbot' cannot be combined with data.dataset = 'chatterbot' and no data.domains"),
+    ],
+)
+def test_run_time_refusals_are_made_by_validation(overrides, key):
+    assert any(p.startswith(key) for p in problems(overrides))
+
+
+def test_an_epsilon_budget_the_rounds_exceed_is_refused_at_validation_with_opacus_epsilon():
+    from opacus.accountants import RDPAccountant
+
+    over = {**CENTRAL, "privacy.noise_multiplier": 0.5, "privacy.epsilon_budget": 1.0, "federation.rounds": 50}
+    (msg,) = problems(over, CONFIGS / "tiny.toml")
+    assert msg.startswith("privacy.epsilon_budget: federation.rounds = 50 would spend epsilon ")
+    ref = RDPAccountant()  # tiny.toml: 4 clients, all sampled every round
+    ref.history = [(0.5, 1.0, 50)]
+    eps = float(re.search(r"spend epsilon (\S+) ", msg).group(1))
+    assert math.isclose(eps, ref.get_epsilon(delta=1e-5), rel_tol=1e-3)
+    config.load(CONFIGS / "tiny.toml", {**over, "privacy.budget_policy": "stop"})  # stopping early is allowed
+
+
+# --- the CLI -----------------------------------------------------------------------------------------
+
+
+def test_check_config_refuses_what_the_run_would(capsys):
+    assert cli.main(["check-config", "--set", "adapter.ffa=true", "--set", "aggregation.lora_mode=ffa",
+                     "--set", "aggregation.robust=krum"]) == 2
+    err = capsys.readouterr().err
+    assert "aggregation.robust: 'krum' cannot be combined with aggregation.lora_mode = 'ffa'" in err
+
+
+def test_simulate_without_config_runs_the_documented_default_job(monkeypatch, tmp_path):
+    from fedtune.flower import simulation
+
+    ran = []
+    monkeypatch.setattr(simulation, "simulate", lambda cfg, out, **kw: ran.append((cfg, out)))
+    assert cli.main(["simulate", "--out", str(tmp_path / "run")]) == 0
+    (cfg, out), = ran
+    default = config.load(CONFIGS / "default.toml")
+    assert cfg == default and cli.DEFAULT_CONFIG == CONFIGS / "default.toml"
+    # what made the built-in dataclass defaults a different job
+    assert (cfg.federation.rounds, cfg.train.logit_adjustment, cfg.train.lr_schedule) == (24, 1.0, "cosine")
+    assert config.load(None).federation.rounds != 24
+    # --set applies on top of the default job
+    assert cli.main(["simulate", "--out", str(tmp_path / "r2"), "--set", "federation.rounds=3"]) == 0
+    assert ran[1][0] == default.replace(**{"federation.rounds": 3})
+
+
+def test_without_the_repository_a_command_without_config_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "default.toml")
+    assert cli.main(["check-config"]) == 2
+    assert "pass --config FILE" in capsys.readouterr().err

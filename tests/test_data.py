@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -32,7 +33,8 @@ def test_pathological_gives_k_labels_per_client():
 
 def test_dirichlet_small_alpha_skews_labels():
     labels = [i % 2 for i in range(2000)]
-    skew = lambda a: np.mean([abs(np.mean([labels[i] for i in p]) - 0.5) for p in data.partition(labels, 10, "dirichlet", seed=0, alpha=a, min_size=1)])
+    def skew(a):
+        return np.mean([abs(np.mean([labels[i] for i in p]) - 0.5) for p in data.partition(labels, 10, "dirichlet", seed=0, alpha=a, min_size=1)])
     assert skew(0.1) > skew(100.0) + 0.2
 
 
@@ -84,3 +86,80 @@ def test_bad_data_input_is_named(tmp_path):
         data.split(DataConfig(dataset="chatterbot", domains=("astrology",)), CAUSAL_LM)
     with pytest.raises(ConfigError, match="neither a bundled dataset"):
         data.split(DataConfig(dataset="imdbb"), CLASSIFICATION)
+
+
+# --- the label count comes from the data ---------------------------------------------------------
+
+FOUR = {"fruit": ["apple", "banana", "cherry"], "metal": ["iron", "copper", "silver"],
+        "animal": ["horse", "tiger", "rabbit"], "color": ["purple", "orange", "yellow"]}
+
+
+def four_label_csv(path, n=240):
+    """Texts of 4 words, each word naming its class: a task a tiny model can learn in a few rounds."""
+    rng = np.random.default_rng(0)
+    names = sorted(FOUR)
+    rows = ["text,label"]
+    for i in range(n):
+        label = names[i % 4]
+        rows.append(" ".join(rng.choice(FOUR[label], 4)) + f",{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_label_count_is_the_data_s_and_a_conflicting_num_labels_is_refused(tmp_path):
+    cfg = DataConfig(dataset=str(four_label_csv(tmp_path / "four.csv")))
+    s = data.split(cfg, CLASSIFICATION)
+    assert s.labels == ("animal", "color", "fruit", "metal")  # sorted names, id = position
+    assert {e["label"] for e in s.train} == {0, 1, 2, 3}
+    assert data.num_labels(s, None, cfg.dataset) == 4 == data.num_labels(s, 4, cfg.dataset)
+    for wrong in (2, 5):
+        with pytest.raises(ConfigError) as exc:
+            data.num_labels(s, wrong, cfg.dataset)
+        assert exc.value.problems == (
+            f"model.num_labels: data.dataset {cfg.dataset!r} has 4 labels (animal, color, fruit, metal), so the "
+            f"classifier needs 4; unset model.num_labels to take the count from the data (got {wrong})",
+        )
+    # the bundled datasets keep their two labels
+    assert data.num_labels(data.split(DataConfig(), CLASSIFICATION), None, "rotten_tomatoes") == 2
+    (tmp_path / "one.csv").write_text("text,label\na,x\nb,x\nc,x\n")
+    with pytest.raises(ConfigError, match="data.label_column: .* has 1 distinct label"):
+        data.num_labels(data.split(DataConfig(dataset=str(tmp_path / "one.csv")), CLASSIFICATION), None, "one.csv")
+
+
+def test_a_csv_with_four_string_labels_runs_federated_without_num_labels_and_learns(tmp_path, tiny_cfg):
+    """Was `IndexError: Target 3 is out of bounds` mid-run: the head stayed at 2 outputs."""
+    from fedtune import workspace
+    from fedtune.flower.client import handle_train
+    from fedtune.flower.local import LocalGrid
+    from fedtune.flower.server import ServerLoop
+
+    cfg = tiny_cfg.replace(**{
+        "data.dataset": str(four_label_csv(tmp_path / "four.csv")), "data.partition": "iid",
+        "data.max_train_examples": 0, "data.max_test_examples": 0,
+        "federation.rounds": 4, "train.local_steps": 15, "train.lr": 2e-2,
+    })
+    assert cfg.model.num_labels is None
+    workspace.check_data(cfg)  # what simulate and check-config check first
+    ws = workspace.get(cfg)
+    assert ws.num_labels == 4 and ws.model.config.num_labels == 4
+    grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
+    summary = ServerLoop(cfg, tmp_path / "run", progress=lambda s: None).main(grid)
+    final = summary["final"]
+    assert final["examples"] == 48
+    assert final["accuracy"] >= 0.6  # chance is 0.25
+    assert final["loss"] < 0.6 * math.log(4)  # the uniform prediction's loss is log 4
+
+
+def test_a_conflicting_num_labels_is_refused_before_the_run(tmp_path, tiny_cfg, capsys):
+    from fedtune import cli, workspace
+
+    csv_path = four_label_csv(tmp_path / "four.csv")
+    cfg = tiny_cfg.replace(**{"data.dataset": str(csv_path), "model.num_labels": 2})
+    with pytest.raises(ConfigError, match=r"model.num_labels: .* has 4 labels .* \(got 2\)"):
+        workspace.check_data(cfg)
+    argv = ["check-config", "--config", "simulations/configs/tiny.toml", "--set", f"data.dataset={str(csv_path)!r}",
+            "--set", "model.num_labels=2"]
+    assert cli.main(argv) == 2
+    assert "model.num_labels: data.dataset" in capsys.readouterr().err
+    assert cli.main([*argv[:-1], "model.num_labels=4"]) == 0
+    assert cli.main([*argv, "--config-only"]) == 0  # the data-free checks alone cannot know

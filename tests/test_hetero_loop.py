@@ -212,7 +212,7 @@ def test_hetero_runs_with_the_settings_it_allows(tiny_cfg, tmp_path, over):
         ({"aggregation.client_ranks": []}, ["aggregation.client_ranks"]),
         ({"aggregation.client_ranks": "2,x"}, ["aggregation.client_ranks"]),
         ({"aggregation.client_ranks": [2, True]}, ["aggregation.client_ranks"]),
-        ({"aggregation.lora_mode": "exact"}, ["aggregation.client_ranks", "lora_mode='hetero'"]),
+        ({"aggregation.lora_mode": "exact"}, ["aggregation.client_ranks", "aggregation.lora_mode = 'hetero'"]),
         ({"adapter.r": 8}, ["aggregation.client_ranks", "adapter.r = 8", "adapter.r = max(client_ranks) = 16"]),
         ({"adapter.method": "prompt"}, ["aggregation.lora_mode", "adapter.method"]),
         ({"adapter.ffa": True}, ["adapter.ffa"]),

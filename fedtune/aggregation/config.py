@@ -12,16 +12,16 @@ round one.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Mapping
 from typing import Any
 
-from fedtune.errors import ConfigError
+from fedtune.validation import Section, between, choice, only_with, positive
 
 LORA_MODES = ("naive", "exact", "ffa", "hetero")
 ROBUST_RULES = ("none", "trimmed-mean", "median", "krum")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedprox")
 SECURE_MODES = ("none", "secagg+")
+# server optimizers whose server step is a weighted mean (FedProx's mu acts on the clients)
+SERVER_MEAN_OPTIMIZERS = ("fedavg", "fedprox")
 # Flower's SecAggPlusWorkflow parameters (flwr.server.workflow, flwr 1.41); the
 # share counts are Flower's secaggplus example's, the ranges Flower's defaults.
 _SECAGG_DEFAULTS = {
@@ -47,7 +47,7 @@ _USES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class AggregationConfig:
+class AggregationConfig(Section):
     """How the server combines client adapter states.
 
     Attributes:
@@ -96,6 +96,7 @@ class AggregationConfig:
             ``quantization_range`` levels.
     """
 
+    SECTION = "aggregation"
     lora_mode: str = "naive"
     client_ranks: tuple[int, ...] | None = None
     rank: int | str | None = None
@@ -117,171 +118,134 @@ class AggregationConfig:
     quantization_range: int | None = None
     max_weight: float | None = None
 
-    def __post_init__(self) -> None:
-        _choice("lora_mode", self.lora_mode, LORA_MODES)
-        _choice("robust", self.robust, ROBUST_RULES)
-        _choice("server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
-        if self.client_ranks is not None:
-            object.__setattr__(self, "client_ranks", _ranks("client_ranks", self.client_ranks))
-            if self.lora_mode != "hetero":
-                raise ConfigError(
-                    f"client_ranks={list(self.client_ranks)!r} is only used by lora_mode='hetero', got lora_mode={self.lora_mode!r}"
-                )
-        if self.rank is not None and self.rank != "lossless":
-            if not _is_int(self.rank) or self.rank < 1:
-                raise ConfigError(f"rank must be a positive int, 'lossless' or None, got {self.rank!r}")
-            if self.lora_mode != "exact":
-                raise ConfigError(f"rank={self.rank!r} is only used by lora_mode='exact', got lora_mode={self.lora_mode!r}")
-        if self.rank == "lossless" and self.lora_mode != "exact":
-            raise ConfigError(f"rank='lossless' is only used by lora_mode='exact', got lora_mode={self.lora_mode!r}")
-        if self.max_update_norm is not None:
-            _positive("max_update_norm", self.max_update_norm)
-        _number("trim_beta", self.trim_beta)
-        if not 0.0 <= self.trim_beta < 0.5:
-            raise ConfigError(f"trim_beta must be in [0, 0.5), got {self.trim_beta!r}")
-        if not _is_int(self.num_malicious) or self.num_malicious < 0:
-            raise ConfigError(f"num_malicious must be an int >= 0, got {self.num_malicious!r}")
-
+    def resolved(self) -> dict[str, Any]:
+        """Flower's defaults for the parameters the chosen server optimizer (and SecAgg+) reads and left unset."""
         opt = self.server_optimizer
-        for name, users in _USES.items():
-            value = getattr(self, name)
-            if value is not None and opt not in users:
-                raise ConfigError(f"{name}={value!r} is not used by server_optimizer={opt!r} (only by {', '.join(users)})")
-        resolved = {
+        defaults: dict[str, Any] = {
             "server_lr": _SERVER_LR_DEFAULT.get(opt),
             "server_momentum": 0.0 if opt == "fedavgm" else None,
             "proximal_mu": 0.0 if opt == "fedprox" else None,
             **{k: (v if opt in ("fedadam", "fedyogi") else None) for k, v in _ADAPTIVE_DEFAULTS.items()},
         }
-        for name, default in resolved.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, default)
-        if self.server_lr is not None:
-            _positive("server_lr", self.server_lr)
-        if self.server_momentum is not None:
-            _number("server_momentum", self.server_momentum)
-            if not 0.0 <= self.server_momentum < 1.0:
-                raise ConfigError(f"server_momentum must be in [0, 1), got {self.server_momentum!r}")
-        for name in ("beta_1", "beta_2"):
-            value = getattr(self, name)
-            if value is not None:
-                _number(name, value)
-                if not 0.0 <= value < 1.0:
-                    raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
-        if self.tau is not None:
-            _positive("tau", self.tau)
-        if self.proximal_mu is not None:
-            _number("proximal_mu", self.proximal_mu)
-            if self.proximal_mu < 0:
-                raise ConfigError(f"proximal_mu must be >= 0, got {self.proximal_mu!r}")
+        if self.secure == "secagg+":
+            defaults.update(_SECAGG_DEFAULTS)
+        return {k: v for k, v in defaults.items() if v is not None and getattr(self, k) is None}
 
-        # Flower's robust strategies are FedAvg variants that aggregate each
-        # array coordinate-wise: they need same-shape factors (not hetero),
-        # cannot also run the product-space step (not exact), and do not
-        # stack with a server optimizer other than plain FedAvg / FedProx.
-        if self.robust != "none":
-            if self.lora_mode not in ("naive", "ffa"):
-                raise ConfigError(f"robust={self.robust!r} needs lora_mode 'naive' or 'ffa', got lora_mode={self.lora_mode!r}")
-            if opt not in ("fedavg", "fedprox"):
-                raise ConfigError(f"robust={self.robust!r} needs server_optimizer 'fedavg' or 'fedprox', got {opt!r}")
-        # A server optimizer on arrays needs every client to send the same shapes.
-        if self.lora_mode == "hetero" and opt not in ("fedavg", "fedprox"):
-            raise ConfigError(f"lora_mode='hetero' needs server_optimizer 'fedavg' or 'fedprox', got {opt!r}")
-        self._check_secure()
+    def problems(self) -> list[str]:
+        e: list[str] = []
+        choice(e, "aggregation.lora_mode", self.lora_mode, LORA_MODES)
+        choice(e, "aggregation.robust", self.robust, ROBUST_RULES)
+        choice(e, "aggregation.server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        choice(e, "aggregation.secure", self.secure, SECURE_MODES)
+        if self.client_ranks is not None:
+            if not self.client_ranks or any(r < 1 for r in self.client_ranks):
+                e.append(f"aggregation.client_ranks: must be a non-empty list of positive integers (got {list(self.client_ranks)!r})")
+            only_with(e, "aggregation.client_ranks", self.client_ranks, "aggregation.lora_mode", self.lora_mode, ("hetero",))
+        if self.rank is not None:
+            if self.rank != "lossless" and (isinstance(self.rank, str) or self.rank < 1):
+                e.append(f"aggregation.rank: must be a positive integer, 'lossless' or unset (got {self.rank!r})")
+            only_with(e, "aggregation.rank", self.rank, "aggregation.lora_mode", self.lora_mode, ("exact",))
+        positive(e, "aggregation.max_update_norm", self.max_update_norm)
+        between(e, "aggregation.trim_beta", self.trim_beta, 0, 0.5, "[)")
+        positive(e, "aggregation.num_malicious", self.num_malicious, allow_zero=True)
+        opt = self.server_optimizer
+        for name, users in _USES.items():
+            only_with(e, f"aggregation.{name}", getattr(self, name), "aggregation.server_optimizer", opt, users)
+        positive(e, "aggregation.server_lr", self.server_lr)
+        for name in ("server_momentum", "beta_1", "beta_2"):
+            between(e, f"aggregation.{name}", getattr(self, name), 0, 1, "[)")
+        positive(e, "aggregation.tau", self.tau)
+        positive(e, "aggregation.proximal_mu", self.proximal_mu, allow_zero=True)
+        e.extend(self._composition_problems())
+        e.extend(self._secure_problems())
+        return e
 
-    def _check_secure(self) -> None:
-        _choice("secure", self.secure, SECURE_MODES)
-        if self.secure == "none":
+    def _composition_problems(self) -> list[str]:
+        """Pairs of this section that the server would not both apply.
+
+        The server decides the new global state with a LoRA-aware aggregator when
+        ``lora_mode`` is not ``"naive"``, else with the Flower strategy, which is
+        the robust rule when one is set, else the server optimizer
+        (`fedtune.flower.server`). A setting of a step that does not run would be
+        computed and thrown away, so it is refused. FedProx composes with each:
+        its server step is FedAvg's mean, its ``proximal_mu`` acts on the clients.
+        ``lora_mode`` exact / ffa with a server optimizer depends on the adapter
+        (a prompt adapter has no factors), so `fedtune.config` checks that pair.
+        """
+        e: list[str] = []
+        robust, mode, opt = self.robust, self.lora_mode, self.server_optimizer
+        if robust != "none" and mode != "naive":
+            hint = (
+                "use lora_mode = 'naive' with adapter.ffa = true (A stays frozen and untrained, the robust rule "
+                "aggregates B)" if mode == "ffa" else "use lora_mode = 'naive', or robust = 'none'"
+            )
+            e.append(
+                f"aggregation.robust: {robust!r} cannot be combined with aggregation.lora_mode = {mode!r} (the "
+                f"LoRA-aware {mode} aggregator decides the new global state, so the robust rule would never "
+                f"run); {hint}"
+            )
+        if robust != "none" and opt not in SERVER_MEAN_OPTIMIZERS:
+            e.append(
+                f"aggregation.robust: {robust!r} cannot be combined with aggregation.server_optimizer = {opt!r} (the "
+                "robust rule replaces the weighted mean, and Flower's strategies do not stack); use 'fedavg' or "
+                "'fedprox', or robust = 'none'"
+            )
+        if mode == "hetero" and opt not in SERVER_MEAN_OPTIMIZERS:  # exact / ffa: see fedtune.config
+            e.append(
+                f"aggregation.server_optimizer: {opt!r} cannot be combined with aggregation.lora_mode = 'hetero' "
+                "(clients send factors of different shapes, which the hetero aggregator combines, so the "
+                "optimizer's step would never run); use 'fedavg' or 'fedprox'"
+            )
+        return e
+
+    def _secure_problems(self) -> list[str]:
+        """SecAgg+ settings: its parameters, and what cannot see only the sum of the updates."""
+        e: list[str] = []
+        if self.secure != "secagg+":
             for name in _SECAGG_DEFAULTS:
-                if getattr(self, name) is not None:
-                    raise ConfigError(f"{name}={getattr(self, name)!r} is only used by secure='secagg+'")
-            return
-        for name, default in _SECAGG_DEFAULTS.items():
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, default)
+                only_with(e, f"aggregation.{name}", getattr(self, name), "aggregation.secure", self.secure, ("secagg+",))
+            return e
         # SecAgg+ hands the server one sum: every rule that must see individual updates is out
         if self.lora_mode not in ("naive", "ffa"):
-            raise ConfigError(f"secure='secagg+' needs lora_mode 'naive' or 'ffa' (a plain mean of deltas), got {self.lora_mode!r}")
+            e.append(
+                f"aggregation.lora_mode: {self.lora_mode!r} cannot be combined with aggregation.secure = 'secagg+' "
+                "(the server sees only the sum of the deltas); use 'naive' or 'ffa'"
+            )
         if self.robust != "none":
-            raise ConfigError(f"secure='secagg+' hides individual updates, so robust={self.robust!r} cannot rank them; set robust='none'")
-        if self.server_optimizer not in ("fedavg", "fedprox"):
-            raise ConfigError(f"secure='secagg+' needs server_optimizer 'fedavg' or 'fedprox', got {self.server_optimizer!r}")
+            e.append(
+                f"aggregation.robust: {self.robust!r} cannot be combined with aggregation.secure = 'secagg+' (it hides "
+                "individual updates, so the robust rule cannot rank them); use 'none'"
+            )
+        if self.server_optimizer not in SERVER_MEAN_OPTIMIZERS:
+            e.append(
+                f"aggregation.server_optimizer: {self.server_optimizer!r} cannot be combined with aggregation.secure = "
+                "'secagg+'; use 'fedavg' or 'fedprox'"
+            )
         if self.max_update_norm is not None:
-            raise ConfigError("max_update_norm: the server cannot measure individual updates under secure='secagg+'; unset it")
+            e.append(
+                "aggregation.max_update_norm: the server cannot measure individual updates under aggregation.secure "
+                f"= 'secagg+'; unset it (got {self.max_update_norm!r})"
+            )
         for name in ("num_shares", "reconstruction_threshold"):
             value = getattr(self, name)
-            _number(name, value)
-            if value <= 0 or (_is_int(value) and value == 2 and name == "num_shares") or (not _is_int(value) and value > 1):
-                raise ConfigError(f"{name} must be an int (> 2 for num_shares) or a fraction in (0, 1], got {value!r}")
-        if _is_int(self.num_shares) and _is_int(self.reconstruction_threshold) and self.num_shares > 1:
-            if not self.reconstruction_threshold < self.num_shares:
-                raise ConfigError(
-                    f"reconstruction_threshold={self.reconstruction_threshold!r} must be < num_shares={self.num_shares!r}"
+            share_count = isinstance(value, int)
+            if value <= 0 or (share_count and name == "num_shares" and value == 2) or (not share_count and value > 1):
+                e.append(
+                    f"aggregation.{name}: must be an integer (> 2 for num_shares) or a fraction in (0, 1] (got {value!r})"
                 )
-        _positive("clipping_range", self.clipping_range)
-        _positive("max_weight", self.max_weight)
-        if not _is_int(self.quantization_range) or not 2 <= self.quantization_range < 2**32:
-            raise ConfigError(f"quantization_range must be an int in [2, 2**32) (Flower's modulus), got {self.quantization_range!r}")
+        if isinstance(self.num_shares, int) and isinstance(self.reconstruction_threshold, int) and self.num_shares > 1:
+            if not self.reconstruction_threshold < self.num_shares:
+                e.append(
+                    f"aggregation.reconstruction_threshold: must be less than aggregation.num_shares = "
+                    f"{self.num_shares} (got {self.reconstruction_threshold!r})"
+                )
+        positive(e, "aggregation.clipping_range", self.clipping_range)
+        positive(e, "aggregation.max_weight", self.max_weight)
+        between(e, "aggregation.quantization_range", self.quantization_range, 2, 2**32, "[)")
+        return e
 
     def client_rank(self, partition_id: int, default: int) -> int:
         """LoRA rank of the client with ``partition_id`` under ``"hetero"``; ``default`` (``adapter.r``) if unset."""
         if not self.client_ranks:
             return default
         return self.client_ranks[int(partition_id) % len(self.client_ranks)]
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> AggregationConfig:
-        """Build from a flat mapping (TOML table, Flower run_config); unknown keys are rejected.
-
-        Keys may use ``-`` or ``_`` (``"lora-mode"`` or ``"lora_mode"``), as
-        Flower's run_config favours dashes.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"unknown aggregation key {key!r}; known keys: {', '.join(sorted(known))}")
-            if name in kwargs:
-                raise ConfigError(f"aggregation key {key!r} given twice")
-            kwargs[name] = value
-        return cls(**kwargs)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _ranks(name: str, value: object) -> tuple[int, ...]:
-    """A non-empty tuple of positive ints from a list, one int, or ``"2,4,8"`` / ``"2 4 8"``."""
-    items: object = value
-    if isinstance(value, str):
-        items = [v for v in value.replace(",", " ").split()]
-        try:
-            items = [int(v) for v in items]
-        except ValueError:
-            raise ConfigError(f"{name} must be a list of positive ints, got {value!r}") from None
-    elif _is_int(value):
-        items = [value]
-    if not isinstance(items, (list, tuple)) or not items:
-        raise ConfigError(f"{name} must be a non-empty list of positive ints, got {value!r}")
-    bad = [v for v in items if not _is_int(v) or v < 1]
-    if bad:
-        raise ConfigError(f"{name} must hold positive ints, got {bad[0]!r} in {list(items)!r}")
-    return tuple(items)
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
-
-
-def _positive(name: str, value: object) -> None:
-    _number(name, value)
-    if value <= 0:  # type: ignore[operator]
-        raise ConfigError(f"{name} must be > 0, got {value!r}")

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from fedtune.compression.codec import VALID_CODECS
 from fedtune.compression.values import Sign, Ternary
-from fedtune.errors import ConfigError
+from fedtune.validation import Section, between, choice, fraction, positive
 
 
 @dataclass(frozen=True)
-class CompressionConfig:
+class CompressionConfig(Section):
     """How deltas are compressed on the way up (client -> server) and down.
 
     Attributes:
@@ -46,6 +42,7 @@ class CompressionConfig:
             stores the residual in its per-node state.
     """
 
+    SECTION = "compression"
     codec: str = "none"
     downlink: str = "none"
     ratio: float = 0.1
@@ -58,56 +55,28 @@ class CompressionConfig:
     small_numel: int = 1024
     error_feedback: bool = False
 
-    def __post_init__(self) -> None:
-        errors = _problems(self)
-        if errors:
-            raise ConfigError("; ".join(errors))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> CompressionConfig:
-        """Build from plain data, rejecting unknown keys (all problems reported at once)."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"compression config must be a mapping, got {type(d).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names), key=str)
-        if unknown:
-            raise ConfigError(f"unknown compression config key(s) {unknown}; valid keys are {names}")
-        return cls(**d)
-
-
-def _problems(c: CompressionConfig) -> list[str]:
-    out = []
-    for field in ("codec", "downlink"):
-        v = getattr(c, field)
-        if not isinstance(v, str) or v not in VALID_CODECS:
-            out.append(f"{field}: unknown codec {v!r}; valid codecs are {', '.join(VALID_CODECS)}")
-    if not isinstance(c.small_codec, str) or c.small_codec not in ("same", *VALID_CODECS):
-        out.append(f"small_codec: must be 'same' or a codec ({', '.join(VALID_CODECS)}), got {c.small_codec!r}")
-    elif c.small_codec != "same" and c.codec == "none":
-        out.append("small_codec: applies to a compressed uplink; codec is 'none' (every tensor already travels as fp32)")
-    if not _is_int(c.small_numel) or not 1 <= c.small_numel < 2**32:
-        out.append(f"small_numel: must be a positive integer, got {c.small_numel!r}")
-    if not _is_real(c.ratio) or not 0 < c.ratio <= 1:
-        out.append(f"ratio: must be a number in (0, 1], got {c.ratio!r}")
-    if c.block_size is not None and (not _is_int(c.block_size) or not 1 <= c.block_size < 2**32):
-        out.append(f"block_size: must be a positive integer (< 2**32) or None, got {c.block_size!r}")
-    if not _is_real(c.ternary_alpha) or not c.ternary_alpha > 0:
-        out.append(f"ternary_alpha: must be a finite number > 0, got {c.ternary_alpha!r}")
-    if c.ternary_scale not in Ternary.SCALES:
-        out.append(f"ternary_scale: must be one of {', '.join(Ternary.SCALES)}, got {c.ternary_scale!r}")
-    if c.sign_scale not in Sign.SCALES:
-        out.append(f"sign_scale: must be one of {', '.join(Sign.SCALES)}, got {c.sign_scale!r}")
-    for field in ("randk_unbiased", "error_feedback"):
-        if not isinstance(getattr(c, field), bool):
-            out.append(f"{field}: must be true or false, got {getattr(c, field)!r}")
-    if c.randk_unbiased is True and not any(str(x).startswith("randk") for x in (c.codec, c.downlink)):
-        out.append(f"randk_unbiased: True needs a randk codec, got codec={c.codec!r}, downlink={c.downlink!r}")
-    return out
-
-
-def _is_real(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    def problems(self) -> list[str]:
+        e: list[str] = []
+        for name in ("codec", "downlink"):
+            value = getattr(self, name)
+            if value not in VALID_CODECS:
+                e.append(f"compression.{name}: unknown codec; valid codecs are {', '.join(VALID_CODECS)} (got {value!r})")
+        choice(e, "compression.small_codec", self.small_codec, ("same", *VALID_CODECS))
+        if self.small_codec != "same" and self.codec == "none":
+            e.append(
+                "compression.small_codec: applies to a compressed uplink, and compression.codec is 'none' "
+                f"(every tensor already travels as fp32) (got {self.small_codec!r})"
+            )
+        between(e, "compression.small_numel", self.small_numel, 1, 2**32, "[)")
+        fraction(e, "compression.ratio", self.ratio)
+        if self.block_size is not None:
+            between(e, "compression.block_size", self.block_size, 1, 2**32, "[)")
+        positive(e, "compression.ternary_alpha", self.ternary_alpha)
+        choice(e, "compression.ternary_scale", self.ternary_scale, Ternary.SCALES)
+        choice(e, "compression.sign_scale", self.sign_scale, Sign.SCALES)
+        if self.randk_unbiased and not any(x.startswith("randk") for x in (self.codec, self.downlink)):
+            e.append(
+                f"compression.randk_unbiased: needs a randk codec, and compression.codec = {self.codec!r}, "
+                f"compression.downlink = {self.downlink!r} (got True)"
+            )
+        return e

@@ -9,26 +9,16 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedtune import data, models
+from fedtune import models, workspace
 from fedtune.config import FedtuneConfig
 from fedtune.errors import ConfigError, FedtuneError
 
 
 def preflight(cfg: FedtuneConfig) -> None:
-    """Check model, data and partition before any process starts; raise one clear error."""
-    resolved = models.resolve(cfg.model)
-    if cfg.model.quantization == "4bit" and models.pick_device(cfg.model).type != "cuda":
-        raise ConfigError("model.quantization: '4bit' (QLoRA through bitsandbytes) needs a CUDA device; this machine has none")
+    """Check model, data and partition before any process starts (`fedtune.workspace.check_data`)."""
+    resolved = workspace.check_data(cfg)
     if resolved.name == "smollm2":
         models.smollm2_checkpoint()  # convert once here, not concurrently in every worker
-    splits = data.split(cfg.data, resolved.task)
-    parts = data.client_indices(cfg.data, splits, cfg.federation.num_clients, resolved.task)
-    empty = [i for i, p in enumerate(parts) if not p]
-    if empty:
-        raise ConfigError(
-            f"data.partition: clients {empty[:5]} get no examples with {cfg.data.partition!r}; "
-            "use fewer clients, a larger data.dirichlet_alpha or data.partition = 'iid'"
-        )
 
 
 # Flower sweeps every 0.1 s, when a sweep cost O(nodes x messages); one costs O(messages) here

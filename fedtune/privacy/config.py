@@ -23,13 +23,9 @@ rounds would exceed it, or ``"stop"`` training before the round that would.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from fedtune.errors import ConfigError
+from fedtune.validation import Section, between, choice, only_with, positive
 
 MODES = ("none", "sample", "client-central", "client-local")
 CLIENT_MODES = ("client-central", "client-local")
@@ -47,8 +43,8 @@ _FIELD_MODES = {
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Differential-privacy settings; validated on construction.
+class PrivacyConfig(Section):
+    """Differential-privacy settings; validated on construction (`fedtune.validation.Section`).
 
     Args:
         mode: one of ``"none"``, ``"sample"``, ``"client-central"``, ``"client-local"``.
@@ -69,6 +65,7 @@ class PrivacyConfig:
             per client by the Gaussian mechanism, sensitivity 1, and accounted).
     """
 
+    SECTION = "privacy"
     mode: str = "none"
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
@@ -79,11 +76,6 @@ class PrivacyConfig:
     budget_policy: str = "refuse"
     label_noise: float = 10.0
 
-    def __post_init__(self) -> None:
-        errors = _validate(self)
-        if errors:
-            raise ConfigError("invalid privacy config: " + "; ".join(errors))
-
     @property
     def enabled(self) -> bool:
         return self.mode != "none"
@@ -92,72 +84,31 @@ class PrivacyConfig:
     def client_level(self) -> bool:
         return self.mode in CLIENT_MODES
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyConfig:
-        """Build from plain data (a TOML table, Flower ``run_config`` entries).
-
-        Unknown keys are rejected so that a typo (``noise_multiplyer``) cannot
-        silently leave a run without noise.
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown privacy config key(s) {unknown}; valid keys are {sorted(known)}")
-        return cls(**dict(data))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data that :meth:`from_dict` turns back into an equal config."""
-        return dataclasses.asdict(self)
-
-
-def _validate(cfg: PrivacyConfig) -> list[str]:
-    """Every problem at once, each naming the field and its bad value."""
-    errors: list[str] = []
-    if not isinstance(cfg.mode, str) or cfg.mode not in MODES:
-        return [f"mode={cfg.mode!r} must be one of {list(MODES)}"]
-    if not isinstance(cfg.budget_policy, str) or cfg.budget_policy not in BUDGET_POLICIES:
-        errors.append(f"budget_policy={cfg.budget_policy!r} must be one of {list(BUDGET_POLICIES)}")
-
-    def number(name: str, *, low: float, low_inclusive: bool, below_one: bool = False) -> None:
-        value = getattr(cfg, name)
-        if value is None:
-            return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            errors.append(f"{name}={value!r} must be a finite number")
-            return
-        if value < low or (value == low and not low_inclusive):
-            errors.append(f"{name}={value!r} must be {'>=' if low_inclusive else '>'} {low}")
-        elif below_one and value >= 1:
-            errors.append(f"{name}={value!r} must be in (0, 1)")
-
-    number("noise_multiplier", low=0.0, low_inclusive=True)
-    number("target_epsilon", low=0.0, low_inclusive=False)
-    number("max_grad_norm", low=0.0, low_inclusive=False)
-    number("delta", low=0.0, low_inclusive=False, below_one=True)
-    if cfg.delta is None:
-        errors.append("delta=None must be a number in (0, 1)")
-    number("clip_norm", low=0.0, low_inclusive=False)
-    number("epsilon_budget", low=0.0, low_inclusive=False)
-    number("label_noise", low=0.0, low_inclusive=False)
-    if cfg.label_noise is None:
-        errors.append("label_noise=None must be a number > 0")
-
-    for name, modes in _FIELD_MODES.items():
-        value = getattr(cfg, name)
-        if value is not None and cfg.mode not in modes:
-            errors.append(f"{name}={value!r} is not used with mode={cfg.mode!r} (only with {list(modes)})")
-
-    if cfg.mode == "sample":
-        if (cfg.noise_multiplier is None) == (cfg.target_epsilon is None):
-            errors.append(
-                "mode='sample' needs exactly one of noise_multiplier and target_epsilon, got "
-                f"noise_multiplier={cfg.noise_multiplier!r}, target_epsilon={cfg.target_epsilon!r}"
-            )
-        if cfg.max_grad_norm is None:
-            errors.append("max_grad_norm=None: mode='sample' needs a per-example clipping bound")
-    elif cfg.mode in CLIENT_MODES:
-        if cfg.noise_multiplier is None:
-            errors.append(f"noise_multiplier=None: mode={cfg.mode!r} needs a noise multiplier")
-        if cfg.clip_norm is None:
-            errors.append(f"clip_norm=None: mode={cfg.mode!r} needs a clipping bound")
-    return errors
+    def problems(self) -> list[str]:
+        """Every problem at once, each naming the key and its bad value."""
+        e: list[str] = []
+        choice(e, "privacy.mode", self.mode, MODES)
+        choice(e, "privacy.budget_policy", self.budget_policy, BUDGET_POLICIES)
+        positive(e, "privacy.noise_multiplier", self.noise_multiplier, allow_zero=True)
+        for name in ("target_epsilon", "max_grad_norm", "clip_norm", "epsilon_budget", "label_noise"):
+            positive(e, f"privacy.{name}", getattr(self, name))
+        between(e, "privacy.delta", self.delta, 0, 1, "()")
+        if self.mode not in MODES:
+            return e  # which settings a mode needs is moot until the mode is known
+        for name, modes in _FIELD_MODES.items():
+            only_with(e, f"privacy.{name}", getattr(self, name), "privacy.mode", self.mode, modes)
+        if self.mode == "sample":
+            if (self.noise_multiplier is None) == (self.target_epsilon is None):
+                e.append(
+                    "privacy.target_epsilon: mode 'sample' needs exactly one of privacy.noise_multiplier and "
+                    f"privacy.target_epsilon (got noise_multiplier = {self.noise_multiplier!r}, "
+                    f"target_epsilon = {self.target_epsilon!r})"
+                )
+            if self.max_grad_norm is None:
+                e.append("privacy.max_grad_norm: mode 'sample' needs a per-example clipping bound (got None)")
+        elif self.mode in CLIENT_MODES:
+            if self.noise_multiplier is None:
+                e.append(f"privacy.noise_multiplier: mode {self.mode!r} needs a noise multiplier (got None)")
+            if self.clip_norm is None:
+                e.append(f"privacy.clip_norm: mode {self.mode!r} needs a clipping bound (got None)")
+        return e

@@ -2,25 +2,22 @@
 
 FedKSeed: Qin et al. 2024, "Federated Full-Parameter Tuning of Billion-Sized
 Language Models with Communication Cost under 18 Kilobytes", arXiv:2312.06353.
-Parsed once, at the boundary (Flower ``run_config``, TOML), with `ZOConfig.from_dict`.
+Parsed once, at the boundary (Flower ``run_config``, TOML), with `ZOConfig.from_dict`
+(`fedtune.validation.Section`: integers are accepted where floats are expected).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from fedtune.errors import ConfigError
+from fedtune.validation import Section, between, choice, positive
 from fedtune.zo.pool import DISTRIBUTIONS, MAX_NUM_SEEDS, MAX_POOL_SEED, SeedPool
 
 SCOPES = ("adapter", "full")
 
 
 @dataclass(frozen=True)
-class ZOConfig:
+class ZOConfig(Section):
     """Hyper-parameters of FedKSeed; every party of a run must hold the same values.
 
     Fields:
@@ -43,6 +40,7 @@ class ZOConfig:
             reference code's ``grad_clip``); 0 disables.
     """
 
+    SECTION = "zo"
     num_seeds: int = 4096
     eps: float = 1e-3
     lr: float = 1e-6
@@ -55,51 +53,19 @@ class ZOConfig:
     distribution: str = "rademacher"
     grad_clip: float = 0.0
 
-    def __post_init__(self) -> None:
-        errors: list[str] = []
-
-        def check(ok: bool, field: str, why: str) -> None:
-            if not ok:
-                errors.append(f"{field}={getattr(self, field)!r}: {why}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_real(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        check(is_int(self.num_seeds) and 1 <= self.num_seeds <= MAX_NUM_SEEDS, "num_seeds",
-              f"must be an integer in [1, {MAX_NUM_SEEDS}]")
-        check(is_real(self.eps) and self.eps > 0, "eps", "must be a finite number > 0")
-        check(is_real(self.lr) and self.lr >= 0, "lr", "must be a finite number >= 0")
-        check(self.scope in SCOPES, "scope", f"must be one of {SCOPES}")
-        check(is_int(self.local_steps) and self.local_steps >= 0, "local_steps", "must be an integer >= 0")
-        check(isinstance(self.pro, bool), "pro", "must be true or false")
-        check(is_real(self.pro_clip) and self.pro_clip > 0, "pro_clip", "must be a finite number > 0")
-        check(is_real(self.pro_temperature) and self.pro_temperature > 0, "pro_temperature",
-              "must be a finite number > 0")
-        check(is_int(self.pool_seed) and 0 <= self.pool_seed < MAX_POOL_SEED, "pool_seed",
-              "must be an integer in [0, 2**63)")
-        check(self.distribution in DISTRIBUTIONS, "distribution", f"must be one of {DISTRIBUTIONS}")
-        check(is_real(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "must be a finite number >= 0")
-        if errors:
-            raise ConfigError("invalid ZOConfig: " + "; ".join(errors))
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ZOConfig:
-        """Build from plain data (TOML table, Flower ``run_config``); unknown keys are errors.
-
-        Integers are accepted where floats are expected (TOML writes ``lr = 0``).
-        """
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown ZOConfig key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**dict(d))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data that `from_dict` reads back."""
-        return dataclasses.asdict(self)
+    def problems(self) -> list[str]:
+        e: list[str] = []
+        between(e, "zo.num_seeds", self.num_seeds, 1, MAX_NUM_SEEDS)
+        positive(e, "zo.eps", self.eps)
+        positive(e, "zo.lr", self.lr, allow_zero=True)
+        choice(e, "zo.scope", self.scope, SCOPES)
+        positive(e, "zo.local_steps", self.local_steps, allow_zero=True)
+        positive(e, "zo.pro_clip", self.pro_clip)
+        positive(e, "zo.pro_temperature", self.pro_temperature)
+        between(e, "zo.pool_seed", self.pool_seed, 0, MAX_POOL_SEED, "[)")
+        choice(e, "zo.distribution", self.distribution, DISTRIBUTIONS)
+        positive(e, "zo.grad_clip", self.grad_clip, allow_zero=True)
+        return e
 
     def pool(self) -> SeedPool:
         """The `SeedPool` these settings define."""
