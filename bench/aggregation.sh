@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7 table on the demo task (simulations/configs/default.toml) at Dirichlet alpha 0.5 and
+# LoRA aggregation table on the demo task (simulations/configs/default.toml) at Dirichlet alpha 0.5 and
 # 0.1: naive vs exact vs FFA-LoRA, heterogeneous ranks {2,4,8,16} vs all clients at rank 8,
 # and FedAvg vs FedAdam vs FedProx at alpha 0.1. Pass row names to run a subset.
 set -euo pipefail

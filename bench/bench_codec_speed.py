@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 from fedtune.compression import VALID_CODECS, CompressionConfig, build_codec, layout_of
-from fedtune.compression.values import Sign
+from fedtune.compression.values import Sign, Ternary
 
 TARGETS = {"topk+ternary": 0.3, "int8": 0.3}
 DEFAULT = ["none", "fp16", "bf16", "int8", "int4", "ternary", "topk", "topk+ternary", "topk+int8", "topk+int4", "randk+fp16"]
@@ -45,6 +45,7 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.1)
     ap.add_argument("--block-size", type=int, default=None)
     ap.add_argument("--sign-scale", default="mean_abs", choices=Sign.SCALES)
+    ap.add_argument("--ternary-scale", default="sparse", choices=Ternary.SCALES)
     ap.add_argument("--small-codec", default="same", choices=["same", *VALID_CODECS])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -60,7 +61,7 @@ def main() -> None:
         for delta in layouts.values():
             delta["classifier.weight"] = torch.randn(2, 384, generator=g) * 1e-3
     print(f"threads={args.threads} ratio={args.ratio} block_size={args.block_size} sign_scale={args.sign_scale} "
-          f"small_codec={args.small_codec} best of {args.repeats}")
+          f"ternary_scale={args.ternary_scale} small_codec={args.small_codec} best of {args.repeats}")
     head = f"{'codec':<14}{'layout':<10}{'elements':>11}{'encode s':>10}{'decode s':>10}{'total s':>9}{'bytes':>12}{'ratio':>8}"
     print(head)
     print("-" * len(head))
@@ -68,7 +69,8 @@ def main() -> None:
         if name == "none" and args.small_codec != "same":
             continue  # a split needs a compressing codec for the large tensors
         codec = build_codec(CompressionConfig(codec=name, ratio=args.ratio, block_size=args.block_size,
-                                              sign_scale=args.sign_scale, small_codec=args.small_codec))
+                                              sign_scale=args.sign_scale, ternary_scale=args.ternary_scale,
+                                              small_codec=args.small_codec))
         for lname, delta in layouts.items():
             layout = layout_of(delta)
             n = sum(v.numel() for v in delta.values())

@@ -1,4 +1,4 @@
-"""One client's DP-SGD budget on pooled IID data: a quick screen of DP recipes (issue 4).
+"""One client's DP-SGD budget on pooled IID data: a quick screen of DP recipes.
 
 Not a federated run: ``--n`` examples drawn from the pooled training data (682 = a demo
 silo's average), ``--steps`` DP-SGD steps at batch ``--B`` with z calibrated by the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 4 table on the demo task (simulations/configs/default.toml): sample-level DP-SGD (opacus)
+# Differential privacy table on the demo task (simulations/configs/default.toml): sample-level DP-SGD (opacus)
 # at epsilon 1, 3, 8 (delta 1e-5; z calibrated by opacus for the planned rounds x local steps)
 # next to the non-private run; client-level DP-FedAvg with 100 simulated clients, 10 per round,
 # at two noise levels next to its own non-private 100-client run (delta 1e-3 < 1/clients;
@@ -23,7 +23,7 @@ SDP="privacy.mode=sample,privacy.max_grad_norm=1.0,privacy.delta=1e-5"
 # undoes the balance, so every silo pushes its own majority label (the eps-8 runs at clip 1 ended
 # predicting one label)
 SDP5="privacy.mode=sample,privacy.max_grad_norm=5.0,privacy.delta=1e-5"
-# Session 5 recipe (DPH): head only (a linear probe on the mean-pooled sentence embedding: 770
+# The DP recipe (DPH): head only (a linear probe on the mean-pooled sentence embedding: 770
 # noised coordinates), plain SGD with momentum (clients' AdamW steps are sign-like, so averaging
 # label-skewed silos' updates becomes a vote of their majority labels), no logit adjustment (with
 # all 10 silos a round the averaged gradient is already the pooled, balanced one; the noisy counts

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5 table on the demo task (simulations/configs/default.toml, same rounds and sampled
+# Zeroth-order table on the demo task (simulations/configs/default.toml, same rounds and sampled
 # clients for every row): FedKSeed zeroth-order training (K = 4096 seeds; clients send
 # (seed index, scalar) pairs, the server sends the K accumulated scalars) with the adapter scope
 # (LoRA + head) and the full-parameter scope (all 22.7M MiniLM weights), next to gradient-based
