@@ -74,6 +74,15 @@ def cmd_centralized(args) -> int:
     return 0
 
 
+def cmd_zero_shot(args) -> int:
+    from fedtune.zeroshot import run_zero_shot
+
+    cfg = _load_config(args)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.output.name}-zero-shot"
+    run_zero_shot(cfg, out, progress=lambda s: print(s, flush=True))
+    return 0
+
+
 def cmd_report(args) -> int:
     from fedtune.report import report
 
@@ -110,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", "-o", help="run directory (default: runs/NAME-centralized)")
     p.set_defaults(func=cmd_centralized)
+    p = sub.add_parser("zero-shot", help="evaluate the model as shipped (no training) the way a run of the config is scored")
+    _add_config_args(p)
+    p.add_argument("--out", "-o", help="run directory (default: runs/NAME-zero-shot)")
+    p.set_defaults(func=cmd_zero_shot)
     p = sub.add_parser("report", help="summary table and PNG plots of one or more run directories")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories; ratios are given to the first")
     p.add_argument("--out", "-o", help="write the plots (all runs overlaid) here instead of into each run directory")

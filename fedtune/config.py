@@ -21,6 +21,7 @@ from fedtune.validation import Section, at_least, between, build_section, choice
 
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal-lm"
+LABEL_WORDS = "label-words"  # a causal LM scoring label words after a prompt (fedtune.labelwords)
 
 
 POOLINGS = ("auto", "mean")
@@ -58,7 +59,7 @@ class ModelConfig(Section):
         if not self.name:
             e.append("model.name: must not be empty (got '')")
         choice(e, "model.pooling", self.pooling, POOLINGS)
-        choice(e, "model.task", self.task, ("auto", CLASSIFICATION, CAUSAL_LM))
+        choice(e, "model.task", self.task, ("auto", CLASSIFICATION, CAUSAL_LM, LABEL_WORDS))
         choice(e, "model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         choice(e, "model.quantization", self.quantization, ("none", "4bit"))
         choice(e, "model.device", self.device, ("auto", "cpu", "cuda"))
@@ -295,6 +296,12 @@ def _zo_default():
     return ZOConfig()
 
 
+def _label_words_default():
+    from fedtune.labelwords import LabelWordsConfig
+
+    return LabelWordsConfig()
+
+
 @dataclass(frozen=True)
 class FedtuneConfig:
     """The whole validated configuration of a run.
@@ -316,6 +323,7 @@ class FedtuneConfig:
     privacy: Any = field(default_factory=_privacy_default)
     aggregation: Any = field(default_factory=_aggregation_default)
     zo: Any = field(default_factory=_zo_default)
+    label_words: Any = field(default_factory=_label_words_default)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict (TOML- and JSON-serializable)."""
@@ -342,7 +350,7 @@ _CORE = {
     "federation": FederationConfig, "simulation": SimulationConfig, "output": OutputConfig,
     "eval": EvalConfig,
 }
-_EXTENSIONS = ("compression", "privacy", "aggregation", "zo")
+_EXTENSIONS = ("compression", "privacy", "aggregation", "zo", "label_words")
 SECTIONS = (*_CORE, *_EXTENSIONS)
 
 
@@ -415,6 +423,9 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
     if cfg.aggregation.secure != "none":
         errors.extend(_secure_problems(cfg))
     errors.extend(_budget_problems(cfg))
+    from fedtune.labelwords import config_problems as label_words_problems
+
+    errors.extend(label_words_problems(cfg))
     return errors
 
 
@@ -690,4 +701,6 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+    # a basic string holds no raw control character (a template's newline)
+    s = "".join(c if c >= " " and c != "\x7f" else {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, f"\\u{ord(c):04x}") for c in s)
     return f'"{s}"'

@@ -381,4 +381,8 @@ def collate(batch: list[dict], pad_id: int, task: str) -> dict[str, torch.Tensor
         out["labels"] = labels
     else:
         out["labels"] = torch.tensor([b["label"] for b in batch], dtype=torch.long)
+        from fedtune import labelwords
+
+        if batch and labelwords.EXAMPLE_KEY in batch[0]:  # label-word examples carry their words
+            out.update(labelwords.word_tensors(batch[0][labelwords.EXAMPLE_KEY]))
     return out

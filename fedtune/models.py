@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fedtune.config import CAUSAL_LM, CLASSIFICATION, ModelConfig
+from fedtune.config import CAUSAL_LM, CLASSIFICATION, LABEL_WORDS, ModelConfig
 from fedtune.errors import ConfigError, FedtuneError
 
 TINY = ("tiny-bert", "tiny-llama")
@@ -132,6 +132,8 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
             )
         else:
             path, task, tok = name, "", name
+    if cfg.task == LABEL_WORDS and task == CLASSIFICATION:
+        raise ConfigError(f"model.task: '{LABEL_WORDS}' scores label words with a causal LM; {name!r} is a sequence classifier")
     if cfg.task != "auto":
         task = cfg.task
     if not task:
@@ -150,6 +152,11 @@ def _task_from_architectures(archs: list[str]) -> str:
     if any(a.endswith("ForCausalLM") for a in archs):
         return CAUSAL_LM
     return CLASSIFICATION
+
+
+def architecture_task(task: str) -> str:
+    """The model class a task runs on: label-word classification runs on the causal LM itself."""
+    return CAUSAL_LM if task == LABEL_WORDS else task
 
 
 def pick_device(cfg: ModelConfig) -> torch.device:
@@ -227,7 +234,7 @@ def load_base(resolved: ResolvedModel, cfg: ModelConfig, tokenizer, device: torc
         path = str(smollm2_checkpoint()) if resolved.name == "smollm2" else resolved.path
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(1234)  # a freshly initialised classifier head is the same everywhere
-            if resolved.task == CAUSAL_LM:
+            if architecture_task(resolved.task) == CAUSAL_LM:
                 model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
             else:
                 if cfg.num_labels is not None:

@@ -12,8 +12,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from fedtune.config import CAUSAL_LM, TrainConfig
+from fedtune.config import CAUSAL_LM, LABEL_WORDS, TrainConfig
 from fedtune.data import collate
+from fedtune.labelwords import WORD_TOKENS, class_scores
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -129,7 +130,11 @@ def logit_adjustment_bias(
 
 def batch_loss(model, batch: dict[str, torch.Tensor], adjust: torch.Tensor | None) -> torch.Tensor:
     """The model's loss on ``batch`` (float32): its own, or with ``adjust`` (from
-    `logit_adjustment_bias`) the cross-entropy of ``logits + adjust``."""
+    `logit_adjustment_bias`) the cross-entropy of ``logits + adjust``. A label-word
+    batch (`fedtune.labelwords`) has the class scores as its logits."""
+    if WORD_TOKENS in batch:
+        scores = class_scores(model, batch)
+        return torch.nn.functional.cross_entropy(scores if adjust is None else scores + adjust, batch["labels"])
     if adjust is None:
         return model(**batch).loss.float()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -175,7 +180,7 @@ def evaluate(
     model, data: list[dict], *, task: str, pad_id: int, device: torch.device, batch_size: int = 64,
     num_labels: int = 2, mixed_precision: str = "no",
 ) -> dict[str, float]:
-    """Held-out metrics: accuracy, macro-F1 and loss (classification); loss and perplexity (causal LM)."""
+    """Held-out metrics: accuracy, macro-F1 and loss (classification, label words); loss and perplexity (causal LM)."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(data)), key=lambda i: len(data[i]["input_ids"]))  # less padding
@@ -186,7 +191,7 @@ def evaluate(
         batch = collate([data[j] for j in order[i : i + batch_size]], pad_id, task)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(device, mixed_precision):
-            out = model(**batch)
+            out = class_scores(model, batch) if task == LABEL_WORDS else model(**batch)
         if task == CAUSAL_LM:
             logits = out.logits[:, :-1].float()
             labels = batch["labels"][:, 1:]
@@ -199,7 +204,7 @@ def evaluate(
             loss_sum += float(tok_loss)
             weight += int((labels != -100).sum())
         else:
-            logits = out.logits.float()
+            logits = out.float() if task == LABEL_WORDS else out.logits.float()
             labels = batch["labels"]
             loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             weight += labels.shape[0]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fedtune import adapters, data, models
-from fedtune.config import CAUSAL_LM, CLASSIFICATION, FedtuneConfig
+from fedtune.config import CAUSAL_LM, CLASSIFICATION, LABEL_WORDS, FedtuneConfig
 from fedtune.delta import Delta
 from fedtune.errors import ConfigError
 
@@ -35,6 +35,7 @@ class Workspace:
     _initial: Delta | None = None
     _files: dict[str, list[dict]] = field(default_factory=dict)
     _rank_models: dict[int, object] = field(default_factory=dict)
+    label_word_ids: tuple | None = None  # model.task = "label-words": class -> word -> token ids
 
     @property
     def task(self) -> str:
@@ -62,7 +63,9 @@ class Workspace:
         if rank not in self._rank_models:
             model_cfg = replace(self.cfg.model, num_labels=self.num_labels) if self.task == CLASSIFICATION else self.cfg.model
             base = models.load_base(self.resolved, model_cfg, self.tokenizer, self.device)
-            self._rank_models[rank] = adapters.wrap(base, replace(self.cfg.adapter, r=rank), self.task)
+            self._rank_models[rank] = adapters.wrap(
+                base, replace(self.cfg.adapter, r=rank), models.architecture_task(self.task)
+            )
         return self._rank_models[rank]
 
     def trainable_keys(self) -> list[str]:
@@ -78,8 +81,22 @@ class Workspace:
             splits = data.split(self.cfg.data, self.task)
             if self.task == CLASSIFICATION:  # an explicit model.num_labels is checked when the data is first read
                 data.num_labels(splits, self.num_labels, self.cfg.data.dataset)
+            if self.task == LABEL_WORDS:
+                from fedtune.labelwords import check_classes
+
+                check_classes(self.cfg.label_words, splits.labels)
             self.splits = splits
         return self.splits
+
+    def tokenize(self, examples: list[dict]) -> list[dict]:
+        """Tokenize examples for this run's task (no padding)."""
+        if self.task == LABEL_WORDS:
+            from fedtune import labelwords
+
+            return labelwords.tokenize(
+                examples, self.tokenizer, self.cfg.label_words, self.cfg.model.max_length, self.label_word_ids
+            )
+        return data.tokenize(examples, self.tokenizer, self.task, self.cfg.model.max_length)
 
     def partitions(self) -> list[list[int]]:
         if self._parts is None:
@@ -96,7 +113,7 @@ class Workspace:
                 raise ValueError(f"partition-id {partition_id} out of range 0..{len(parts) - 1}")
             train = self._ensure_splits().train
             ex = [train[i] for i in parts[partition_id]]
-            self._client_data[partition_id] = data.tokenize(ex, self.tokenizer, self.task, self.cfg.model.max_length)
+            self._client_data[partition_id] = self.tokenize(ex)
         return self._client_data[partition_id]
 
     def file_data(self, path: str) -> list[dict]:
@@ -117,18 +134,16 @@ class Workspace:
                     )
             if not ex:
                 raise ValueError(f"data-path {path} has no examples")
-            self._files[key] = data.tokenize(ex, self.tokenizer, self.task, self.cfg.model.max_length)
+            self._files[key] = self.tokenize(ex)
         return self._files[key]
 
     def test_data(self) -> list[dict]:
         if self._test_data is None:
-            self._test_data = data.tokenize(
-                self._ensure_splits().test, self.tokenizer, self.task, self.cfg.model.max_length
-            )
+            self._test_data = self.tokenize(self._ensure_splits().test)
         return self._test_data
 
     def all_train_data(self) -> list[dict]:
-        return data.tokenize(self._ensure_splits().train, self.tokenizer, self.task, self.cfg.model.max_length)
+        return self.tokenize(self._ensure_splits().train)
 
 
 _CACHE: dict[str, Workspace] = {}
@@ -164,7 +179,7 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
     """
     resolved = models.resolve(cfg.model)
     device = models.pick_device(cfg.model)
-    task = resolved.task
+    task = models.architecture_task(resolved.task)
     problems = []
     if cfg.model.quantization == "4bit" and device.type != "cuda":
         problems.append("model.quantization: '4bit' (QLoRA through bitsandbytes) needs a CUDA device; this machine has none")
@@ -183,6 +198,10 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
     splits = data.split(cfg.data, resolved.task)
     if resolved.task == CLASSIFICATION:
         data.num_labels(splits, cfg.model.num_labels, cfg.data.dataset)
+    if resolved.task == LABEL_WORDS:  # the template fits, the tokenizer encodes every word, one class per label
+        from fedtune.labelwords import check_setup
+
+        check_setup(cfg.label_words, models.load_tokenizer(resolved), cfg.model.max_length, splits.labels)
     parts = data.client_indices(cfg.data, splits, cfg.federation.num_clients, resolved.task)
     empty = [i for i, p in enumerate(parts) if not p]
     if empty:
@@ -197,14 +216,22 @@ def build(cfg: FedtuneConfig) -> Workspace:
     resolved = models.resolve(cfg.model)
     device = models.pick_device(cfg.model)
     tok = models.load_tokenizer(resolved)
-    splits, model_cfg = None, cfg.model
+    word_ids, splits, model_cfg = None, None, cfg.model
     if resolved.task == CLASSIFICATION and cfg.model.num_labels is None:
         # the head has as many outputs as the data has labels (Hugging Face's run_glue: len(label_list))
         splits = data.split(cfg.data, resolved.task)
         model_cfg = replace(cfg.model, num_labels=data.num_labels(splits, None, cfg.data.dataset))
+    if resolved.task == LABEL_WORDS:  # refused here, before any model is loaded or trained
+        from fedtune import labelwords
+
+        labelwords.check_template(cfg.label_words, tok, cfg.model.max_length)
+        word_ids = labelwords.encode_words(cfg.label_words, tok)
     base = models.load_base(resolved, model_cfg, tok, device)
-    model = adapters.wrap(base, cfg.adapter, resolved.task)
-    ws = Workspace(cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device, splits=splits)
+    if word_ids is not None:
+        base.config.num_labels = len(word_ids)  # the classes that logit adjustment counts
+    model = adapters.wrap(base, cfg.adapter, models.architecture_task(resolved.task))
+    ws = Workspace(cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device, splits=splits,
+                   label_word_ids=word_ids)
     ws.initial_state()  # snapshot before any round loads another state
     return ws
 
@@ -224,5 +251,9 @@ def export_adapter(ws: Workspace, state: Delta, target) -> None:
             # PEFT's config cannot say it: the head was trained on mean-pooled states, so the base
             # must get `fedtune.models.use_mean_pooling_` before the adapter is loaded
             (Path(tmp) / "fedtune_model.json").write_text(json.dumps({"pooling": ws.cfg.model.pooling}) + "\n")
+        if ws.task == LABEL_WORDS:  # the template and words to score with (README: label-word adapters)
+            from fedtune import labelwords
+
+            labelwords.write_export(tmp, labelwords.export_spec(ws.cfg.label_words, ws.tokenizer, ws.label_word_ids))
 
     replace_dir(target, fill)
