@@ -230,7 +230,7 @@ class Section:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list) and _takes_tuple(hints[f.name]):
-                value = tuple(value)  # a list would make the frozen config unhashable
+                value = coerce(hints[f.name], value)  # a list (or lists inside) would make the config unhashable
                 object.__setattr__(self, f.name, value)
                 object.__setattr__(probe, f.name, value)
             why = type_problem(hints[f.name], value)

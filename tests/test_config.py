@@ -305,3 +305,15 @@ def test_without_the_repository_a_command_without_config_says_so(monkeypatch, tm
     monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "default.toml")
     assert cli.main(["check-config"]) == 2
     assert "pass --config FILE" in capsys.readouterr().err
+
+
+def test_sections_built_in_python_hold_tuples_and_keep_flowers_defaults():
+    from fedtune.aggregation import AggregationConfig
+
+    c = AggregationConfig(lora_mode="hetero", client_ranks=[4, 8])
+    assert c.client_ranks == (4, 8) and hash(c) == hash(AggregationConfig(lora_mode="hetero", client_ranks=(4, 8)))
+    assert config.AdapterConfig(target_modules=["query"]).target_modules == ("query",)
+    # settings whose default depends on another one are filled once the section is valid
+    adam = AggregationConfig(server_optimizer="fedadam")
+    assert (adam.server_lr, adam.beta_1, adam.proximal_mu) == (0.1, 0.9, None)
+    assert AggregationConfig(secure="secagg+").num_shares == 3
