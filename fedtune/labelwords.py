@@ -174,6 +174,12 @@ def encode_words(lw: LabelWordsConfig, tokenizer) -> WordIds:
                 bad.append(f"{w!r} (class {c}) decodes back as {back!r}")
             ids_c.append(tuple(ids))
         out.append(tuple(ids_c))
+    seen: dict[tuple[int, ...], tuple[str, int]] = {}
+    for c, (words, ids_c) in enumerate(zip(lw.words, out)):
+        for w, ids in zip(words, ids_c):
+            first = seen.setdefault(ids, (w, c))
+            if ids and first[1] != c:  # e.g. an uncased tokenizer: " Good" and " good"
+                bad.append(f"{w!r} (class {c}) encodes to the tokens of {first[0]!r} (class {first[1]})")
     if bad:
         raise ConfigError([f"label_words.words: the tokenizer cannot encode {'; '.join(bad)} (got {_show(lw.words)})"])
     return tuple(out)

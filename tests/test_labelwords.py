@@ -200,7 +200,8 @@ def test_bad_label_words_are_refused_naming_the_key(overrides, key):
         lw_cfg(**overrides)
 
 
-@pytest.mark.parametrize("word, why", [(" 😀", "unknown token"), (" é", "decodes back")])
+@pytest.mark.parametrize("word, why", [(" 😀", "unknown token"), (" é", "decodes back"),
+                                       (" Negative", "the tokens of ' negative'")])  # MiniLM's vocabulary is uncased
 def test_a_word_the_tokenizer_cannot_encode_is_refused_before_training(word, why):
     cfg = lw_cfg(**{"label_words.words": [[" negative"], [" positive", word]]})
     with pytest.raises(ConfigError, match=rf"label_words\.words: .*{why}"):
@@ -262,7 +263,8 @@ def test_exported_adapter_reloads_with_peft_and_predicts_the_same(tmp_path):
     untuned = hand_scores(base, [e["input_ids"] for e in ex], ws.label_word_ids)
     reloaded = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
     tok = ws.tokenizer
-    word_ids = [[tok(w, add_special_tokens=False)["input_ids"] for w in ws_] for ws_ in spec["words"]]
+    word_ids = spec["word_token_ids"]
+    assert word_ids == [[tok(w, add_special_tokens=False)["input_ids"] for w in ws_] for ws_ in spec["words"]]
     texts = [e["text"] for e in ws._ensure_splits().test[:24]]
     prompts = [spec["prompt_prefix_token_ids"]
                + tok(spec["template"].replace("{text}", t), add_special_tokens=False)["input_ids"] for t in texts]
