@@ -70,16 +70,16 @@ def wrap(base, cfg: AdapterConfig, task: str):
         torch.manual_seed(cfg.init_seed)
         model = get_peft_model(base, pcfg)
     if cfg.ffa:  # FFA-LoRA: only B and the head train
-        freeze_(model, ".lora_A.")
+        freeze_(model, ".lora_A.", ".lora_embedding_A.")
     if cfg.method == "head":  # every LoRA matrix (B = 0 at initialisation: an identity)
         freeze_(model, ".lora_")
     return model
 
 
-def freeze_(model, marker: str) -> None:
-    """Stop training every parameter whose name contains ``marker`` (e.g. ``".lora_A."``)."""
+def freeze_(model, *markers: str) -> None:
+    """Stop training every parameter whose name contains one of ``markers`` (e.g. ``".lora_A."``)."""
     for name, p in model.named_parameters():
-        if marker in name:
+        if any(m in name for m in markers):
             p.requires_grad_(False)
 
 
