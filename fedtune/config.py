@@ -302,6 +302,12 @@ def _label_words_default():
     return LabelWordsConfig()
 
 
+def _attack_default():
+    from fedtune.attack import AttackConfig
+
+    return AttackConfig()
+
+
 @dataclass(frozen=True)
 class FedtuneConfig:
     """The whole validated configuration of a run.
@@ -324,6 +330,7 @@ class FedtuneConfig:
     aggregation: Any = field(default_factory=_aggregation_default)
     zo: Any = field(default_factory=_zo_default)
     label_words: Any = field(default_factory=_label_words_default)
+    attack: Any = field(default_factory=_attack_default)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Nested plain dict (TOML- and JSON-serializable)."""
@@ -350,7 +357,7 @@ _CORE = {
     "federation": FederationConfig, "simulation": SimulationConfig, "output": OutputConfig,
     "eval": EvalConfig,
 }
-_EXTENSIONS = ("compression", "privacy", "aggregation", "zo", "label_words")
+_EXTENSIONS = ("compression", "privacy", "aggregation", "zo", "label_words", "attack")
 SECTIONS = (*_CORE, *_EXTENSIONS)
 
 
@@ -426,6 +433,9 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
     from fedtune.labelwords import config_problems as label_words_problems
 
     errors.extend(label_words_problems(cfg))
+    from fedtune.attack import config_problems as attack_problems
+
+    errors.extend(attack_problems(cfg))
     return errors
 
 
@@ -677,7 +687,13 @@ def from_run_config(run_config: Mapping[str, Any], base_dir: str | Path | None =
         if not p.is_absolute() and base_dir is not None:
             p = Path(base_dir) / p
         path = p
-    return load(path, flat)
+    cfg = load(path, flat)
+    from fedtune.attack import deployment_problems  # simulated attacks: tests only, outside simulations
+
+    errors = deployment_problems(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
 
 
 def to_toml(cfg: FedtuneConfig) -> str:

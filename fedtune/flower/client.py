@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from fedtune import adapters, workspace
+from fedtune import adapters, attack, workspace
 from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
@@ -45,9 +45,16 @@ def local_data(ws: workspace.Workspace, context: Context, cfg: FedtuneConfig) ->
     deployment) or its partition of the run's dataset (simulation)."""
     data_path = context.node_config.get("data-path")
     if data_path:
-        return int(context.node_config.get("partition-id", 0)), ws.file_data(str(data_path))
-    pid = partition_id(context, cfg)
-    return pid, ws.client_data(pid)
+        pid, data = int(context.node_config.get("partition-id", 0)), ws.file_data(str(data_path))
+    else:
+        pid = partition_id(context, cfg)
+        data = ws.client_data(pid)
+    plan = attack.client_attack(cfg, context.node_config, pid)
+    if plan is not None and plan.kind == "label-flip":  # data poisoning: before any training
+        if ws.task == CAUSAL_LM:
+            raise ValueError("attack.kind 'label-flip': a causal LM's data has no labels to flip")
+        data = attack.flip_labels(data, ws.num_labels)
+    return pid, data
 
 
 def receive_global(msg: Message, context: Context, cfg: FedtuneConfig) -> Delta:
@@ -77,18 +84,20 @@ def receive_global(msg: Message, context: Context, cfg: FedtuneConfig) -> Delta:
     return state
 
 
-def encode_update(delta: Delta, context: Context, cfg: FedtuneConfig, round_seed: int):
-    """Uplink record for ``delta``: dense fp32 arrays, or a codec payload (with error feedback)."""
+def encode_update(delta: Delta, context: Context, cfg: FedtuneConfig, round_seed: int, *, feedback: bool = True):
+    """Uplink record for ``delta``: dense fp32 arrays, or a codec payload (with error feedback,
+    unless ``feedback`` is False)."""
     comp = cfg.compression
     if comp.codec == "none":
         return to_arrayrecord(delta)
     from fedtune.compression import build_codec, compensate, residual_after
 
     codec = build_codec(comp, "uplink")
-    residual = from_arrayrecord(context.state[P.EF_RESIDUAL]) if comp.error_feedback and P.EF_RESIDUAL in context.state else None
+    ef = comp.error_feedback and feedback
+    residual = from_arrayrecord(context.state[P.EF_RESIDUAL]) if ef and P.EF_RESIDUAL in context.state else None
     target = compensate(delta, residual)
     payload = codec.encode(target, seed=round_seed)
-    if comp.error_feedback:
+    if ef:
         layout = {k: tuple(v.shape) for k, v in target.items()}
         context.state[P.EF_RESIDUAL] = to_arrayrecord(residual_after(target, codec.decode(payload, layout, seed=round_seed)))
     # no key names: the codec header carries a checksum of the keys and shapes the server checks
@@ -177,29 +186,11 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         rank = cfg.aggregation.client_rank(pid, cfg.adapter.r)
         model = ws.model_for_rank(rank)
         global_state = cut_to_rank(global_state, rank, LoraScaling.from_peft_config(model.peft_config["default"]))
-    adapters.set_state_(model, global_state)
     if cfg.train.lr_schedule != "constant":
         cfg = cfg.replace(**{"train.lr": round_lr(cfg.train, rnd, cfg.federation.rounds)})
-    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rnd, pid))  # the batch order
-    extra_loss = None
     mu = float(conf.get("proximal-mu", 0.0))
-    if mu > 0:
-        from fedtune.aggregation import proximal_term
-
-        anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        extra_loss = lambda: proximal_term(named, anchors, mu)  # noqa: E731
+    delta, metrics = _train_delta(ws, model, data, cfg, context, global_state, rnd, pid, mu)
     privacy = cfg.privacy
-    if privacy.mode == "sample":
-        metrics = _train_dp_sgd(ws, model, data, cfg, context, gen, extra_loss, pid)
-    else:
-        metrics = train_local(
-            model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
-            extra_loss=extra_loss,
-        )
-    keys = adapters.trainable_keys(model)
-    local = adapters.get_state(model)
-    delta = subtract({k: local[k] for k in keys}, {k: global_state[k] for k in keys})
     if privacy.mode == "client-local":
         # local DP: clip and noise before anything leaves (compression is post-processing)
         from fedtune.privacy import add_gaussian_noise, clip_delta, local_noise_std
@@ -210,14 +201,68 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         metrics["update-norm"] = float(norm)
     if rank is not None:
         metrics["lora-rank"] = rank  # the server learns which cut to send this node next round
-    update = encode_update(delta, context, cfg, int(conf.get("round-seed", 0)))
+    # a simulated attacker (fedtune.attack) turns what it would send into what the attack says
+    plan = attack.client_attack(cfg, context.node_config, pid)
+    if plan is not None and plan.kind in attack.MODEL_POISONING:
+        colluders = None
+        if plan.kind == "alie":
+            colluders = [delta if p == pid else _train_delta(ws, model, ws.client_data(p), cfg, context,
+                                                             global_state, rnd, p, mu)[0]
+                         for p in attack.attackers(plan, cfg.federation.num_clients)]
+        delta = attack.poison(plan, delta, rnd=rnd, partition_id=pid, colluders=colluders,
+                              num_clients=cfg.federation.num_clients)
+    seed = int(conf.get("round-seed", 0))
+    update = encode_update(delta, context, cfg, seed)
+    if plan is not None and plan.kind in ("nan", "wrong-layout", "oversized"):
+        # the hostile payload replaces the update; the error-feedback residual stays an honest client's
+        update = encode_update(attack.poison(plan, delta, rnd=rnd, partition_id=pid), context, cfg, seed,
+                               feedback=False)
+    if plan is not None and plan.kind == "replay":
+        update = _replayed(update, context)
     reply = RecordDict(
         {
             P.UPDATE: update,
-            P.METRICS: MetricRecord({"num-examples": len(data), "partition-id": pid, **metrics}),
+            # server-round: the round this reply answers, which the server checks
+            P.METRICS: MetricRecord({"num-examples": len(data), "partition-id": pid,
+                                     "server-round": attack.claimed_round(plan, rnd), **metrics}),
         }
     )
     return Message(reply, reply_to=msg)
+
+
+def _train_delta(ws, model, data, cfg: FedtuneConfig, context: Context, global_state: Delta, rnd: int, pid: int,
+                 mu: float) -> tuple[Delta, dict]:
+    """Train ``model`` from ``global_state`` on ``data`` as partition ``pid`` in round ``rnd``:
+    (local - global over the trainable keys, training metrics)."""
+    adapters.set_state_(model, global_state)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rnd, pid))  # the batch order
+    extra_loss = None
+    if mu > 0:
+        from fedtune.aggregation import proximal_term
+
+        anchors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        extra_loss = lambda: proximal_term(named, anchors, mu)  # noqa: E731
+    if cfg.privacy.mode == "sample":
+        metrics = _train_dp_sgd(ws, model, data, cfg, context, gen, extra_loss, pid)
+    else:
+        metrics = train_local(
+            model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
+            extra_loss=extra_loss,
+        )
+    keys = adapters.trainable_keys(model)
+    local = adapters.get_state(model)
+    return subtract({k: local[k] for k in keys}, {k: global_state[k] for k in keys}), metrics
+
+
+def _replayed(update, context: Context):
+    """A replaying attacker's update: the one it sent the first time, kept in ``context.state``."""
+    import copy
+
+    if attack.REPLAY_STATE not in context.state:
+        context.state[attack.REPLAY_STATE] = copy.deepcopy(update)
+        return update
+    return copy.deepcopy(context.state[attack.REPLAY_STATE])
 
 
 __all__ = ["handle_train", "partition_id", "local_data", "receive_global", "encode_update"]

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedtune.delta import Delta
@@ -18,13 +18,80 @@ def to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 
 def from_arrayrecord(record: ArrayRecord) -> Delta:
+    """The tensors of an ArrayRecord; `PayloadError` for anything a peer could have malformed.
+
+    Each array's ``.npy`` header is read and checked against its bytes *before*
+    any allocation (``np.load`` would allocate whatever shape a header claims):
+    numeric dtypes only, the data exactly as long as the header's shape needs,
+    and the header agreeing with the array's own dtype and shape fields.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"expected arrays, got {type(record).__name__}")
     out: Delta = {}
     for k, arr in record.items():
         try:
-            out[k] = torch.from_numpy(np.array(arr.numpy(), copy=True))
-        except Exception as exc:  # malformed bytes from a peer
+            out[k] = torch.from_numpy(_read_npy(arr))
+        except PayloadError as exc:
             raise PayloadError(f"array {k!r} could not be decoded: {exc}") from None
+        except Exception as exc:  # malformed bytes from a peer (a dtype torch lacks, ...)
+            raise PayloadError(f"array {k!r} could not be decoded: {type(exc).__name__}: {exc}") from None
     return out
+
+
+def _read_npy(arr) -> np.ndarray:
+    import io
+
+    from numpy.lib import format as npy
+
+    if arr.stype != "numpy.ndarray":
+        raise PayloadError(f"serialization type {arr.stype!r}, expected 'numpy.ndarray'")
+    data = bytes(arr.data)
+    fp = io.BytesIO(data)
+    try:
+        major, _minor = npy.read_magic(fp)
+        read_header = {1: npy.read_array_header_1_0, 2: npy.read_array_header_2_0}.get(major)
+        if read_header is None:
+            raise PayloadError(f".npy format version {major} is not read here")
+        shape, fortran, dtype = read_header(fp)
+    except (ValueError, SyntaxError, TypeError, EOFError) as exc:  # numpy's own header checks
+        raise PayloadError(f"malformed .npy header: {exc}") from None
+    if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufc" or dtype.itemsize == 0:
+        raise PayloadError(f"dtype {dtype} is not a numeric dtype")
+    if any(d < 0 for d in shape):
+        raise PayloadError(f"negative dimension in shape {shape}")
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = len(data) - fp.tell()
+    if have != need:
+        raise PayloadError(f"shape {shape} of {dtype} needs {need} bytes of data, the array has {have}")
+    if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != dtype.newbyteorder("="):
+        raise PayloadError(f"header says {dtype} {shape}, the array fields {arr.dtype} {tuple(arr.shape)}")
+    flat = np.frombuffer(data, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=fp.tell())
+    return flat.reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="), order="C", copy=True)
+
+
+def update_bytes(record) -> int:
+    """Bytes an update record carries: its arrays' data (``.npy`` headers included) or its codec payload."""
+    if isinstance(record, ArrayRecord):
+        return sum(len(arr.data) for arr in record.values())
+    if isinstance(record, ConfigRecord) and isinstance(record.get("payload"), bytes):
+        return len(record["payload"])
+    raise PayloadError(f"update is neither arrays nor a codec payload, got {type(record).__name__}")
+
+
+def update_digest(record) -> bytes:
+    """A 16-byte digest of an update record's content (names, dtypes, shapes and bytes; or codec and payload)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    if isinstance(record, ArrayRecord):
+        for k, arr in record.items():
+            h.update(repr((k, arr.dtype, tuple(arr.shape), arr.stype, len(arr.data))).encode())
+            h.update(arr.data)
+    else:
+        update_bytes(record)  # a codec payload, or PayloadError
+        h.update(repr(record.get("codec")).encode())
+        h.update(record["payload"])
+    return h.digest()
 
 
 def wire_bytes(content: RecordDict) -> int:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import time
@@ -48,7 +49,7 @@ from fedtune.delta import Delta
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.identity import NodeIdentities
-from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
+from fedtune.flower.records import from_arrayrecord, to_arrayrecord, update_bytes, update_digest, wire_bytes
 from fedtune.flower.transport import send_and_receive
 from fedtune.metrics import held_out_metrics
 from fedtune.privacy.ledger import RunPrivacy
@@ -203,6 +204,9 @@ class HeteroRanks:
 
 
 
+REPLAY_WINDOW = 64  # rounds of accepted-update digests kept per node
+
+
 def round_seed(cfg: FedtuneConfig, rnd: int) -> int:
     """The seed every party of round ``rnd`` shares (random-k coordinates, codec dithering)."""
     return derive_seed(cfg.federation.seed, "round", rnd)
@@ -292,6 +296,8 @@ class DeltaRounds:
         self.broadcast: Broadcast | None = None
         self.hetero: HeteroRanks | None = None
         self.uplink_codec = None
+        # per node: digest -> round of the updates it had accepted (a replay is refused), the last REPLAY_WINDOW
+        self.seen: dict[int, dict[bytes, int]] = {}
         if cfg.compression.codec != "none":
             from fedtune.compression import build_codec
 
@@ -374,17 +380,42 @@ class DeltaRounds:
             )
         return self.uplink_codec.decode(bytes(record["payload"]), layout, seed=self.round_seed)
 
+    def max_update_bytes(self, layout: dict[str, tuple[int, ...]]) -> int:
+        """The most bytes an update of ``layout`` may carry: the codec's bound (exact for dense and
+        rand-k codecs, k kept entries with bitmap indices for the others), or, for dense arrays,
+        twice the fp32 bytes plus room for the ``.npy`` headers (a wrong dtype is `validate_update`'s)."""
+        if self.uplink_codec is not None:
+            return self.uplink_codec.wire_size(layout)
+        return 2 * sum(4 * math.prod(shape) for shape in layout.values()) + 256 * len(layout)
+
     def receive(self, rnd: int, node: int, reply: Message) -> dict[str, float]:
         m = reply.content[P.METRICS]
+        claimed = m.get("server-round")
+        if claimed is None or isinstance(claimed, bool) or claimed != rnd:
+            raise PayloadError(f"reply claims server round {claimed!r}, this is round {rnd}" if claimed is not None
+                               else "metrics have no 'server-round' (the round the reply answers)")
         start, node_expected = self.state, self.expected
         if self.hetero is not None:
             rank, start = self.hetero.start_for(node, m)
             node_expected = Layout(self.expected).for_rank(rank)
         node_layout = {k: shape for k, (shape, _) in node_expected.items()}
-        delta = self.decode_update(reply.content[P.UPDATE], node_layout)
+        record = reply.content[P.UPDATE]
+        # before decoding: nothing is allocated for an oversized update or spent on a replayed one
+        size, limit = update_bytes(record), self.max_update_bytes(node_layout)
+        if size > limit:
+            raise PayloadError(f"oversized update: {size} bytes, at most {limit} for this layout")
+        digest = update_digest(record)
+        seen = self.seen.setdefault(node, {})
+        if digest in seen:
+            raise PayloadError(f"replayed update: the same payload node {node} sent in round {seen[digest]}")
+        delta = self.decode_update(record, node_layout)
         validate_update(delta, node_expected, max_norm=self.cfg.aggregation.max_update_norm)
         if float(m.get("num-examples", 0)) <= 0:
             raise PayloadError("metrics have no positive 'num-examples'")
+        seen[digest] = rnd
+        while len(seen) > REPLAY_WINDOW:
+            seen.pop(next(iter(seen)))
+        m = MetricRecord({k: v for k, v in m.items() if k != "server-round"})  # checked; no train metric
         # the same keys, in the same order, as the global record the strategy saw
         full = {k: start[k] + delta[k] if k in delta else start[k] for k in start}
         # mixed ranks cannot be averaged array by array: the strategy gets the global
@@ -434,6 +465,7 @@ class DeltaRounds:
         from safetensors.torch import save_file
 
         extras = {
+            "seen": self.seen,
             "strategy": {k: v for k, v in vars(self.strategy).items() if not callable(v)},
             "broadcast": vars(self.broadcast) if self.broadcast is not None else None,
             "hetero_node_rank": dict(self.hetero.node_rank) if self.hetero is not None else None,
@@ -449,6 +481,7 @@ class DeltaRounds:
             raise FedtuneError(f"--resume: {directory} holds a different adapter")
         self.state.update(loaded)
         extras = pickle.loads((directory / "server_state.pkl").read_bytes())  # our own file, written above
+        self.seen = extras.get("seen", {})
         vars(self.strategy).update(extras["strategy"])
         if self.broadcast is not None and extras["broadcast"] is not None:
             vars(self.broadcast).update(extras["broadcast"])
@@ -567,10 +600,18 @@ class ServerLoop:
         rejected: list[dict] = []
         up: dict[int, int] = {}
         clients: list[dict] = []
+        replied: set[int] = set()
         for r in replies:
             node = r.metadata.src_node_id
+            meant = sent_to.get(r.metadata.reply_to_message_id)
             if node not in nodes:  # Flower's own error replies (node unavailable) come from the SuperLink
-                node = sent_to.get(r.metadata.reply_to_message_id, node)
+                node = meant if meant is not None else node
+            elif (meant is not None and meant != node) or node in replied:
+                # a sampled node answering another's message, or twice: neither counts as an update
+                why = f"replied for node {meant}" if meant != node else "replied twice"
+                rejected.append({"node": node, "reason": f"{why}; that reply is dropped"})
+                continue
+            replied.add(node)
             if r.has_error():
                 proto.failed(node)
                 rejected.append({"node": node, "reason": short_reason(r.error.reason)})

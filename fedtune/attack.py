@@ -1,0 +1,432 @@
+"""Simulated Byzantine and broken clients: the ``[attack]`` section and what an attacker sends.
+
+An attacking client runs the normal client code path (`fedtune.flower.client.handle_train`):
+it trains on its data as an honest client would, then turns what it would have
+sent into what the attack says, so the server and its defences see exactly what
+a real bad client would send. Data poisoning (``label-flip``) happens before
+training instead. Kinds (``attack.kind``):
+
+Model poisoning (on the client's update ``d``, after client-level DP, before compression):
+
+* ``sign-flip``: ``-d`` (e.g. Fang et al. 2020, "Local Model Poisoning Attacks to
+  Byzantine-Robust Federated Learning", arXiv:1911.11815, the "sign flipping" baseline);
+* ``scale``: ``factor * d`` (model replacement, Bagdasaryan et al. 2020, arXiv:1807.00459);
+* ``gaussian``: the update is replaced by Gaussian noise scaled to L2 norm
+  ``noise_norm`` (the "Gaussian attack" of Fang et al. 2020), drawn from a
+  generator seeded by (attack.seed, round, partition);
+* ``alie``: "A Little Is Enough" (Baruch et al. 2019, arXiv:1902.06156): every
+  colluder sends ``mean - z * std`` per coordinate. In simulation the colluders
+  are given the benign updates of *all* attacking clients (each attacker trains
+  them itself: same global adapter, the colluder's partition and its batch seed,
+  so they are the updates those clients would send if honest), the common
+  choice in papers since the attackers' own benign updates are a sample of the
+  honest ones. ``std`` is the per-coordinate sample standard deviation (n-1).
+  ``z`` unset takes the paper's ``z_max``: with n = federation.num_clients
+  workers and m attackers, s = floor(n/2 + 1) - m honest workers must be won
+  over and z = Phi^-1((n - s) / n) (`alie_z`).
+
+Data poisoning:
+
+* ``label-flip``: every label ``y`` of the attacker's own training data becomes
+  ``num_labels - 1 - y`` (Tolpegin et al. 2020, arXiv:2007.08432), before training.
+
+Hostile payloads (what a broken or malicious client sends; the server rejects each
+with its reason, `fedtune.flower.server.DeltaRounds.receive`):
+
+* ``nan``: the update carries a NaN and an Inf;
+* ``wrong-layout``: ``layout`` = ``missing`` (a tensor left out), ``extra`` (an
+  unknown tensor added), ``shape`` (a tensor with one row too many) or ``dtype``
+  (a float64 tensor; dense updates only);
+* ``oversized``: the update plus a padding tensor of `OVERSIZE` times its
+  elements, far more bytes than the layout needs;
+* ``replay``: the update the client sent the first time it was sampled, resent
+  every later round;
+* ``wrong-round``: the reply claims the previous round (``server-round`` metric).
+
+Which clients attack: ``partition_ids`` (explicit), or ``fraction`` of the
+``federation.num_clients`` partitions (the nearest whole number, at least one
+wanted), chosen by a generator seeded from ``attack.seed`` (`attackers`).
+
+Simulation only (``fedtune simulate``, or a ServerLoop over a LocalGrid): a run
+configured through Flower's ``run_config`` (``flwr run``, deployment) refuses the
+section unless ``attack.allow_deployment = true`` (for tests). With that flag in
+the run config a SuperNode can also be told to attack through its node config
+(``--node-config "attack='sign-flip' attack-factor=10"``: the keys of this
+section prefixed ``attack-``, `node_attack`); it attacks as its own partition.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from fedtune.delta import Delta
+from fedtune.errors import ConfigError
+from fedtune.seeds import derive_seed
+from fedtune.validation import Section, between, choice, only_with, positive
+
+SECTION = "attack"
+MODEL_POISONING = ("sign-flip", "scale", "gaussian", "alie")
+DATA_POISONING = ("label-flip",)
+HOSTILE = ("nan", "wrong-layout", "oversized", "replay", "wrong-round")
+KINDS = ("none", *MODEL_POISONING, *DATA_POISONING, *HOSTILE)
+LAYOUT_CHANGES = ("missing", "extra", "shape", "dtype")
+OVERSIZE = 10  # an oversized update carries this many times the layout's elements as padding
+EXTRA_KEY = "attack.extra"
+PADDING_KEY = "attack.padding"
+REPLAY_STATE = "fedtune.attack-replay"  # per-node context.state: the update a replaying client resends
+NODE_PREFIX = "attack"  # node_config keys: attack (the kind), attack-factor, attack-noise-norm, ...
+
+
+@dataclass(frozen=True)
+class AttackConfig(Section):
+    """``[attack]``: which simulated clients attack, and how (see the module docstring).
+
+    Fields:
+        kind: one of `KINDS`; ``"none"`` (default) turns attacks off.
+        fraction: the fraction of the ``federation.num_clients`` partitions that
+            attack, chosen from ``seed``; or
+        partition_ids: exactly which partitions attack.
+        seed: seeds the choice of attackers and the Gaussian attack's noise.
+        factor: ``scale``'s multiplier (default 10).
+        noise_norm: ``gaussian``'s L2 norm of the noise sent (required).
+        z: ``alie``'s number of standard deviations (default: Baruch et al.'s z_max).
+        layout: ``wrong-layout``'s change (default ``"shape"``).
+        allow_deployment: let a run configured through Flower's run_config
+            (``flwr run``) use this section and SuperNodes' ``attack`` node
+            config; for tests only.
+    """
+
+    SECTION: ClassVar[str] = SECTION
+    kind: str = "none"
+    fraction: float | None = None
+    partition_ids: tuple[int, ...] | None = None
+    seed: int = 0
+    factor: float | None = None
+    noise_norm: float | None = None
+    z: float | None = None
+    layout: str | None = None
+    allow_deployment: bool = False
+
+    def resolved(self) -> dict[str, Any]:
+        defaults = {"factor": 10.0 if self.kind == "scale" else None,
+                    "layout": "shape" if self.kind == "wrong-layout" else None}
+        return {k: v for k, v in defaults.items() if v is not None and getattr(self, k) is None}
+
+    def problems(self) -> list[str]:
+        e: list[str] = []
+        choice(e, "attack.kind", self.kind, KINDS)
+        if self.kind == "none":
+            for name in ("fraction", "partition_ids"):
+                value = getattr(self, name)
+                if value is not None:
+                    e.append(f"attack.{name}: only used with an attack.kind, which is 'none'; unset it or set "
+                             f"attack.kind (got {_listed(value) if name == 'partition_ids' else value!r})")
+        elif self.kind in KINDS and (self.fraction is None) == (self.partition_ids is None):
+            e.append(
+                f"attack.fraction: attack.kind = {self.kind!r} needs which clients attack: set attack.fraction or "
+                f"attack.partition_ids, not both (got fraction = {self.fraction!r}, partition_ids = "
+                f"{_listed(self.partition_ids)})"
+            )
+        between(e, "attack.fraction", self.fraction, 0, 1, "(]")
+        if self.partition_ids is not None:
+            ids = list(self.partition_ids)
+            if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+                e.append(f"attack.partition_ids: must be distinct partition ids >= 0, at least one (got {ids!r})")
+        only_with(e, "attack.factor", self.factor, "attack.kind", self.kind, ("scale",))
+        only_with(e, "attack.noise_norm", self.noise_norm, "attack.kind", self.kind, ("gaussian",))
+        only_with(e, "attack.z", self.z, "attack.kind", self.kind, ("alie",))
+        only_with(e, "attack.layout", self.layout, "attack.kind", self.kind, ("wrong-layout",))
+        positive(e, "attack.factor", self.factor)
+        positive(e, "attack.noise_norm", self.noise_norm)
+        positive(e, "attack.z", self.z)
+        if self.layout is not None:
+            choice(e, "attack.layout", self.layout, LAYOUT_CHANGES)
+        if self.kind == "gaussian" and self.noise_norm is None:
+            e.append("attack.noise_norm: attack.kind = 'gaussian' needs the L2 norm of the noise it sends (got None)")
+        return e
+
+
+def _listed(ids) -> Any:
+    return list(ids) if ids is not None else None
+
+
+def num_attackers(a: AttackConfig, num_clients: int) -> int:
+    """How many partitions attack: ``len(partition_ids)``, or ``fraction * num_clients`` rounded half up."""
+    if a.kind == "none":
+        return 0
+    if a.partition_ids is not None:
+        return len(a.partition_ids)
+    return min(num_clients, int(math.floor(a.fraction * num_clients + 0.5)))
+
+
+def attackers(a: AttackConfig, num_clients: int) -> tuple[int, ...]:
+    """The attacking partition ids, sorted: the explicit list, or a seeded choice of ``fraction`` of them."""
+    if a.kind == "none":
+        return ()
+    if a.partition_ids is not None:
+        return tuple(sorted(a.partition_ids))
+    rng = np.random.default_rng(derive_seed(a.seed, "attackers", num_clients))
+    picks = rng.choice(num_clients, size=num_attackers(a, num_clients), replace=False)
+    return tuple(sorted(int(p) for p in picks))
+
+
+def alie_z(n: int, m: int) -> float:
+    """Baruch et al. 2019's z_max for n workers of which m attack: Phi^-1((n - s) / n), s = floor(n/2 + 1) - m.
+
+    s is how many honest workers the attackers must win over for a majority; the
+    attack shifts every coordinate by at most z standard deviations, so that s
+    honest updates lie further from the mean than the attackers' and a median or
+    Krum prefers the attackers' update. Raises ValueError when m >= n/2 (s < 1).
+    """
+    s = math.floor(n / 2 + 1) - m
+    if s < 1 or not 0 < m < n:
+        raise ValueError(f"z_max needs 0 < m attackers <= n/2 workers (got n = {n}, m = {m})")
+    return statistics.NormalDist().inv_cdf((n - s) / n)
+
+
+def config_problems(cfg) -> list[str]:
+    """What ``[attack]`` cannot be combined with, each naming both keys (the config's cross-check)."""
+    a, e = cfg.attack, []
+    if a.kind == "none":
+        return e
+    n = cfg.federation.num_clients
+    if a.partition_ids is not None:
+        outside = sorted(p for p in a.partition_ids if p >= n)
+        if outside:
+            e.append(
+                f"attack.partition_ids: {outside} are not partitions of federation.num_clients = {n} "
+                f"(0..{n - 1}) (got {list(a.partition_ids)!r})"
+            )
+    elif num_attackers(a, n) < 1:
+        e.append(f"attack.fraction: of federation.num_clients = {n} partitions gives no attacker (got {a.fraction!r})")
+    if cfg.train.mode == "zo" and a.kind != "label-flip":
+        e.append(
+            f"attack.kind: {a.kind!r} cannot be combined with train.mode = 'zo' (zeroth-order clients send (seed, "
+            "scalar) pairs, not an update tensor); only 'label-flip' runs there"
+        )
+    if cfg.aggregation.secure != "none" and a.kind in HOSTILE:
+        e.append(
+            f"attack.kind: {a.kind!r} cannot be combined with aggregation.secure = {cfg.aggregation.secure!r} (the "
+            "server sees only the masked sum, so it cannot check or reject one update); use a model or data "
+            "poisoning kind"
+        )
+    codec = cfg.compression.codec
+    if codec != "none" and a.kind == "nan":
+        e.append(
+            f"attack.kind: 'nan' cannot be combined with compression.codec = {codec!r} (the codec's encoder refuses "
+            "non-finite values, so such a client cannot send them; the decoders' checks are fuzzed instead); "
+            "use codec = 'none'"
+        )
+    if codec != "none" and a.kind == "wrong-layout" and a.layout == "dtype":
+        e.append(
+            f"attack.layout: 'dtype' cannot be combined with compression.codec = {codec!r} (a codec payload "
+            "always decodes to float32); use 'missing', 'extra' or 'shape', or codec = 'none'"
+        )
+    if a.kind == "label-flip" and cfg.model.task == "causal-lm":
+        e.append("attack.kind: 'label-flip' cannot be combined with model.task = 'causal-lm' (there are no labels)")
+    if a.kind == "alie":
+        e.extend(_alie_problems(cfg))
+    return e
+
+
+def _alie_problems(cfg) -> list[str]:
+    a, e = cfg.attack, []
+    m, n = num_attackers(a, cfg.federation.num_clients), cfg.federation.num_clients
+    if m < 2:
+        e.append(
+            f"attack.kind: 'alie' estimates the per-coordinate std over the colluders' benign updates, which needs "
+            f"at least 2 attackers; attack.fraction / attack.partition_ids give {m}"
+        )
+    elif a.z is None and not m <= n / 2:
+        e.append(
+            f"attack.z: Baruch et al.'s z_max needs at most half the federation.num_clients = {n} clients to "
+            f"attack, {m} do; set attack.z (got None)"
+        )
+    if cfg.privacy.mode != "none":
+        e.append(
+            f"attack.kind: 'alie' cannot be combined with privacy.mode = {cfg.privacy.mode!r} (each attacker "
+            "retrains its colluders' benign updates, which needs no per-client privacy state); use 'none'"
+        )
+    if cfg.aggregation.lora_mode == "hetero":
+        e.append(
+            "attack.kind: 'alie' cannot be combined with aggregation.lora_mode = 'hetero' (colluders at different "
+            "ranks have no common coordinates to average); use 'naive' or 'exact'"
+        )
+    return e
+
+
+def deployment_problems(cfg) -> list[str]:
+    """A run configured through Flower's run_config (``flwr run``) refuses ``[attack]`` unless allowed for tests."""
+    a = cfg.attack
+    if a.kind == "none" or a.allow_deployment:
+        return []
+    return [
+        f"attack.kind: simulated attacks are for simulations (fedtune simulate); a run started through Flower's "
+        f"run_config refuses them unless attack.allow_deployment = true (for tests) (got {a.kind!r})"
+    ]
+
+
+# --- which attack a client runs ------------------------------------------------------------------
+
+
+def node_attack(cfg, node_config: Mapping[str, Any], partition_id: int):
+    """The attack a SuperNode's node config asks for (``attack = "<kind>"``, ``attack-<key> = value``), or None.
+
+    Refused (`ConfigError`) unless the run config sets ``attack.allow_deployment = true``;
+    the node attacks as its own partition; every check of the section applies.
+    """
+    keys = {k for k in node_config if k == NODE_PREFIX or k.startswith(NODE_PREFIX + "-")}
+    if not keys:
+        return None
+    if not cfg.attack.allow_deployment:
+        raise ConfigError(
+            f"node_config {sorted(keys)}: a SuperNode attacks only in tests: set attack.allow_deployment = true "
+            "in the run config"
+        )
+    values = {k.removeprefix(NODE_PREFIX).lstrip("-") or "kind": node_config[k] for k in keys}
+    bad = sorted(k for k in values if k in ("fraction", "partition_ids", "partition-ids", "allow_deployment",
+                                            "allow-deployment"))
+    if bad:
+        raise ConfigError(f"node_config attack-{bad[0]}: a SuperNode attacks as its own partition; remove it")
+    overrides = {f"attack.{k.replace('-', '_')}": v for k, v in values.items()}
+    overrides.update({"attack.partition_ids": (int(partition_id),), "attack.fraction": None})
+    base = {f"attack.{k}": None for k in ("factor", "noise_norm", "z", "layout")}
+    return cfg.replace(**{**base, **overrides}).attack  # the whole config's checks, this node's attack
+
+
+def client_attack(cfg, node_config: Mapping[str, Any], partition_id: int) -> AttackConfig | None:
+    """The attack the client holding ``partition_id`` runs this run, or None for an honest client."""
+    from_node = node_attack(cfg, node_config, partition_id)
+    if from_node is not None:
+        return from_node
+    a = cfg.attack
+    if a.kind != "none" and partition_id in attackers(a, cfg.federation.num_clients):
+        return a
+    return None
+
+
+# --- what an attacker sends (pure functions on deltas and labels) --------------------------------
+
+
+def flip_labels(examples: Sequence[dict], num_labels: int) -> list[dict]:
+    """Label flipping: ``label -> num_labels - 1 - label`` on copies of the examples."""
+    if num_labels < 2:
+        raise ValueError(f"label flipping needs at least 2 labels, got {num_labels}")
+    out = []
+    for ex in examples:
+        y = int(ex["label"])
+        if not 0 <= y < num_labels:
+            raise ValueError(f"label {y} outside 0..{num_labels - 1}")
+        out.append({**ex, "label": num_labels - 1 - y})
+    return out
+
+
+def sign_flip(delta: Delta) -> Delta:
+    """``-delta``."""
+    return {k: -v for k, v in delta.items()}
+
+
+def scale(delta: Delta, factor: float) -> Delta:
+    """``factor * delta``."""
+    return {k: v * factor for k, v in delta.items()}
+
+
+def gaussian(delta: Delta, noise_norm: float, generator: torch.Generator) -> Delta:
+    """Gaussian noise in ``delta``'s layout, scaled so that its L2 norm over all tensors is ``noise_norm``."""
+    noise = {k: torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in delta.items()}
+    norm = math.sqrt(sum(float(x.square().sum()) for x in noise.values()))
+    return {k: (x * (noise_norm / norm)).to(delta[k].dtype) for k, x in noise.items()}
+
+
+def alie(benign: Sequence[Delta], z: float) -> Delta:
+    """A Little Is Enough: ``mean - z * std`` per coordinate over the colluders' ``benign`` updates.
+
+    ``std`` is the sample standard deviation (n - 1), computed in float64.
+    """
+    if len(benign) < 2:
+        raise ValueError(f"ALIE needs the benign updates of at least 2 colluders, got {len(benign)}")
+    out: Delta = {}
+    for k, ref in benign[0].items():
+        stack = torch.stack([d[k].to(torch.float64) for d in benign])
+        out[k] = (stack.mean(0) - z * stack.std(0, unbiased=True)).to(ref.dtype)
+    return out
+
+
+def with_nan(delta: Delta) -> Delta:
+    """``delta`` with a NaN in its first entry and an Inf in its last (of the first tensor)."""
+    out = {k: v.clone() for k, v in delta.items()}
+    first = out[next(iter(out))].view(-1)
+    first[0] = float("nan")
+    first[-1] = float("inf")
+    return out
+
+
+def wrong_layout(delta: Delta, change: str) -> Delta:
+    """``delta`` with one tensor missing, an unknown one added, one row too many, or float64 (``change``)."""
+    out = dict(delta)
+    first = next(iter(out))
+    if change == "missing":
+        out.pop(next(reversed(out)))
+    elif change == "extra":
+        out[EXTRA_KEY] = torch.zeros(4, dtype=torch.float32)
+    elif change == "shape":
+        t = out[first]
+        out[first] = torch.cat([t, t[:1]]) if t.dim() else t.reshape(1).repeat(2)
+    elif change == "dtype":
+        out[first] = out[first].to(torch.float64)
+    else:
+        raise ValueError(f"layout change must be one of {LAYOUT_CHANGES}, got {change!r}")
+    return out
+
+
+def oversized(delta: Delta, generator: torch.Generator) -> Delta:
+    """``delta`` plus a padding tensor of `OVERSIZE` times its elements (random: no codec shrinks it)."""
+    n = sum(v.numel() for v in delta.values())
+    return {**delta, PADDING_KEY: torch.randn(OVERSIZE * n, generator=generator)}
+
+
+def poison(a: AttackConfig, delta: Delta, *, rnd: int, partition_id: int,
+           colluders: Sequence[Delta] | None = None, num_clients: int | None = None) -> Delta:
+    """What an attacker running ``a`` sends in place of its benign ``delta`` (model poisoning and
+    the delta-level payloads: nan, wrong-layout, oversized); other kinds return ``delta``.
+
+    ``colluders``: for ``alie``, the benign updates of every attacking partition
+    (``delta`` among them); ``num_clients`` sizes the default z.
+    """
+    if a.kind == "sign-flip":
+        return sign_flip(delta)
+    if a.kind == "scale":
+        return scale(delta, a.factor)
+    if a.kind in ("gaussian", "oversized"):
+        gen = torch.Generator().manual_seed(derive_seed(a.seed, a.kind, rnd, partition_id))
+        return gaussian(delta, a.noise_norm, gen) if a.kind == "gaussian" else oversized(delta, gen)
+    if a.kind == "alie":
+        if colluders is None or num_clients is None:
+            raise ValueError("alie needs the colluders' benign updates and the number of clients")
+        z = a.z if a.z is not None else alie_z(num_clients, num_attackers(a, num_clients))
+        return alie(colluders, z)
+    if a.kind == "nan":
+        return with_nan(delta)
+    if a.kind == "wrong-layout":
+        return wrong_layout(delta, a.layout)
+    return delta
+
+
+def claimed_round(a: AttackConfig | None, rnd: int) -> int:
+    """The ``server-round`` a client's reply claims: the previous round for ``wrong-round``, else ``rnd``."""
+    return rnd - 1 if a is not None and a.kind == "wrong-round" else rnd
+
+
+__all__ = [
+    "AttackConfig", "KINDS", "MODEL_POISONING", "DATA_POISONING", "HOSTILE", "LAYOUT_CHANGES", "OVERSIZE",
+    "REPLAY_STATE", "alie", "alie_z", "attackers", "claimed_round", "client_attack", "config_problems",
+    "deployment_problems", "flip_labels", "gaussian", "node_attack", "num_attackers", "oversized", "poison",
+    "scale", "sign_flip", "with_nan", "wrong_layout",
+]
