@@ -467,6 +467,11 @@ def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
         )
     if agg.lora_mode == "ffa" and not cfg.adapter.ffa:
         e.append("aggregation.lora_mode: 'ffa' needs adapter.ffa = true (A frozen on every client), which is false")
+    if agg.swa_start is not None and agg.swa_start > cfg.federation.rounds:
+        e.append(
+            f"aggregation.swa_start: round {agg.swa_start} is after the last round (federation.rounds = "
+            f"{cfg.federation.rounds}), so no average would be taken; lower it or unset it"
+        )
     if cfg.privacy.mode == "client-central":
         # DP-FedAvg's clipped, unweighted, noised mean replaces whatever the strategy or a LoRA aggregator computes
         why = "the server's DP-FedAvg step, a clipped mean plus Gaussian noise, replaces it"
@@ -522,6 +527,11 @@ def _zo_problems(cfg: FedtuneConfig) -> list[str]:
         e.append(
             f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with train.mode = 'zo' ({why}, never "
             "LoRA factors); use 'naive' (adapter.ffa = true still keeps A frozen)"
+        )
+    if agg.swa_start is not None:
+        e.append(
+            f"aggregation.swa_start: cannot be combined with train.mode = 'zo' (the global model is the seed history "
+            f"replayed, there is no adapter to average); unset it (got {agg.swa_start!r})"
         )
     if agg.max_update_norm is not None:
         e.append(

@@ -28,11 +28,14 @@ class CrashingGrid(LocalGrid):
         return super().send_and_receive(messages, timeout=timeout)
 
 
-@pytest.mark.parametrize("optimizer", ["fedavg", "fedavgm"])
+@pytest.mark.parametrize("optimizer", ["fedavg", "fedavgm", "fedavg+swa"])
 def test_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path, optimizer):
-    over = {"federation.rounds": 3, "federation.fraction_train": 0.5, "aggregation.server_optimizer": optimizer}
+    over = {"federation.rounds": 3, "federation.fraction_train": 0.5,
+            "aggregation.server_optimizer": optimizer.removesuffix("+swa")}
     if optimizer == "fedavgm":
         over["aggregation.server_momentum"] = 0.9
+    if optimizer.endswith("+swa"):  # the average so far is part of the checkpoint
+        over["aggregation.swa_start"] = 1
     cfg = tiny_cfg.replace(**over)
     fn = lambda m, c: handle_train(m, c, cfg)  # noqa: E731
     whole = ServerLoop(cfg, tmp_path / "whole", progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, fn))

@@ -92,3 +92,44 @@ def test_silent_and_unavailable_nodes_are_named_and_the_round_completes(tiny_cfg
         assert "no reply within federation.round_timeout" in reasons[1001]
         assert "node unavailable" in reasons[1002]
         assert r["sampled"] == cfg.federation.num_clients and r["accepted"] == cfg.federation.num_clients - 2
+
+
+def test_swa_evaluates_and_exports_the_mean_of_the_globals_since_swa_start(tiny_cfg, tmp_path):
+    """FedSWA: clients train from the latest global; the adapter evaluated and exported is the mean of the
+    globals after rounds swa_start..R (here 2..4), computed by hand from what the clients were sent."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedtune import adapters, workspace
+    from fedtune.flower import protocol as P
+    from fedtune.flower.records import from_arrayrecord
+    from fedtune.metrics import held_out_metrics
+
+    cfg = tiny_cfg.replace(**{"federation.rounds": 4, "federation.fraction_train": 1.0, "aggregation.swa_start": 2})
+    sent = {}
+
+    def client(msg, ctx):
+        sent[int(msg.content[P.CONFIG]["server-round"])] = from_arrayrecord(msg.content[P.ARRAYS])
+        return handle_train(msg, ctx, cfg)
+
+    summary = ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, client))
+    last = load_file(str(tmp_path / "checkpoint" / "adapter_state.safetensors"))  # the global after round 4
+    globals_ = [sent[3], sent[4], last]  # after rounds 2, 3, 4
+    hand = {k: sum(g[k] for g in globals_) / 3 for k in last}
+    swa = load_file(str(tmp_path / "checkpoint" / "swa_state.safetensors"))
+    for k in hand:
+        torch.testing.assert_close(swa[k], hand[k], rtol=1e-6, atol=1e-7)
+    assert not all(torch.equal(swa[k], last[k]) for k in last)  # the average is not the last global
+    assert summary["aggregation"]["swa_rounds_averaged"] == 3
+    ws = workspace.get(cfg)
+    adapters.set_state_(ws.model, swa)
+    assert summary["final"] == held_out_metrics(ws, cfg, final=True)  # what was evaluated is the average
+
+
+def test_swa_is_refused_where_it_would_not_run(tiny_cfg):
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="aggregation.swa_start: round 9 is after the last round"):
+        tiny_cfg.replace(**{"aggregation.swa_start": 9})
+    with pytest.raises(ConfigError, match="aggregation.swa_start: cannot be combined with train.mode = 'zo'"):
+        zo_cfg(tiny_cfg).replace(**{"aggregation.swa_start": 1})

@@ -94,6 +94,13 @@ class AggregationConfig(Section):
             times its weight ``num_examples / max_weight``, is clipped to
             ``[-clipping_range, clipping_range]`` and quantized to
             ``quantization_range`` levels.
+        swa_start: server-side stochastic weight averaging (FedSWA, Caldarola
+            et al. 2022, arXiv:2203.11834): from this round on, the adapter that
+            is evaluated, checkpointed and exported is the uniform average of the
+            global adapters after each round since ``swa_start``, while clients
+            keep training from the latest global. Averaging the last rounds'
+            globals cancels the pull of each round's few (label-skewed) clients.
+            ``None``: off.
     """
 
     SECTION = "aggregation"
@@ -117,6 +124,7 @@ class AggregationConfig(Section):
     clipping_range: float | None = None
     quantization_range: int | None = None
     max_weight: float | None = None
+    swa_start: int | None = None
 
     def resolved(self) -> dict[str, Any]:
         """Flower's defaults for the parameters the chosen server optimizer (and SecAgg+) reads and left unset."""
@@ -156,6 +164,8 @@ class AggregationConfig(Section):
             between(e, f"aggregation.{name}", getattr(self, name), 0, 1, "[)")
         positive(e, "aggregation.tau", self.tau)
         positive(e, "aggregation.proximal_mu", self.proximal_mu, allow_zero=True)
+        if self.swa_start is not None and self.swa_start < 1:
+            e.append(f"aggregation.swa_start: must be a round number >= 1, or unset (got {self.swa_start!r})")
         e.extend(self._composition_problems())
         e.extend(self._secure_problems())
         return e
@@ -220,6 +230,11 @@ class AggregationConfig(Section):
             e.append(
                 f"aggregation.server_optimizer: {self.server_optimizer!r} cannot be combined with aggregation.secure = "
                 "'secagg+'; use 'fedavg' or 'fedprox'"
+            )
+        if self.swa_start is not None:
+            e.append(
+                "aggregation.swa_start: not implemented with aggregation.secure = 'secagg+' (Flower's SecAgg+ "
+                f"workflow holds the global adapter); unset it (got {self.swa_start!r})"
             )
         if self.max_update_norm is not None:
             e.append(

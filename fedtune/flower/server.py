@@ -314,6 +314,8 @@ class DeltaRounds:
             self.hetero = HeteroRanks(self.lora_aggregator.scaling, cfg.adapter.r)
         if cfg.compression.downlink != "none":
             self.broadcast = Broadcast(cfg, self.state)
+        self.swa: Delta | None = None  # FedSWA's running mean of the globals since aggregation.swa_start
+        self.swa_rounds = 0
         n = self.trainable_params()
         return f"adapter {cfg.adapter.method}: {n:,} trainable params ({4 * n / 1e6:.2f} MB fp32)"
 
@@ -343,7 +345,22 @@ class DeltaRounds:
         return sum(self.state[k].numel() for k in self.keys)
 
     def global_state(self) -> Delta:
-        return self.state
+        """The adapter to evaluate and export: FedSWA's average once it has started, else the global."""
+        return self.swa if self.swa is not None else self.state
+
+    def average_(self, rnd: int) -> None:
+        """FedSWA (Caldarola et al. 2022): fold this round's global into the uniform average of the
+        globals since ``aggregation.swa_start``; clients keep training from the global itself."""
+        start = self.cfg.aggregation.swa_start
+        if start is None or rnd < start:
+            return
+        self.swa_rounds += 1
+        if self.swa is None:
+            self.swa = {k: v.clone() for k, v in self.state.items()}
+            return
+        w = 1.0 / self.swa_rounds
+        for k, v in self.state.items():
+            self.swa[k] = self.swa[k] + w * (v - self.swa[k])
 
     def messages(self, rnd: int, nodes: list[int]) -> list[Message]:
         cfg = self.cfg
@@ -435,6 +452,7 @@ class DeltaRounds:
         cfg, state = self.cfg, self.state
         extra: dict[str, Any] = {}
         if not self.accepted:
+            self.average_(rnd)
             return {}, extra
         agg, agg_metrics = self.strategy.aggregate_train(rnd, self.accepted)
         if cfg.privacy.mode == "client-central":
@@ -459,6 +477,7 @@ class DeltaRounds:
             # Flower's adaptive optimizers (FedAdam, FedYogi, FedAdagrad) compute in float64;
             # the global keeps its dtypes, or the next round's replies would not match them
             state.update({k: v.to(state[k].dtype) for k, v in from_arrayrecord(agg).items()})
+        self.average_(rnd)
         return {k: float(v) for k, v in (agg_metrics or MetricRecord()).items()}, extra
 
     def save(self, directory: Path) -> None:
@@ -469,8 +488,11 @@ class DeltaRounds:
             "strategy": {k: v for k, v in vars(self.strategy).items() if not callable(v)},
             "broadcast": vars(self.broadcast) if self.broadcast is not None else None,
             "hetero_node_rank": dict(self.hetero.node_rank) if self.hetero is not None else None,
+            "swa_rounds": self.swa_rounds,
         }
         save_file({k: v.contiguous() for k, v in self.state.items()}, str(directory / "adapter_state.safetensors"))
+        if self.swa is not None:
+            save_file({k: v.contiguous() for k, v in self.swa.items()}, str(directory / "swa_state.safetensors"))
         (directory / "server_state.pkl").write_bytes(pickle.dumps(extras))
 
     def load(self, directory: Path) -> None:
@@ -487,12 +509,18 @@ class DeltaRounds:
             vars(self.broadcast).update(extras["broadcast"])
         if self.hetero is not None and extras.get("hetero_node_rank"):
             self.hetero.node_rank.update(extras["hetero_node_rank"])
+        self.swa_rounds = extras.get("swa_rounds", 0)
+        if (directory / "swa_state.safetensors").is_file():
+            self.swa = load_file(str(directory / "swa_state.safetensors"))
 
     def export(self, adapter_dir: Path) -> None:
         export_adapter(self.ws, self.state, adapter_dir)
 
     def finish(self, run_dir: Path) -> dict[str, Any]:
-        return {"aggregation": {"strategy": self.aggregation_name(), **self.cfg.to_dict()["aggregation"]}}
+        out: dict[str, Any] = {"aggregation": {"strategy": self.aggregation_name(), **self.cfg.to_dict()["aggregation"]}}
+        if self.swa is not None:  # what was evaluated and exported
+            out["aggregation"]["swa_rounds_averaged"] = self.swa_rounds
+        return out
 
 
 def make_protocol(cfg: FedtuneConfig) -> RoundProtocol:
