@@ -23,7 +23,8 @@ Model poisoning (on the client's update ``d``, after client-level DP, before com
   honest ones. ``std`` is the per-coordinate sample standard deviation (n-1).
   ``z`` unset takes the paper's ``z_max``: with n = federation.num_clients
   workers and m attackers, s = floor(n/2 + 1) - m honest workers must be won
-  over and z = Phi^-1((n - s) / n) (`alie_z`).
+  over and z = Phi^-1((n - m - s) / (n - m)) (`alie_z`); where that is not
+  positive (2 of 10 attackers give 0) ``z`` must be set (1.0 is common).
 
 Data poisoning:
 
@@ -178,17 +179,23 @@ def attackers(a: AttackConfig, num_clients: int) -> tuple[int, ...]:
 
 
 def alie_z(n: int, m: int) -> float:
-    """Baruch et al. 2019's z_max for n workers of which m attack: Phi^-1((n - s) / n), s = floor(n/2 + 1) - m.
+    """Baruch et al. 2019's z_max for n workers of which m attack (their Algorithm 1):
+    s = floor(n/2 + 1) - m, z_max = Phi^-1((n - m - s) / (n - m)).
 
-    s is how many honest workers the attackers must win over for a majority; the
-    attack shifts every coordinate by at most z standard deviations, so that s
-    honest updates lie further from the mean than the attackers' and a median or
-    Krum prefers the attackers' update. Raises ValueError when m >= n/2 (s < 1).
+    s is how many honest workers the attackers must win over for a majority; an
+    update shifted by z_max standard deviations is still closer to the mean than
+    s of the n - m honest ones (if they are normal), so a median or Krum can
+    pick it. Raises ValueError where the formula gives no positive finite z
+    (s < 1: the attackers are a majority; z_max <= 0: too few attackers, e.g.
+    2 of 10, whose best is the honest mean itself).
     """
     s = math.floor(n / 2 + 1) - m
-    if s < 1 or not 0 < m < n:
-        raise ValueError(f"z_max needs 0 < m attackers <= n/2 workers (got n = {n}, m = {m})")
-    return statistics.NormalDist().inv_cdf((n - s) / n)
+    if not 0 < m < n or s < 1:
+        raise ValueError(f"z_max needs 0 < m < floor(n/2 + 1) attackers (got n = {n}, m = {m})")
+    q = (n - m - s) / (n - m)
+    if q <= 0.5:
+        raise ValueError(f"z_max = Phi^-1({q:.3g}) is not positive for n = {n}, m = {m}")
+    return statistics.NormalDist().inv_cdf(q)
 
 
 def config_problems(cfg) -> list[str]:
@@ -244,11 +251,12 @@ def _alie_problems(cfg) -> list[str]:
             f"attack.kind: 'alie' estimates the per-coordinate std over the colluders' benign updates, which needs "
             f"at least 2 attackers; attack.fraction / attack.partition_ids give {m}"
         )
-    elif a.z is None and not m <= n / 2:
-        e.append(
-            f"attack.z: Baruch et al.'s z_max needs at most half the federation.num_clients = {n} clients to "
-            f"attack, {m} do; set attack.z (got None)"
-        )
+    elif a.z is None:
+        try:
+            alie_z(n, m)
+        except ValueError as exc:
+            e.append(f"attack.z: Baruch et al.'s z_max for federation.num_clients = {n} and {m} attackers: {exc}; "
+                     "set attack.z (got None)")
     if cfg.privacy.mode != "none":
         e.append(
             f"attack.kind: 'alie' cannot be combined with privacy.mode = {cfg.privacy.mode!r} (each attacker "

@@ -398,12 +398,14 @@ class DeltaRounds:
         return self.uplink_codec.decode(bytes(record["payload"]), layout, seed=self.round_seed)
 
     def max_update_bytes(self, layout: dict[str, tuple[int, ...]]) -> int:
-        """The most bytes an update of ``layout`` may carry: the codec's bound (exact for dense and
-        rand-k codecs, k kept entries with bitmap indices for the others), or, for dense arrays,
-        twice the fp32 bytes plus room for the ``.npy`` headers (a wrong dtype is `validate_update`'s)."""
-        if self.uplink_codec is not None:
-            return self.uplink_codec.wire_size(layout)
-        return 2 * sum(4 * math.prod(shape) for shape in layout.values()) + 256 * len(layout)
+        """The most bytes an update of ``layout`` may carry before it is refused as oversized: twice
+        what an honest one needs (the codec's bound: exact for dense and rand-k codecs, k kept entries
+        with bitmap indices for the others; fp32 arrays otherwise), plus 256 bytes a tensor (``.npy``
+        headers). The slack leaves a slightly wrong payload (a float64 tensor, one row too many) to
+        the layout checks, which name what is wrong."""
+        honest = (self.uplink_codec.wire_size(layout) if self.uplink_codec is not None
+                  else sum(4 * math.prod(shape) for shape in layout.values()))
+        return 2 * honest + 256 * len(layout)
 
     def receive(self, rnd: int, node: int, reply: Message) -> dict[str, float]:
         m = reply.content[P.METRICS]
