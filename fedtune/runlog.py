@@ -49,6 +49,9 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
         return f"held-out accuracy {metrics['accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f})"
     if "perplexity" in metrics:
         extra = f", ROUGE-L {metrics['rouge_l']:.4f}" if "rouge_l" in metrics else ""
+        domains = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in sorted(metrics.items())
+                            if k.startswith("perplexity/"))
+        extra += f"; per domain {domains}" if domains else ""
         return f"held-out loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f}{extra})"
     return "no eval"
 

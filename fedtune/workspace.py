@@ -137,6 +137,10 @@ class Workspace:
             self._files[key] = self.tokenize(ex)
         return self._files[key]
 
+    def test_examples(self) -> list[dict]:
+        """The held-out split's raw examples (text, label, prompt, response, domain), in test_data's order."""
+        return self._ensure_splits().test
+
     def test_data(self) -> list[dict]:
         if self._test_data is None:
             self._test_data = self.tokenize(self._ensure_splits().test)

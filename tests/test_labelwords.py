@@ -265,7 +265,7 @@ def test_exported_adapter_reloads_with_peft_and_predicts_the_same(tmp_path):
     tok = ws.tokenizer
     word_ids = spec["word_token_ids"]
     assert word_ids == [[tok(w, add_special_tokens=False)["input_ids"] for w in ws_] for ws_ in spec["words"]]
-    texts = [e["text"] for e in ws._ensure_splits().test[:24]]
+    texts = [e["text"] for e in ws.test_examples()[:24]]
     prompts = [spec["prompt_prefix_token_ids"]
                + tok(spec["template"].replace("{text}", t), add_special_tokens=False)["input_ids"] for t in texts]
     assert [e["input_ids"] for e in ex] == prompts

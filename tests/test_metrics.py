@@ -1,6 +1,7 @@
 """ROUGE-L (hand-computed and brute-force references), greedy generation, forgetting texts, [eval]."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -80,16 +81,16 @@ def test_forgetting_texts_are_held_out_from_tuning():
     tuned = DataConfig(dataset="chatterbot", partition="domain", domains=("science", "history"))
     texts = metrics.forgetting_texts(tuned, "auto", 50, seed=0)
     assert len(texts) == 50 and texts == metrics.forgetting_texts(tuned, "chatterbot", 50, seed=0)
-    from fedtune.data import _chatterbot
+    from fedtune.data import load_chatterbot
 
-    tuned_text = {f"{e['prompt']}\n{e['response']}" for e in _chatterbot() if e["domain"] in ("science", "history")}
+    tuned_text = {f"{e['prompt']}\n{e['response']}" for e in load_chatterbot() if e["domain"] in ("science", "history")}
     assert not set(texts) & tuned_text
     assert metrics.forgetting_texts(tuned, "auto", 50, seed=1) != texts  # seeded order
     everything = DataConfig(dataset="chatterbot", partition="domain")
     with pytest.raises(ConfigError, match="eval.forgetting_source"):
         metrics.forgetting_texts(everything, "chatterbot", 5)
     reviews = metrics.forgetting_texts(everything, "auto", 5)  # all of chatterbot tuned: review text instead
-    assert len(reviews) == 5 and not set(reviews) & {f"{e['prompt']}\n{e['response']}" for e in _chatterbot()}
+    assert len(reviews) == 5 and not set(reviews) & {f"{e['prompt']}\n{e['response']}" for e in load_chatterbot()}
 
 
 def test_eval_section_is_validated_and_round_trips(tmp_path):
@@ -128,3 +129,32 @@ def test_forgetting_summary_reads_first_and_last_evaluation():
     ]
     assert metrics.forgetting_summary(records) == {"before": 20.0, "after": 25.0, "ratio": 1.25}
     assert metrics.forgetting_summary([{"round": 0, "eval": {"loss": 1.0}}]) == {}
+
+
+def test_causal_lm_held_out_metrics_per_domain(tiny_cfg, tmp_path):
+    """Each domain's loss is that domain's held-out examples evaluated alone; the overall loss is the
+    token-weighted mean, i.e. the whole split evaluated at once; the summary compares first and last."""
+    from fedtune import adapters, workspace
+    from fedtune.centralized import run_centralized
+    from fedtune.metrics import held_out_metrics
+    from fedtune.train import evaluate
+
+    cfg = tiny_cfg.replace(**LLM, **{"federation.rounds": 1, "train.local_steps": 2, "train.lr": 3e-2,
+                                     "output.save_adapter": False})
+    ws = workspace.get(cfg)
+    adapters.set_state_(ws.model, ws.initial_state())
+    got = held_out_metrics(ws, cfg, final=True)
+    test, domains = ws.test_data(), [e["domain"] for e in ws.test_examples()]
+    assert len(set(domains)) > 1
+    kw = {"task": ws.task, "pad_id": ws.pad_id, "device": ws.device, "batch_size": cfg.train.eval_batch_size}
+    for d in set(domains):
+        alone = evaluate(ws.model, [x for x, dom in zip(test, domains) if dom == d], **kw)
+        assert got[f"loss/{d}"] == pytest.approx(alone["loss"], rel=1e-6)
+        assert got[f"perplexity/{d}"] == pytest.approx(alone["perplexity"], rel=1e-6)
+    whole = evaluate(ws.model, test, **kw)
+    assert got["loss"] == pytest.approx(whole["loss"], rel=1e-5) and got["tokens"] == whole["tokens"]
+    summary = run_centralized(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for d, s in summary["domains"].items():
+        assert s["before"] == rows[0]["eval"][f"perplexity/{d}"] and s["after"] == rows[-1]["eval"][f"perplexity/{d}"]
+    assert set(summary["domains"]) == set(domains)
