@@ -154,12 +154,12 @@ def test_resume_travels_as_the_declared_run_config_key_and_reaches_the_server_ap
 
     from flwr.app import Context, RecordDict
 
-    from fedtune.flower.apps import _resume_flag
+    from fedtune.flower.apps import resume_flag
 
     ctx = lambda rc: Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=rc)  # noqa: E731
-    assert _resume_flag(ctx(run_config)) is True and _resume_flag(ctx({})) is False
+    assert resume_flag(ctx(run_config)) is True and resume_flag(ctx({})) is False
     with pytest.raises(ConfigError, match="resume"):
-        _resume_flag(ctx({"resume": "maybe"}))
+        resume_flag(ctx({"resume": "maybe"}))
 
 
 def test_run_line_resume_needs_an_output_dir(capsys, tmp_path):

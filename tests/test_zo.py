@@ -160,10 +160,10 @@ def test_numpy_and_torch_sign_kernels_agree():
     n = 100_003
     packed = torch.randint(0, 256, ((n + 7) // 8,), dtype=torch.uint8, generator=g)
     for scale in (1e-3, -2.5e-7, 0.0):
-        bits = pool_mod._float_bits(float(np.float32(scale)))
-        via_torch = pool_mod._signed_scale_torch(packed, n, bits)
+        bits = pool_mod.float_bits(float(np.float32(scale)))
+        via_torch = pool_mod.signed_scale_torch(packed, n, bits)
         via_np = np.concatenate(
-            [pool_mod._signed_scale_np(packed.numpy(), a, min(n, a + 65536), bits) for a in range(0, n, 65536)]
+            [pool_mod.signed_scale_np(packed.numpy(), a, min(n, a + 65536), bits) for a in range(0, n, 65536)]
         )
         assert via_torch.numpy().tobytes() == via_np.tobytes()
 

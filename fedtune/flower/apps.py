@@ -25,7 +25,7 @@ def _config_from_context(context: Context) -> FedtuneConfig:
     return config.from_run_config(context.run_config, base_dir=APP_DIR)
 
 
-def _resume_flag(context: Context) -> bool:
+def resume_flag(context: Context) -> bool:
     """``flwr run . --run-config 'resume=true'``: continue from the run directory's last checkpoint."""
     value = context.run_config.get("resume", False)
     if isinstance(value, str):
@@ -55,7 +55,7 @@ def make_server_app(
         from fedtune.flower.server import ServerLoop
 
         run_cfg = cfg or _config_from_context(context)
-        resuming = resume or _resume_flag(context)
+        resuming = resume or resume_flag(context)
         if resuming and out_dir is None and not run_cfg.output.dir:
             raise config.ConfigError(
                 "resume: set output.dir (the run directory holding the checkpoint) to resume a run started with flwr run"

@@ -120,11 +120,11 @@ def _packed_bits(numel: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randint(0, 256, ((numel + 7) // 8,), dtype=torch.uint8, generator=gen)
 
 
-def _float_bits(scale: float) -> int:
+def float_bits(scale: float) -> int:
     return int(np.array([scale], dtype=np.float32).view(np.int32)[0])
 
 
-def _signed_scale_np(packed: np.ndarray, start: int, stop: int, scale_bits: int) -> np.ndarray:
+def signed_scale_np(packed: np.ndarray, start: int, stop: int, scale_bits: int) -> np.ndarray:
     """``scale * z[start:stop]`` for Rademacher z, by flipping the float32 sign bit (exact)."""
     bits = np.unpackbits(packed[start // 8 : (stop + 7) // 8], bitorder="little", count=stop - start)
     u = bits.astype(np.uint32)
@@ -133,8 +133,8 @@ def _signed_scale_np(packed: np.ndarray, start: int, stop: int, scale_bits: int)
     return u.view(np.float32)
 
 
-def _signed_scale_torch(packed: torch.Tensor, numel: int, scale_bits: int) -> torch.Tensor:
-    """Same as `_signed_scale_np` with torch integer ops, on ``packed``'s device."""
+def signed_scale_torch(packed: torch.Tensor, numel: int, scale_bits: int) -> torch.Tensor:
+    """Same as `signed_scale_np` with torch integer ops, on ``packed``'s device."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].to(torch.int32)
     sign = bits * torch.iinfo(torch.int32).min  # 0 or 0x80000000, no overflow
@@ -158,7 +158,7 @@ def perturbation(
         numel = int(np.prod(shape, dtype=np.int64))
         gen = _param_generator(seed, name)
         if distribution == "rademacher":
-            z = _signed_scale_torch(_packed_bits(numel, gen), numel, _float_bits(1.0)).reshape(shape)
+            z = signed_scale_torch(_packed_bits(numel, gen), numel, float_bits(1.0)).reshape(shape)
         else:
             z = torch.randn(numel, generator=gen, dtype=torch.float32).reshape(shape)
         if isinstance(p, torch.Tensor):
@@ -172,7 +172,7 @@ def perturb_(params: NamedTensors, seed: int, scale: float, distribution: str = 
     if distribution not in DISTRIBUTIONS:
         raise ConfigError(f"distribution={distribution!r}: must be one of {DISTRIBUTIONS}")
     scale32 = float(np.float32(scale))
-    scale_bits = _float_bits(scale32)
+    scale_bits = float_bits(scale32)
     for name, p in named(params):
         numel = p.numel()
         if numel == 0:
@@ -188,11 +188,11 @@ def perturb_(params: NamedTensors, seed: int, scale: float, distribution: str = 
             packed = _packed_bits(numel, gen).numpy()
             for start in range(0, numel, _CHUNK):
                 stop = min(numel, start + _CHUNK)
-                step = torch.from_numpy(_signed_scale_np(packed, start, stop, scale_bits))
+                step = torch.from_numpy(signed_scale_np(packed, start, stop, scale_bits))
                 flat[start:stop].add_(step if flat.dtype == torch.float32 else step.to(flat.dtype))
         else:
             packed = _packed_bits(numel, gen).to(flat.device)
-            step = _signed_scale_torch(packed, numel, scale_bits)
+            step = signed_scale_torch(packed, numel, scale_bits)
             flat.add_(step if flat.dtype == torch.float32 else step.to(flat.dtype))
         if flat.data_ptr() != data.data_ptr():
             data.copy_(flat.view_as(data))
