@@ -141,6 +141,7 @@ def _from_rows(rows: list[dict], cfg: DataConfig, task: str, source: str) -> lis
         raise ConfigError(
             f"data.dataset: {source} has no column(s) {', '.join(missing)}; its columns are {sorted(cols)}"
         )
+    _check_rows(rows, cfg, task, source)
     out = []
     for r in rows:
         ex: Example = (
@@ -152,6 +153,58 @@ def _from_rows(rows: list[dict], cfg: DataConfig, task: str, source: str) -> lis
             ex["domain"] = str(r[cfg.domain_column])
         out.append(ex)
     return out
+
+
+_MAX_BAD_ROWS_LISTED = 5
+
+
+def _check_rows(rows: list[dict], cfg: DataConfig, task: str, source: str) -> None:
+    """Refuse a file with bad rows, naming them (rows count from 1, the header not counted).
+
+    A row is bad when a column it needs is missing or empty (a short CSV row, a JSON
+    null), or, when most labels are integers (class ids), its label is not a
+    non-negative integer: it would otherwise become a class of its own.
+    """
+    roles = ({"empty prompt": cfg.prompt_column, "empty response": cfg.response_column} if task == CAUSAL_LM
+             else {"empty text": cfg.text_column, "no label": cfg.label_column})
+    bad: list[str] = []
+    for i, r in enumerate(rows, 1):
+        for what, col in roles.items():
+            value = r.get(col)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                bad.append(f"row {i}: {what} (column {col!r})")
+    if task != CAUSAL_LM:
+        labels = [(i, r.get(cfg.label_column)) for i, r in enumerate(rows, 1)]
+        labels = [(i, y) for i, y in labels if y is not None and not (isinstance(y, str) and not y.strip())]
+        ids = [(i, y, _class_id(y)) for i, y in labels]
+        if 2 * sum(c is not None for _, _, c in ids) >= len(ids) > 0:  # labels are class ids
+            for i, y, c in ids:
+                if c is None:
+                    bad.append(f"row {i}: label {y!r} is not an integer like the other rows' class ids")
+                elif c < 0:
+                    bad.append(f"row {i}: label {y!r} is negative (class ids are 0..C-1)")
+    if bad:
+        row_of = [int(b.split(":")[0].removeprefix("row ")) for b in bad]
+        bad = [b for _, b in sorted(zip(row_of, bad), key=lambda x: x[0])]
+        more = f" and {len(bad) - _MAX_BAD_ROWS_LISTED} more" if len(bad) > _MAX_BAD_ROWS_LISTED else ""
+        raise ConfigError(
+            f"data.dataset: {source} has {len(set(row_of))} bad row(s) (rows count from 1 after the header): "
+            + "; ".join(bad[:_MAX_BAD_ROWS_LISTED]) + more
+        )
+
+
+def _class_id(label) -> int | None:
+    """An integer label (an int, an integral float, or a string of one), else None."""
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return label
+    if isinstance(label, float):
+        return int(label) if label.is_integer() else None
+    try:
+        return int(str(label).strip())
+    except ValueError:
+        return None
 
 
 def _from_messages(messages, source: str, i: int) -> Example:

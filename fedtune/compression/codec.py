@@ -145,9 +145,10 @@ class ChainCodec:
             n = math.prod(shape)
             what = f"tensor {i} ({key!r})"
             idx, mask, k = self.sparsifier.positions(r, n, seed=seed, index=i, what=what)
-            vals = self.values.decode(r, k, what)
-            if self.rescale and k:
-                vals = vals * np.float32(n / k)
+            with np.errstate(over="ignore"):  # an overflow to inf is refused just below, without a warning
+                vals = self.values.decode(r, k, what)
+                if self.rescale and k:
+                    vals = vals * np.float32(n / k)
             if not np.isfinite(vals).all():  # e.g. a huge (finite) scale times 127 overflows
                 raise PayloadError(f"{what}: decoded values are not finite")
             if idx is None and mask is None:
