@@ -105,6 +105,9 @@ TWO_BAD = {
                     ["aggregation.trim_beta: must be in [0, 0.5) (got 0.7)", "aggregation.num_malicious: must be >= 0 (got -1)"]),
     "zo": ({"eps": 0, "scope": "lora"},
            ["zo.eps: must be > 0 (got 0.0)", "zo.scope: must be one of adapter, full (got 'lora')"]),
+    "attack": ({"kind": "scale", "factor": -2.0, "partition_ids": [1, 1]},
+               ["attack.factor: must be > 0 (got -2.0)",
+                "attack.partition_ids: must be distinct partition ids >= 0, at least one (got [1, 1])"]),
 }
 
 
