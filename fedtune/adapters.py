@@ -12,6 +12,12 @@ arXiv:2011.11660). peft has no tuner without adapted modules, so the model carri
 a LoRA whose A and B stay frozen at their initial value (B = 0: an exact
 identity); the head is peft's ``modules_to_save`` as usual, and an exported
 adapter loads with peft like any LoRA adapter.
+
+``method = "lora-sb"`` is Fed-SB / LoRA-SB (Ponkshe et al. 2024/2025,
+arXiv:2411.19557, arXiv:2502.15436; `fedtune.lorasb`): a peft LoRA whose A and
+B are fixed, seeded factors shared by every party, with a trained r x r core R
+between them; only R (and the head) trains and travels, FedAvg of R is exact, and
+the export folds R into B, a plain LoRA adapter for peft's loader.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def peft_config(cfg: AdapterConfig, task: str, model_type: str, tokenizer_path: 
         lora_dropout=cfg.dropout,
         target_modules=list(targets),
         use_dora=cfg.method == "dora",
-    )
+    )  # "lora-sb": this LoRA, then `fedtune.lorasb.convert_` in `wrap`
 
 
 def wrap(base, cfg: AdapterConfig, task: str):
@@ -69,11 +75,25 @@ def wrap(base, cfg: AdapterConfig, task: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         model = get_peft_model(base, pcfg)
+    if cfg.method == "lora-sb":  # A and B fixed from init_seed, only the r x r cores (and the head) train
+        from fedtune import lorasb
+
+        lorasb.convert_(model, cfg.init_seed)
     if cfg.ffa:  # FFA-LoRA: only B and the head train
         freeze_(model, ".lora_A.", ".lora_embedding_A.")
     if cfg.method == "head":  # every LoRA matrix (B = 0 at initialisation: an identity)
         freeze_(model, ".lora_")
     return model
+
+
+def save_pretrained(model, path: str) -> None:
+    """Save ``model``'s adapter in peft's format at ``path`` (LoRA-SB: as the plain LoRA it equals)."""
+    from fedtune import lorasb
+
+    if lorasb.is_lora_sb(model):
+        lorasb.save_pretrained(model, path)
+    else:
+        model.save_pretrained(path)
 
 
 def freeze_(model, *markers: str) -> None:

@@ -70,7 +70,13 @@ class ModelConfig(Section):
 
 @dataclass(frozen=True)
 class AdapterConfig(Section):
-    """The parameter-efficient adapter each client trains (through peft)."""
+    """The parameter-efficient adapter each client trains (through peft).
+
+    ``method``: ``lora``, ``dora``, ``prompt``, ``head`` (a linear probe) or
+    ``lora-sb`` (Fed-SB / LoRA-SB, `fedtune.lorasb`: A and B fixed from
+    ``init_seed`` on every party, only an ``r`` x ``r`` core per adapted matrix and
+    the head train and travel).
+    """
 
     SECTION = "adapter"
     method: str = "lora"
@@ -84,7 +90,7 @@ class AdapterConfig(Section):
 
     def problems(self) -> list[str]:
         e: list[str] = []
-        choice(e, "adapter.method", self.method, ("lora", "dora", "prompt", "head"))
+        choice(e, "adapter.method", self.method, ("lora", "dora", "prompt", "head", "lora-sb"))
         positive(e, "adapter.r", self.r)
         positive(e, "adapter.alpha", self.alpha)
         positive(e, "adapter.num_virtual_tokens", self.num_virtual_tokens)
@@ -92,6 +98,11 @@ class AdapterConfig(Section):
         if self.ffa and self.method in ("prompt", "head"):
             e.append(
                 f"adapter.ffa: FFA-LoRA freezes LoRA A matrices; adapter.method = {self.method!r} has none (got True)"
+            )
+        if self.ffa and self.method == "lora-sb":
+            e.append(
+                "adapter.ffa: FFA-LoRA trains B, and adapter.method = 'lora-sb' keeps A and B fixed and trains only "
+                "the r x r core between them; set adapter.ffa = false (got True)"
             )
         return e
 
@@ -153,6 +164,11 @@ class TrainConfig(Section):
     # gradients and optimizer state stay float32. ~1.7x faster on CPUs with AVX512-BF16/AMX.
     # "auto": bf16 where the device has native bfloat16 matmuls, else float32.
     mixed_precision: str = "no"
+    # The most examples one forward/backward pass holds (0: the whole batch at once). A larger
+    # batch (DP-SGD's logical batch, e.g. 1024) runs in pieces of this size: their gradients
+    # (DP-SGD: their clipped per-example gradients) are summed and the optimizer steps once;
+    # DP-SGD's noise is added once per logical batch, so the accounting is unchanged.
+    physical_batch_size: int = 0
     # Client learning rate across rounds: "constant", or "cosine" from lr in round 1
     # down to lr * lr_min_ratio in the last round (the local steps of one round share it).
     lr_schedule: str = "constant"
@@ -164,6 +180,7 @@ class TrainConfig(Section):
         positive(e, "train.logit_adjustment", self.logit_adjustment, allow_zero=True)
         for name in ("local_steps", "batch_size", "lr", "eval_batch_size"):
             positive(e, f"train.{name}", getattr(self, name))
+        positive(e, "train.physical_batch_size", self.physical_batch_size, allow_zero=True)
         choice(e, "train.optimizer", self.optimizer, ("adamw", "sgd"))
         choice(e, "train.mixed_precision", self.mixed_precision, ("no", "bf16", "auto"))
         choice(e, "train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
@@ -452,6 +469,12 @@ def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
     from fedtune.aggregation.config import SERVER_MEAN_OPTIMIZERS
 
     agg, e = cfg.aggregation, []
+    if agg.lora_mode in ("exact", "ffa") and cfg.adapter.method == "lora-sb":
+        e.append(
+            f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with adapter.method = 'lora-sb' (only the "
+            "r x r cores between fixed factors travel, and their plain mean is already the exact mean of the "
+            "updates B R A); use 'naive'"
+        )
     if agg.lora_mode in ("exact", "ffa") and cfg.adapter.method in ("head", "prompt"):
         e.append(
             f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with adapter.method = "
@@ -501,6 +524,11 @@ def _zo_problems(cfg: FedtuneConfig) -> list[str]:
     """What zeroth-order training (clients send (seed, scalar) pairs, the server averages scalars) ignores."""
     e: list[str] = []
     agg = cfg.aggregation
+    if cfg.train.physical_batch_size:
+        e.append(
+            "train.physical_batch_size: cannot be combined with train.mode = 'zo' (zeroth-order clients evaluate "
+            f"whole batches and do not split them); set it to 0 (got {cfg.train.physical_batch_size!r})"
+        )
     if cfg.privacy.enabled:
         why = "it has no per-sample gradients for DP-SGD" if cfg.privacy.mode == "sample" else (
             "no client-level mechanism is implemented for (seed, scalar) pairs")
@@ -600,7 +628,10 @@ def _hetero_problems(cfg: FedtuneConfig) -> list[str]:
     """What ``aggregation.lora_mode = 'hetero'`` (clients at their own LoRA rank) cannot be combined with."""
     e: list[str] = []
     ranks = cfg.aggregation.client_ranks or ()
-    if cfg.adapter.method not in ("lora", "dora"):
+    if cfg.adapter.method == "lora-sb":
+        e.append("aggregation.lora_mode: 'hetero' re-factors A and B at each client's rank, and adapter.method = "
+                 "'lora-sb' keeps them fixed (a client's rank is the core's size); use 'naive'")
+    elif cfg.adapter.method not in ("lora", "dora"):
         e.append(f"aggregation.lora_mode: 'hetero' needs LoRA factors, which adapter.method = {cfg.adapter.method!r} has not (use 'lora' or 'dora')")
     if cfg.adapter.ffa:
         e.append("aggregation.lora_mode: 'hetero' re-factors A every round, so A cannot stay frozen; set adapter.ffa = false")

@@ -14,7 +14,7 @@ import torch
 
 from fedtune.config import CAUSAL_LM, LABEL_WORDS, TrainConfig
 from fedtune.data import collate
-from fedtune.labelwords import WORD_TOKENS, class_scores
+from fedtune.labelwords import WORD_CLASSES, WORD_TOKENS, class_scores
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -145,11 +145,28 @@ def num_labels(model) -> int:
     return int(model.config.num_labels) if hasattr(model, "config") else 2
 
 
+def physical_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """``batch`` cut into pieces of at most ``size`` rows (``train.physical_batch_size``; 0: one piece).
+
+    The label words' tensors (one row per word, not per example) go whole into every piece.
+    """
+    n = batch["input_ids"].shape[0]
+    if size <= 0 or n <= size:
+        return [batch]
+    shared = (WORD_TOKENS, WORD_CLASSES)
+    return [{k: v if k in shared else v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
 def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust):
     model.train()
     opt = optimizer or make_optimizer(model, cfg)
     stream = batches or batch_stream(data, cfg.batch_size, generator)
     params = [p for p in model.parameters() if p.requires_grad]
+    private = False
+    if cfg.physical_batch_size:
+        from fedtune.privacy import accumulate_physical_batch_, is_dp_optimizer
+
+        private = is_dp_optimizer(opt)
     total, seen = 0.0, 0
     for _ in range(steps):
         raw = next(stream)
@@ -161,17 +178,29 @@ def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optim
 
             empty_batch_step(opt)
             continue
-        with autocast(device, cfg.mixed_precision):
-            task_loss = loss = batch_loss(model, batch, adjust)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
+        n = batch["input_ids"].shape[0]
+        pieces = physical_batches(batch, cfg.physical_batch_size)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        for i, piece in enumerate(pieces):
+            # the mean loss of the logical batch is the row-weighted mean of its pieces' means
+            weight = piece["input_ids"].shape[0] / n
+            with autocast(device, cfg.mixed_precision):
+                task_loss = loss = batch_loss(model, piece, adjust)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            if private:
+                # opacus computes each example's gradient whatever the piece size; the DP optimizer
+                # clips and sums them, and only the logical batch's last piece steps and adds noise
+                loss.backward()
+                if i < len(pieces) - 1:
+                    accumulate_physical_batch_(opt)
+            else:
+                (loss * weight if len(pieces) > 1 else loss).backward()
+            total += float(task_loss.detach()) * weight
         if clip and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
-        total += float(task_loss.detach())
-        seen += batch["input_ids"].shape[0]
+        seen += n
     return {"train_loss": total / max(steps, 1), "steps": float(steps), "examples_seen": float(seen)}
 
 

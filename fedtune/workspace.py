@@ -248,7 +248,7 @@ def export_adapter(ws: Workspace, state: Delta, target) -> None:
     ws.model.peft_config["default"].base_model_name_or_path = models.base_path_for_export(ws.resolved)
 
     def fill(tmp) -> None:
-        ws.model.save_pretrained(str(tmp))
+        adapters.save_pretrained(ws.model, str(tmp))  # LoRA-SB: as the plain LoRA it equals
         if ws.task == CLASSIFICATION:
             ws.tokenizer.save_pretrained(str(tmp))
         if ws.cfg.model.pooling != "auto":

@@ -44,7 +44,7 @@ def test_defaults_are_the_bundled_demo():
 def test_unknown_key_is_named():
     assert problems({"train.lrr": 0.1}) == (
         "train.lrr: unknown key (known: batch_size, eval_batch_size, local_steps, logit_adjustment, lr, lr_min_ratio, "
-        "lr_schedule, max_grad_norm, mixed_precision, mode, momentum, optimizer, seed, weight_decay)",
+        "lr_schedule, max_grad_norm, mixed_precision, mode, momentum, optimizer, physical_batch_size, seed, weight_decay)",
     )
     assert problems({"zo.num_seed": 5})[0].startswith("zo.num_seed: unknown key (known: distribution, eps,")
 
@@ -60,7 +60,7 @@ def test_unknown_section_is_named():
         ("train.lr", -1.0, "train.lr: must be > 0 (got -1.0)"),
         ("train.lr", "abc", "train.lr: expected a number, got 'abc'"),
         ("train.local_steps", 2.5, "train.local_steps: expected an integer, got 2.5"),
-        ("adapter.method", "lorax", "adapter.method: must be one of lora, dora, prompt, head (got 'lorax')"),
+        ("adapter.method", "lorax", "adapter.method: must be one of lora, dora, prompt, head, lora-sb (got 'lorax')"),
         ("data.partition", "random", "data.partition: must be one of iid, dirichlet, pathological, domain (got 'random')"),
         ("federation.fraction_train", 1.5, "federation.fraction_train: must be in (0, 1] (got 1.5)"),
         ("model.quantization", "3bit", "model.quantization: must be one of none, 4bit (got '3bit')"),

@@ -517,3 +517,112 @@ def test_noisy_label_counts_are_the_gaussian_mechanism():
     assert (draws[:, 2] >= 0).all() and (draws[:, 2] == 0).mean() == pytest.approx(0.5, abs=0.05)
     assert noisy_label_counts(labels, 2, 10.0, torch.Generator().manual_seed(1)) == noisy_label_counts(
         labels, 2, 10.0, torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------- logical batches in physical pieces
+
+
+def _examples(n: int, seed: int = 0) -> list[dict]:
+    """Tokenized classification examples of varied lengths (as `fedtune.data.tokenize` gives them)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 10, (n,), generator=g).tolist()
+    return [{"input_ids": torch.randint(1, 1000, (k,), generator=g).tolist(), "label": int(i % 2)}
+            for i, k in enumerate(lengths)]
+
+
+def _rows_seen(model) -> list[int]:
+    """The batch size of every forward pass of ``model`` from now on."""
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    return rows
+
+
+def _dp_round(physical: int, noise: float, *, n: int = 64, logical: int = 16, steps: int = 4):
+    """One client round of DP-SGD as the client runs it (`fedtune.train.train_local` over opacus' Poisson loader)."""
+    from functools import partial
+
+    from torch.utils.data import DataLoader
+
+    from fedtune.config import CLASSIFICATION, TrainConfig
+    from fedtune.data import collate
+    from fedtune.train import make_optimizer, train_local
+
+    model = _peft("lora")
+    rows = _rows_seen(model)
+    data = _examples(n)
+    loader = DataLoader(data, batch_size=logical, collate_fn=partial(collate, pad_id=0, task=CLASSIFICATION))
+    cfg = TrainConfig(batch_size=logical, physical_batch_size=physical, local_steps=steps, optimizer="sgd", lr=0.5)
+    gen = torch.Generator().manual_seed(3)
+    pt = make_private(model, make_optimizer(model, cfg), loader,
+                      PrivacyConfig(mode="sample", noise_multiplier=noise, max_grad_norm=0.1), generator=gen)
+
+    def cycle():
+        while True:
+            yield from pt.data_loader
+
+    metrics = train_local(pt.model, data, cfg, task=CLASSIFICATION, pad_id=0, device=torch.device("cpu"),
+                          generator=gen, optimizer=pt.optimizer, batches=cycle(), clip=False)
+    pt.close()
+    trained = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+    return trained, pt, metrics, rows
+
+
+def test_physical_batches_bound_memory_and_keep_the_logical_batch_accounting():
+    trained, pt, metrics, rows = _dp_round(physical=4, noise=1.0)
+    assert rows and max(rows) <= 4 and sum(rows) == metrics["examples_seen"] > 16  # Poisson batches of about 16
+    assert pt.sample_rate == 16 / 64 and pt.accountant.history == [(1.0, 16 / 64, 4)]  # one step per logical batch
+    assert pt.accountant.epsilon() == pytest.approx(opacus_epsilon(1.0, 16 / 64, 4, 1e-5), rel=1e-12)
+    assert pt.optimizer.expected_batch_size == 16  # the noised sum is divided by the logical batch
+
+
+def test_physical_batches_without_noise_give_the_logical_batch_update():
+    pieces, _, m4, rows4 = _dp_round(physical=4, noise=0.0)
+    whole, _, m16, rows16 = _dp_round(physical=0, noise=0.0)
+    assert max(rows4) <= 4 < max(rows16) and sum(rows4) == sum(rows16)  # the same Poisson batches
+    assert m4["train_loss"] == pytest.approx(m16["train_loss"], rel=1e-5)
+    start = {k: p.detach() for k, p in _peft("lora").named_parameters() if p.requires_grad}
+    assert any(not torch.equal(whole[k], start[k]) for k in whole)
+    for k in whole:
+        torch.testing.assert_close(pieces[k], whole[k], rtol=1e-5, atol=1e-6)
+
+
+def test_physical_batches_without_dp_accumulate_the_same_gradient():
+    from fedtune.config import CLASSIFICATION, TrainConfig
+    from fedtune.train import train_local
+
+    out = []
+    for physical in (0, 3):
+        model = _peft("lora")
+        rows = _rows_seen(model)
+        cfg = TrainConfig(batch_size=8, physical_batch_size=physical, local_steps=3, optimizer="adamw", lr=1e-2,
+                          max_grad_norm=1.0)
+        train_local(model, _examples(40), cfg, task=CLASSIFICATION, pad_id=0, device=torch.device("cpu"),
+                    generator=torch.Generator().manual_seed(0))
+        assert max(rows) == (8 if physical == 0 else 3)
+        out.append({k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
+    for k in out[0]:
+        torch.testing.assert_close(out[1][k], out[0][k], rtol=1e-5, atol=1e-6)
+
+
+def test_client_reports_the_logical_batch_epsilon(tiny_cfg):
+    """Through the client handler: the reported epsilon is opacus' for (z, q = logical batch / examples, local steps)."""
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    from fedtune import workspace
+    from fedtune.flower.client import handle_train
+    from fedtune.flower.local import LocalGrid
+    from fedtune.flower.records import to_arrayrecord
+
+    cfg = tiny_cfg.replace(**{"privacy.mode": "sample", "privacy.noise_multiplier": 0.8, "privacy.max_grad_norm": 1.0,
+                              "train.batch_size": 16, "train.physical_batch_size": 4, "train.local_steps": 5})
+    ws = workspace.get(cfg)
+    grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
+    msg = Message(RecordDict({"arrays": to_arrayrecord(ws.initial_state()), "config": ConfigRecord({"server-round": 1})}),
+                  dst_node_id=grid.node_ids[0], message_type=MessageType.TRAIN)
+    reply = grid.send_and_receive([msg])[0]
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    m = reply.content["metrics"]
+    n = len(ws.client_data(int(m["partition-id"])))
+    q = 1 / math.ceil(n / 16)  # opacus' rate for a loader of batch 16 over n examples: 16 / n when 16 divides n
+    assert m["dp-sample-rate"] == pytest.approx(q, rel=1e-12) and m["steps"] == 5
+    assert m["dp-epsilon"] == pytest.approx(opacus_epsilon(0.8, q, 5, cfg.privacy.delta), rel=1e-9)

@@ -73,9 +73,11 @@ from fedtune.privacy.client_level import (
 from fedtune.privacy.config import PrivacyConfig
 from fedtune.privacy.sample_level import (
     PrivateTraining,
+    accumulate_physical_batch_,
     check_dp_compatible,
     empty_batch_step,
     enable_per_sample_prompts_,
+    is_dp_optimizer,
     make_private,
     noisy_label_counts,
     uses_dora,
@@ -88,6 +90,7 @@ __all__ = [
     "PrivacyConfig",
     "PrivateTraining",
     "RdpAccountant",
+    "accumulate_physical_batch_",
     "add_gaussian_noise",
     "calibrate_noise_multiplier",
     "central_noise_std",
@@ -97,6 +100,7 @@ __all__ = [
     "empty_batch_step",
     "enable_per_sample_prompts_",
     "history_epsilon",
+    "is_dp_optimizer",
     "local_epsilon",
     "local_noise_std",
     "make_private",

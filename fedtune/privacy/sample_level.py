@@ -26,6 +26,18 @@ What works with peft 0.21 / opacus 1.6 (checked on a tiny random BERT):
   bypasses it), a different loop contract: both are refused here.
 - Poisson batches can be empty and HF models cannot run on 0 rows: use
   :func:`empty_batch_step`.
+- LoRA-SB (`fedtune.lorasb`): the trained r x r core is an ``nn.Linear`` between
+  the frozen A and B, so opacus' stock Linear rule gives its per-example gradients.
+
+Logical batches larger than the physical batch (``train.physical_batch_size``):
+the Poisson batch of expected size ``batch_size`` (the logical batch, which sets q
+and the accounting) runs in pieces; after every piece but the last,
+:func:`accumulate_physical_batch_` has the optimizer clip that piece's per-example
+gradients into the running sum without a step (what opacus' ``BatchMemoryManager``
+does through its sampler); the last piece's ``step()`` adds the noise once and
+divides by the expected logical batch size. One accounted step per logical batch,
+as without pieces. Large logical batches are what DP fine-tuning recipes use (Yu
+et al. 2022, arXiv:2110.06500: batch 2,000; Li et al. 2022, arXiv:2110.05679: 1,000).
 """
 
 from __future__ import annotations
@@ -247,6 +259,25 @@ def noisy_label_counts(labels: list[int], num_labels: int, std: float, generator
     counts = torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_labels).double()
     noise = torch.randn(num_labels, generator=generator, dtype=torch.float64) * float(std)
     return [float(c) for c in (counts + noise).clamp_min(0.0)]
+
+
+def is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is opacus' (per-example clipping and noise at its step)."""
+    return isinstance(optimizer, DPOptimizer)
+
+
+def accumulate_physical_batch_(optimizer: DPOptimizer) -> None:
+    """Clip the per-example gradients of the physical batch just back-propagated and add them
+    to the logical batch's sum, without an optimizer step, noise or an accounted step.
+
+    Call it after every physical batch but the last of a logical (Poisson) batch; the
+    last one's ``optimizer.step()`` then adds the noise once and steps. The same
+    mechanism as opacus' ``BatchMemoryManager`` (``signal_skip_step``), for a loop that
+    splits the logical batch itself.
+    """
+    optimizer.signal_skip_step(do_skip=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # drops grad_sample; a skipped step keeps the summed clipped grads
 
 
 def empty_batch_step(optimizer: DPOptimizer) -> None:
