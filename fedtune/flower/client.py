@@ -6,7 +6,10 @@ optional error feedback. With heterogeneous LoRA ranks
 (``aggregation.lora_mode = "hetero"``) a client trains a model at its own rank
 (``aggregation.client_ranks``), cuts the global to that rank if the server sent
 it at a higher one (`fedtune.aggregation.cut_to_rank`), and reports its rank in
-the ``lora-rank`` metric. The base model is loaded once per process
+the ``lora-rank`` metric. Every reply echoes the round it answers
+(``server-round``), which the server checks. A simulated attacker
+(`fedtune.attack`) runs this same path and changes what it sends after
+training (its labels before it). The base model is loaded once per process
 (:mod:`fedtune.workspace`); what must outlive a round (error-feedback residual,
 the client's copy of the broadcast adapter, DP accountant) lives in Flower's
 per-node ``context.state``.

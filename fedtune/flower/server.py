@@ -4,7 +4,8 @@
 (seeded by (seed, round) over nodes ordered by partition id, so a run is
 reproducible and a resumed run samples what the uninterrupted one would have),
 sending a round and collecting its replies, mapping SuperLink error replies to
-the node they were sent to, rejections with reasons, privacy accounting
+the node they were sent to (a sampled node's reply to another node's message,
+or a second reply, is dropped), rejections with reasons, privacy accounting
 (`fedtune.privacy.ledger.RunPrivacy`), checkpoints and resume, and, through
 `fedtune.runlog.RunLog`, evaluation cadence, metrics rows, progress lines,
 export and the summary.
@@ -13,8 +14,9 @@ What differs between kinds of round plugs in behind `RoundProtocol`:
 
 - `DeltaRounds` (here): the global adapter goes down (dense, compressed
   `Broadcast`, or cut to each node's rank, `HeteroRanks`), adapter deltas come
-  up (dense or through an uplink codec), are checked (`validate_update`) and
-  combined by the aggregation chosen once at set-up: a Flower strategy
+  up (dense or through an uplink codec), are checked (the round the reply
+  claims, a size bound before decoding, a per-node digest against replays,
+  then `validate_update`) and combined by the aggregation chosen once at set-up: a Flower strategy
   (``aggregate_train`` sees global + delta per client, so FedAvg, FedAdam, Krum,
   ... see ordinary model arrays), a LoRA-aware aggregator (product-space,
   FFA-LoRA, heterogeneous ranks), or client-level central DP (DP-FedAvg).
