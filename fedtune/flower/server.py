@@ -16,9 +16,9 @@ What differs between kinds of round plugs in behind `RoundProtocol`:
   `Broadcast`, or cut to each node's rank, `HeteroRanks`), adapter deltas come
   up (dense or through an uplink codec), are checked (the round the reply
   claims, a size bound before decoding, a per-node digest against replays,
-  then `validate_update`) and combined by the aggregation chosen once at set-up: a Flower strategy
-  (``aggregate_train`` sees global + delta per client, so FedAvg, FedAdam, Krum,
-  ... see ordinary model arrays), a LoRA-aware aggregator (product-space,
+  then `validate_update`) and combined by the aggregation chosen once at
+  set-up: a Flower strategy (``aggregate_train`` sees global + delta per
+  client, so FedAvg, FedAdam, Krum, ... see ordinary model arrays), a LoRA-aware aggregator (product-space,
   FFA-LoRA, heterogeneous ranks), or client-level central DP (DP-FedAvg).
 - `fedtune.flower.zo_server.SeedRounds`: FedKSeed's seeds and scalars.
 
