@@ -26,7 +26,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load_config(args):
+def _load_config(args, extra: dict | None = None):
     from fedtune import config
 
     path = args.config
@@ -37,14 +37,14 @@ def _load_config(args):
                 "its repository?); pass --config FILE"
             )
         path = DEFAULT_CONFIG
-    return config.load(path, config.parse_overrides(args.overrides))
+    return config.load(path, {**config.parse_overrides(args.overrides), **(extra or {})})
 
 
 def cmd_simulate(args) -> int:
     from fedtune.flower.apps import default_out_dir
     from fedtune.flower.simulation import simulate
 
-    cfg = _load_config(args)
+    cfg = _load_config(args, {"simulation.ray_address": args.ray_address} if args.ray_address else None)
     out = Path(args.out) if args.out else default_out_dir(cfg)
     print(f"fedtune: simulating {cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds -> {out}", flush=True)
     if args.resume and not args.out:
@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="run directory (default: runs/NAME-TIMESTAMP)")
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete round")
+    p.add_argument(
+        "--ray-address", metavar="HOST:PORT",
+        help="run the clients on an existing Ray cluster (its head's address, or auto); "
+             "same as --set simulation.ray_address=...",
+    )
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser(
         "check-config",

@@ -10,6 +10,7 @@ in one :class:`~fedtune.errors.ConfigError` whose message names the keys.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -227,9 +228,15 @@ class FederationConfig(Section):
         return e
 
 
+_RAY_ADDRESS = re.compile(r"^(auto|(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5})$")
+
+
 @dataclass(frozen=True)
 class SimulationConfig(Section):
-    """Flower's simulation engine (Ray backend) on one machine."""
+    """Flower's simulation engine (Ray backend): a Ray instance of its own on this machine, or,
+    with ``ray_address`` (``HOST:PORT`` of a head started with ``ray start --head``, or
+    ``auto``), an existing Ray cluster whose nodes host the clients (``cpus_per_client`` and
+    ``gpus_per_client`` are fitted on each node; ``cpus`` must stay 0, the cluster's own)."""
 
     SECTION = "simulation"
     backend: str = "ray"
@@ -237,11 +244,18 @@ class SimulationConfig(Section):
     cpus_per_client: float = 1.0
     threads_per_client: int = 1
     gpus_per_client: float = 0.0
+    ray_address: str = ""
 
     def problems(self) -> list[str]:
         e: list[str] = []
         choice(e, "simulation.backend", self.backend, ("ray",))
         positive(e, "simulation.cpus", self.cpus, allow_zero=True)
+        if self.ray_address and not _RAY_ADDRESS.match(self.ray_address):
+            e.append(f"simulation.ray_address: expected HOST:PORT of the Ray head or auto "
+                     f"(got {self.ray_address!r})")
+        if self.ray_address and self.cpus:
+            e.append(f"simulation.cpus: must be 0 with simulation.ray_address, a cluster's CPUs are its nodes' "
+                     f"(got {self.cpus!r})")
         positive(e, "simulation.cpus_per_client", self.cpus_per_client)
         positive(e, "simulation.threads_per_client", self.threads_per_client)
         positive(e, "simulation.gpus_per_client", self.gpus_per_client, allow_zero=True)

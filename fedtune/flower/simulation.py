@@ -1,4 +1,5 @@
-"""Local simulation of many clients on Flower's simulation engine (Ray backend)."""
+"""Simulation of many clients on Flower's simulation engine (Ray backend): on this machine, or on an
+existing Ray cluster (``simulation.ray_address``)."""
 
 from __future__ import annotations
 
@@ -68,15 +69,24 @@ def dispatch_sweep(state: Any, queue: Any, rank: Mapping[int, int]) -> None:
 
 
 def backend_config(cfg: FedtuneConfig) -> dict[str, Any]:
-    cpus = cfg.simulation.cpus or os.cpu_count() or 1
+    """Flower's Ray backend settings: ``init_args`` go to ``ray.init``, ``client_resources``
+    to every ClientApp actor.
+
+    Without ``simulation.ray_address`` the run starts its own Ray on this machine with
+    ``simulation.cpus`` CPUs (default: all). With it, ``ray.init`` joins that cluster
+    (``address``) and takes no resource arguments: Ray refuses them when joining, and the
+    cluster's nodes bring their own. Flower then fits ``client_resources`` on each node
+    separately (``pool_size_from_resources``), so a client never spans two nodes.
+    """
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    else:
+        init_args["num_cpus"] = sim.cpus or os.cpu_count() or 1
     return {
-        "client_resources": {"num_cpus": cfg.simulation.cpus_per_client, "num_gpus": cfg.simulation.gpus_per_client},
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": logging.ERROR,
-            "log_to_driver": True,
-        },
+        "client_resources": {"num_cpus": sim.cpus_per_client, "num_gpus": sim.gpus_per_client},
+        "init_args": init_args,
     }
 
 
@@ -88,13 +98,21 @@ def simulate(
     verbose: bool = False,
     resume: bool = False,
     dispatch: Callable[..., None] | None = add_messages_to_queue,
+    client_app: Any = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` with ``cfg.federation.num_clients`` virtual clients; return the summary.
 
     ``dispatch``: the simulation engine's message dispatch loop for this run
     (Flower's ``vce_api.add_messages_to_queue`` signature); fedtune's
     `add_messages_to_queue` by default, None keeps Flower's own.
+    ``client_app``: the Flower ClientApp the clients run (default: fedtune's,
+    ``make_client_app(cfg)``), e.g. fedtune's wrapped with mods.
+
+    With ``simulation.ray_address`` the clients run on that Ray cluster's nodes and
+    this process is its driver (the ServerApp runs here); the connection is closed
+    when the run ends, the cluster keeps running.
     """
+    import ray
     from flwr.server.superlink.fleet.vce import vce_api
     from flwr.simulation import run_simulation
 
@@ -104,8 +122,16 @@ def simulate(
     result: dict[str, Any] = {}
     if resume and cfg.aggregation.secure != "none":
         raise ConfigError("--resume is not supported with aggregation.secure = 'secagg+'")
+    joining = bool(cfg.simulation.ray_address)
+    if joining and ray.is_initialized():
+        # Flower's backend reuses a live Ray connection and would ignore the address
+        raise FedtuneError(
+            f"simulation.ray_address: this process is already connected to Ray; call ray.shutdown() first "
+            f"(got {cfg.simulation.ray_address!r})"
+        )
     server_app = make_server_app(cfg, out_dir, progress, result, resume=resume)  # SecAgg+ included
-    client_app = make_client_app(cfg)
+    if client_app is None:
+        client_app = make_client_app(cfg)
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
@@ -124,6 +150,8 @@ def simulate(
     finally:
         vce_api.add_messages_to_queue = flower_dispatch
         flwr_logger.setLevel(old_level)
+        if joining and ray.is_initialized():
+            ray.shutdown()  # this driver's connection only; the cluster's nodes stay up
     if not result:
         raise FedtuneError("the simulation ended without finishing the run; see the log above")
     return result
