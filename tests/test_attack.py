@@ -292,6 +292,7 @@ def test_hostile_payloads_are_rejected_with_their_reason_and_the_round_completes
     assert last["accepted"] == cfg.federation.num_clients - 1
     assert [r["node"] for r in last["rejected"]] == [attacker] and reason in last["rejected"][0]["reason"], last
     assert attacker not in {c["node"] for c in last["clients"]}
+    assert summary["attack"]["kind"] == kind and summary["attack"]["attackers"] == [1]
     if kind == "replay":  # the first send was an honest update, the second its copy
         assert rows[1]["accepted"] == cfg.federation.num_clients and not rows[1]["rejected"]
     elif kind != "wrong-round":

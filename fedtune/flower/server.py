@@ -524,6 +524,11 @@ class DeltaRounds:
         out: dict[str, Any] = {"aggregation": {"strategy": self.aggregation_name(), **self.cfg.to_dict()["aggregation"]}}
         if self.swa is not None:  # what was evaluated and exported
             out["aggregation"]["swa_rounds_averaged"] = self.swa_rounds
+        if self.cfg.attack.kind != "none":  # a simulated attack: which partitions ran it
+            from fedtune.attack import attackers
+
+            out["attack"] = {**self.cfg.to_dict()["attack"],
+                             "attackers": list(attackers(self.cfg.attack, self.cfg.federation.num_clients))}
         return out
 
 
