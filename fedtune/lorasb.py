@@ -115,6 +115,8 @@ def convert_(model: nn.Module, seed: int) -> int:
                 lin_b.weight.copy_(b)
             lin_a.weight.requires_grad_(False)
             lin_b.weight.requires_grad_(False)
+            # peft re-freezes these whenever it re-enables the adapter (set_adapter, after disable_adapter())
+            module.frozen_peft_weight_names = {**module.frozen_peft_weight_names, adapter: ("lora_A", "lora_B")}
             core = nn.Linear(r, r, bias=False, device=lin_a.weight.device, dtype=lin_a.weight.dtype)
             nn.init.zeros_(core.weight)
             cores[adapter] = core

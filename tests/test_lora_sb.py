@@ -75,6 +75,9 @@ def test_only_the_cores_and_head_train():
     assert trainable and all(f".{lorasb.CORE}." in n or "classifier" in n for n in trainable), sorted(trainable)
     cores = [p for n, p in trainable.items() if f".{lorasb.CORE}." in n]
     assert len(cores) == len(layers) and all(p.shape == (4, 4) for p in cores)
+    with model.disable_adapter():  # peft re-enables the adapter on exit: A and B must stay frozen
+        pass
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(trainable)
     keys = adapters.trainable_keys(model)
     assert sum(k.endswith(f"{lorasb.CORE}.weight") for k in keys) == len(layers)
     assert not any("lora_A" in k or "lora_B" in k for k in keys)
