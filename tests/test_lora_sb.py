@@ -176,14 +176,21 @@ def test_opacus_per_example_gradients_of_the_cores_match_autograd():
 # ---------------------------------------------------------------- export: a plain LoRA for peft's loader
 
 
-def test_export_folds_R_into_B_and_loads_with_peft(tiny_cfg, tmp_path):
+LLM = {"model.name": "tiny-llama", "data.dataset": "chatterbot", "data.partition": "domain",
+       "data.domains": ["science", "history", "sports", "ai"], "data.max_test_examples": 24}
+
+
+@pytest.mark.parametrize("model", [{}, LLM], ids=["tiny-bert", "tiny-llama"])
+def test_export_folds_R_into_B_and_loads_with_peft(tiny_cfg, tmp_path, model):
     from peft import PeftModel
     from safetensors.torch import load_file
 
     from fedtune import models
 
-    cfg = tiny_cfg.replace(**SB)
+    cfg = tiny_cfg.replace(**SB, **model)
     ws = workspace.get(cfg)
+    if model:  # a causal LM has no head: only the cores train
+        assert ws.trainable_keys() and all(k.endswith(f"{lorasb.CORE}.weight") for k in ws.trainable_keys())
     state = ws.initial_state()
     g = torch.Generator().manual_seed(5)
     state = {k: (torch.randn(v.shape, generator=g) * 0.5 if lorasb.CORE in k else v) for k, v in state.items()}
