@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import time
 import tomllib
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from fedtune.env import flower_env, flower_executable
 from fedtune.errors import ConfigError
 
 from .conftest import ROOT
+
+GUIDE = ROOT / "docs" / "run-across-organizations.md"
 
 
 @pytest.fixture
@@ -230,19 +233,28 @@ def test_supernode_command_supervises_supernode_and_worker(tmp_path, execs, monk
                "--key", str(tmp_path / "k" / "silo-1"), "--partition-id", "0", "--num-partitions", "2",
                "--port", "29100"]
     supervised = []
-    monkeypatch.setattr(dcli, "supervise", lambda node, worker: supervised.append((node, worker)) or 0)
+    monkeypatch.setattr(dcli, "supervise", lambda node, worker, **kw: supervised.append((node, worker)) or 0)
     assert cli.main(argv_in) == 0 and not execs
     ((node, worker),) = supervised
-    assert Path(node[0]).name == "flower-supernode" and Path(node[0]).is_absolute()
+    # Flower's SuperNode through fedtune's launcher (shorter polling), with flower-supernode's arguments
+    assert node[:2] == [sys.executable, str(Path(dcli.__file__).with_name("supernode.py"))]
     assert node[node.index("--root-certificates") + 1] == str(pki / "ca.crt")
     assert node[node.index("--isolation") + 1] == "process"
     assert worker == dcli.worker_argv(29100, parent_pid=os.getpid())
     assert worker[worker.index("--runtime-api-address") + 1] == "127.0.0.1:29100"
-    # Flower's own process model: exec flower-supernode, nothing to supervise
-    assert cli.main(argv_in + ["--isolation", "subprocess"]) == 0
+    # --flower-polling: the unmodified flower-supernode, same arguments
+    assert cli.main(argv_in + ["--flower-polling"]) == 0
+    flower_node = supervised[1][0]
+    assert Path(flower_node[0]).name == "flower-supernode" and Path(flower_node[0]).is_absolute()
+    assert flower_node[1:] == node[2:]
+    # Flower's own process model: exec the SuperNode, nothing to supervise
+    assert cli.main(argv_in + ["--isolation", "subprocess", "--flower-polling"]) == 0
     (argv,) = execs
     assert Path(argv[0]).name == "flower-supernode" and argv[argv.index("--isolation") + 1] == "subprocess"
-    assert len(supervised) == 1
+    assert cli.main(argv_in + ["--isolation", "subprocess"]) == 0
+    assert execs[1][1] == node[1] and execs[1][execs[1].index("--isolation") + 1] == "subprocess"
+    assert execs.envs[1]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == dcli.SUPEREXEC_POLL_S  # Flower's setting
+    assert len(supervised) == 2
     assert cli.main(argv_in + ["--data-path", str(tmp_path / "missing.csv")]) == 2
     assert cli.main([*argv_in[:5], str(tmp_path / "nope"), *argv_in[6:]]) == 2
 
@@ -325,7 +337,14 @@ def test_register_command_runs_flwr_and_prints_the_run_line(tmp_path, monkeypatc
     pub.write_text("ecdsa-sha2-nistp384 AAAA silo-1\n")
     assert cli.main(["deploy", "register", str(pub), "--connection", "prod"]) == 0
     assert seen[0][1:] == ["supernode", "register", str(pub), "prod", "--name", "silo-1"]
-    assert "flwr run . prod --stream" in capsys.readouterr().out
+    # the closing hint is the guide's step 6 (run-line), not a bare `flwr run` of flwr-run.toml's 10 clients
+    out = capsys.readouterr().out
+    hint = next(line.strip() for line in out.splitlines() if line.strip().startswith("fedtune deploy run-line"))
+    assert "flwr run" not in out.replace("flwr run` line", "")
+    assert shlex.split(hint)[:5] == ["fedtune", "deploy", "run-line", "--connection", "prod"]
+    step6 = GUIDE.read_text().split("### 6.")[1]
+    assert "fedtune deploy run-line --connection fedtune" in step6 and "--config" in hint and "--config" in step6
+    assert "step 6" in out
     assert cli.main(["deploy", "register", str(tmp_path / "none.pub"), "--connection", "prod"]) == 2
 
 
@@ -346,3 +365,162 @@ def test_run_line_passes_secure_aggregation_but_not_resume(capsys):
     assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), *secure,
                      "-s", "output.dir=runs/x", "--resume"]) == 2
     assert "secagg+" in capsys.readouterr().err
+
+
+# ---- the SuperNode launcher's polling ------------------------------------------------
+
+
+def test_poll_clock_shortens_flowers_sleeps_while_a_run_is_active():
+    from fedtune.deploy.supernode import FIRST_IDLE_S, MAX_IDLE_S, REPLY_CHECK_S, PollClock
+
+    slept: list[float] = []
+    clock = PollClock(sleep=slept.append)
+    for _ in range(10):
+        clock.sleep(3)  # Flower: after a pull that found no message
+    assert slept == [min(FIRST_IDLE_S * 2**i, MAX_IDLE_S) for i in range(10)]
+    assert slept[0] == 0.02 and slept[-1] == 3.0  # idle: as rarely as Flower's loop
+    slept.clear()
+    clock.activity()  # a pull brought a message: fast again
+    clock.sleep(3)
+    clock.sleep(0.5)  # Flower: waiting for the ClientApp's reply
+    clock.sleep(1.25)  # anything else is Flower's own
+    assert slept == [FIRST_IDLE_S, REPLY_CHECK_S, 1.25]
+    assert clock.monotonic is time.monotonic
+    with pytest.raises(ValueError, match="first"):
+        PollClock(first=5.0)
+
+
+def test_install_wraps_the_loop_and_refuses_a_module_it_does_not_know():
+    import types
+
+    from fedtune.deploy import supernode as launcher
+
+    pulled, fetched = iter([None, 7]), []
+    loop = types.SimpleNamespace(
+        time=time, _pull_and_store_message=lambda **kw: next(pulled),
+        pull_objects=lambda ids, pull_object_fn, **kw: fetched.append(kw) or {},
+    )
+    slept: list[float] = []
+    clock = launcher.PollClock(sleep=slept.append)
+    assert launcher.install(loop, clock)
+    assert loop.time is clock
+    assert loop._pull_and_store_message(state=None) is None
+    loop.time.sleep(3)
+    loop.time.sleep(3)
+    assert loop._pull_and_store_message(state=None) == 7  # a message: the next idle sleep is short again
+    loop.time.sleep(3)
+    assert slept == [0.02, 0.04, 0.02]
+    loop.pull_objects(["a"], pull_object_fn=None)
+    assert fetched == [{"initial_backoff": launcher.OBJECT_FIRST_BACKOFF_S,
+                        "backoff_cap": launcher.OBJECT_BACKOFF_CAP_S}]
+    assert not launcher.install(types.SimpleNamespace(time=time), launcher.PollClock())
+
+
+def test_flowers_supernode_loop_is_the_one_the_launcher_expects():
+    # the launcher maps flwr 1.41's own sleep values; a Flower upgrade that changes them must fail here
+    import inspect
+
+    import flwr.supernode.start_client_internal as loop
+
+    src = inspect.getsource(loop)
+    assert loop.time is time and callable(loop._pull_and_store_message) and callable(loop.pull_objects)
+    assert src.count("time.sleep(3)") == 1 and src.count("time.sleep(0.5)") == 2
+    res = subprocess.run([sys.executable, str(Path(dcli.__file__).with_name("supernode.py")), "--help"],
+                         capture_output=True, text=True, timeout=60, env=flower_env())
+    assert res.returncode == 0 and "--superlink" in res.stdout and "fedtune: flwr" not in res.stderr
+
+
+# ---- what a newcomer meets: one line saying what to do --------------------------------
+
+
+def _one_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_database_in_a_missing_folder_is_one_line(tmp_path, execs, capsys):
+    pki = _certs(tmp_path)
+    capsys.readouterr()
+    missing = tmp_path / "srv" / "fedtune" / "superlink.db"
+    assert cli.main(["deploy", "superlink", "--certs", str(pki), "--database", str(missing)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("fedtune: error: --database") and f"mkdir -p {missing.parent}" in line and not execs
+    missing.parent.mkdir(parents=True)
+    assert cli.main(["deploy", "superlink", "--certs", str(pki), "--database", str(missing)]) == 0
+    assert execs[0][-2:] == ["--database", str(missing)]
+
+
+def test_a_supernode_that_stops_itself_says_why(tmp_path, capfd):
+    # Flower's SuperNode exits 0 ("terminated gracefully") when the SuperLink answers 401 (unregistered)
+    node, worker = _py("import time; time.sleep(0.3)"), _py("import time; time.sleep(60)")
+    assert dcli.supervise(node, worker, poll=0.05, key="keys/hospital-a") == 1  # not asked to stop: a failure
+    line = _one_line(capfd.readouterr().err)
+    assert "no longer accepts its key" in line and "fedtune deploy register keys/hospital-a.pub" in line
+    node = _py("raise SystemExit(1)")
+    assert dcli.supervise(node, worker, poll=0.05, key="keys/hospital-a") == 1
+    line = _one_line(capfd.readouterr().err)
+    assert "status 1" in line and "Failed to activate SuperNode" in line and "keys/hospital-a.pub" in line
+
+
+def test_an_unauthorized_heartbeat_is_one_line_not_a_traceback(capsys):
+    import threading
+    import types
+
+    import httpx
+
+    from fedtune.deploy.supernode import UNAUTHORIZED_MESSAGE, quiet_unauthorized
+
+    request = httpx.Request("POST", "https://127.0.0.1:8000/api/v0/fleet/send-node-heartbeat")
+    err = httpx.HTTPStatusError("401 Unauthorized", request=request, response=httpx.Response(401, request=request))
+    passed = []
+    hook = quiet_unauthorized(passed.append)
+    hook(types.SimpleNamespace(exc_value=err))
+    assert _one_line(capsys.readouterr().err) == UNAUTHORIZED_MESSAGE and not passed
+    other = types.SimpleNamespace(exc_value=ValueError("x"))
+    hook(other)
+    assert passed == [other]  # anything else: the default hook's traceback
+    # a real thread dying of it prints the line only
+    threading_hook = threading.excepthook
+    threading.excepthook = quiet_unauthorized(threading_hook)
+    try:
+        def heartbeat():
+            raise err
+
+        t = threading.Thread(target=heartbeat)
+        t.start()
+        t.join()
+    finally:
+        threading.excepthook = threading_hook
+    assert _one_line(capsys.readouterr().err) == UNAUTHORIZED_MESSAGE
+
+
+def _toml_blocks(text: str) -> list[str]:
+    return [b.split("```", 1)[0] for b in text.split("```toml\n")[1:]]
+
+
+def test_the_documented_flwr_connections_paste_into_one_config_flower_accepts(tmp_path, monkeypatch, capsys):
+    # Flower writes a default $FLWR_HOME/config.toml on first use ([superlink], [superlink.local], ...);
+    # the README's and the guide's tables are added to it, and Flower parses every connection without
+    # a deprecation warning
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.local_superlink import _check_deprecated_option_only_usage
+
+    blocks = _toml_blocks((ROOT / "README.md").read_text()) + _toml_blocks(GUIDE.read_text())
+    assert len(blocks) >= 2  # the README's local simulation, the guide's connection
+    home = tmp_path / "flwr"
+    home.mkdir()
+    (home / "config.toml").write_text(DEFAULT_FLOWER_CONFIG_TOML + "\n" + "\n".join(blocks))
+    doc = tomllib.loads((home / "config.toml").read_text())  # no table declared twice
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    names = [n for n, v in doc["superlink"].items() if isinstance(v, dict)]
+    assert {"fedtune", "fedtune-local"} <= set(names)
+    capsys.readouterr()
+    for name in names:
+        conn = read_superlink_connection(name)
+        _check_deprecated_option_only_usage(conn)  # what `flwr run` checks first
+        assert conn.address, name
+    assert "deprecated" not in capsys.readouterr().out.lower()
+    readme = (ROOT / "README.md").read_text()
+    assert "--federation-config" not in readme and "--federation-config" not in GUIDE.read_text()

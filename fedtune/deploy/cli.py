@@ -37,8 +37,12 @@ from fedtune.errors import ConfigError, FedtuneError
 
 __all__ = [
     "connection_toml",
+    "deploy_env",
+    "fast_polling_argv",
     "node_config",
+    "node_exit_message",
     "register",
+    "register_hint",
     "register_argv",
     "run_argv",
     "run_config_arg",
@@ -56,6 +60,9 @@ SERVER_KEY = "server.key"
 LOOPBACK = "127.0.0.1"
 SUPERLINK_PORT = 8000  # flower-superlink's own default
 ISOLATION_MODES = ("process", "subprocess")  # flower-supernode --isolation
+# Flower's SuperExec (the SuperLink's, launching the ServerApp of each run; a SuperNode's with
+# --isolation subprocess, one ClientApp per message) polls for tasks every 1 s by default
+SUPEREXEC_POLL_S = "0.1"
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d+)$")
 
@@ -160,6 +167,12 @@ def supernode_argv(
     if isolation is not None:
         argv += ["--isolation", isolation]
     return argv
+
+
+def fast_polling_argv(flower_argv: Sequence[str], *, python: str | None = None) -> list[str]:
+    """``flower-supernode ARGS`` as ``python .../fedtune/deploy/supernode.py ARGS``: Flower's own
+    SuperNode with its fixed 3-s idle sleep shortened while a run is active (see that module)."""
+    return [python or sys.executable, str(Path(__file__).with_name("supernode.py")), *flower_argv[1:]]
 
 
 def worker_argv(port: int, *, parent_pid: int | None = None, python: str | None = None) -> list[str]:
@@ -283,12 +296,21 @@ def _announce(argv: Sequence[str]) -> None:
     print(f"fedtune: running: {shlex.join(argv)}", flush=True)
 
 
+def deploy_env() -> dict[str, str]:
+    """The environment of every process these commands start: this environment's Flower first on
+    PATH (`flower_env`), and Flower's SuperExec polling for tasks every `SUPEREXEC_POLL_S` s
+    instead of 1 s (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``; a value the caller set wins)."""
+    env = flower_env()
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_S)
+    return env
+
+
 def _exec(argv: list[str]) -> int:
     """Replace this process, so signals and the PID reach the Flower process itself."""
-    argv = [flower_executable(argv[0]), *argv[1:]]
+    argv = [argv[0] if os.path.isabs(argv[0]) else flower_executable(argv[0]), *argv[1:]]
     _announce(argv)
     try:
-        os.execve(argv[0], argv, flower_env())
+        os.execve(argv[0], argv, deploy_env())
     except OSError as err:
         raise FedtuneError(f"cannot start {argv[0]}: {err.strerror or err}") from err
     return 0  # pragma: no cover
@@ -308,7 +330,7 @@ def _start(argv: list[str]) -> subprocess.Popen:
     _announce(argv)
     preexec = _die_with_parent if sys.platform.startswith("linux") else None
     try:
-        return subprocess.Popen(argv, env=flower_env(), preexec_fn=preexec)  # noqa: PLW1509 - single-threaded here
+        return subprocess.Popen(argv, env=deploy_env(), preexec_fn=preexec)  # noqa: PLW1509 - single-threaded here
     except OSError as err:
         raise FedtuneError(f"cannot start {argv[0]}: {err.strerror or err}") from err
 
@@ -327,11 +349,24 @@ def _stop(procs: Sequence[subprocess.Popen], grace: float = 15.0) -> None:
             p.wait()
 
 
-def supervise(node_argv: list[str], worker: list[str], *, max_restarts: int = 3, poll: float = 0.2) -> int:
+def node_exit_message(rc: int, key: str | None = None) -> str:
+    """One line on a SuperNode that ended without being asked to, saying what to do."""
+    pub = f"{key}.pub" if key else "this silo's .pub key"
+    if rc == 0:  # Flower's SuperNode stops itself, "gracefully", when the SuperLink answers 401
+        return (f"fedtune: the SuperNode stopped: the SuperLink no longer accepts its key (unregistered, or a "
+                f"SuperLink restarted without --database); have the coordinator run `fedtune deploy register "
+                f"{pub}`, then start this SuperNode again")
+    return (f"fedtune: the SuperNode exited with status {rc} (its messages are above); if it says 'Failed to "
+            f"activate SuperNode' (code 2004), the coordinator has not registered {pub} (`fedtune deploy register`)")
+
+
+def supervise(node_argv: list[str], worker: list[str], *, max_restarts: int = 3, poll: float = 0.2,
+              key: str | None = None) -> int:
     """Run the SuperNode and its ClientApp worker until the SuperNode ends or a
     signal arrives; restart a worker that dies (a crash in training code), at most
-    ``max_restarts`` times a minute. Returns the SuperNode's exit status (0 when
-    stopped by SIGINT/SIGTERM/SIGHUP)."""
+    ``max_restarts`` times a minute. Returns 0 when stopped by SIGINT/SIGTERM/SIGHUP,
+    else the SuperNode's exit status (1 if it stopped itself with 0: it was not asked
+    to), after `node_exit_message` (``key``: the silo's private key, for the hint)."""
     stop_signal: list[int] = []
 
     def on_signal(signum, _frame):
@@ -346,7 +381,13 @@ def supervise(node_argv: list[str], worker: list[str], *, max_restarts: int = 3,
         restarts: list[float] = []
         while not stop_signal:
             if node.poll() is not None:
+                time.sleep(poll)  # a Ctrl-C reaches the SuperNode and this process together
+                if stop_signal:
+                    rc = 0
+                    break
                 rc = node.returncode
+                print(node_exit_message(rc, key), file=sys.stderr, flush=True)
+                rc = rc or 1
                 break
             if procs[1].poll() is not None:
                 now = time.monotonic()
@@ -409,7 +450,21 @@ def cmd_superlink(args) -> int:
                     hint="create them with `fedtune deploy certs --out DIR --host NAME`")
     else:
         print("fedtune: WARNING: --insecure: plain-text traffic and no SuperNode authentication", file=sys.stderr)
+    if args.database is not None:
+        _check_database(args.database)
     return _exec(superlink_argv(certs or ".", host=host, port=args.port, insecure=args.insecure, database=args.database))
+
+
+def _check_database(database: str) -> None:
+    """A SQLite file whose folder is missing makes flower-superlink die in a long SQLAlchemy traceback."""
+    if database.startswith(":"):  # Flower's in-memory names
+        return
+    folder = Path(database).expanduser().absolute().parent
+    if not folder.is_dir():
+        raise FedtuneError(f"--database: folder {folder} does not exist; create it (mkdir -p {folder}) "
+                           "or give a file in an existing folder")
+    if not os.access(folder, os.W_OK):
+        raise FedtuneError(f"--database: folder {folder} is not writable by this user; choose another folder")
 
 
 def cmd_supernode(args) -> int:
@@ -432,10 +487,10 @@ def cmd_supernode(args) -> int:
         partition_id=args.partition_id, num_partitions=args.num_partitions, port=args.port,
         data_path=args.data_path, insecure=args.insecure, isolation=args.isolation,
     )
+    argv = [flower_executable(argv[0]), *argv[1:]] if args.flower_polling else fast_polling_argv(argv)
     if args.isolation == "subprocess":
         return _exec(argv)
-    argv[0] = flower_executable(argv[0])
-    return supervise(argv, worker_argv(args.port, parent_pid=os.getpid()))
+    return supervise(argv, worker_argv(args.port, parent_pid=os.getpid()), key=args.key)
 
 
 def cmd_register(args) -> int:
@@ -446,9 +501,16 @@ def cmd_register(args) -> int:
     _announce(argv)
     rc = subprocess.run(argv, check=False, env=flower_env()).returncode
     if rc == 0:
-        print("fedtune: when every silo is registered and online (`flwr supernode list "
-              f"{args.connection}`), start the run with:\n  {shlex.join(run_argv('.', args.connection))}")
+        print(register_hint(args.connection))
     return rc
+
+
+def register_hint(connection: str) -> str:
+    """What to do once a silo is registered: step 6 of docs/run-across-organizations.md."""
+    run_line = ["fedtune", "deploy", "run-line", "--connection", connection, "--config", "CONFIG.toml",
+                "-s", "federation.num_clients=N", "-s", "output.dir=DIR"]
+    return (f"fedtune: when every silo is online (`flwr supernode list {connection}`), validate the run and "
+            f"print its `flwr run` line (docs/run-across-organizations.md, step 6):\n  {shlex.join(run_line)}")
 
 
 def cmd_run_line(args) -> int:
@@ -519,6 +581,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--isolation", choices=ISOLATION_MODES, default="process",
                    help="process (default): one long-lived ClientApp process keeps the model loaded across "
                         "rounds; subprocess: Flower's default, a fresh flwr-clientapp process per message")
+    p.add_argument("--flower-polling", action="store_true",
+                   help="run flower-supernode unmodified: 3 s between pulls when idle, also between the rounds "
+                        "of a run (default: fedtune's launcher pulls again within 20 ms after a message, "
+                        "slowing to 3 s while none comes)")
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (testing only)")
     p.set_defaults(func=cmd_supernode)
 

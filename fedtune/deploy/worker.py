@@ -47,6 +47,11 @@ log = logging.getLogger("fedtune.deploy.worker")
 
 _PRELOAD = ("torch", "transformers", "peft")
 
+FIRST_POLL_S = 0.005  # AcquireTask right after a task; a local HTTP call to the SuperNode
+POLL_CAP_S = 0.2  # between polls once idle
+OBJECT_FIRST_BACKOFF_S = 0.005  # retry for a message object the SuperNode has not stored yet ...
+OBJECT_BACKOFF_CAP_S = 0.1  # ... doubling up to this
+
 
 class ClientAppWorker:
     """Claims CLIENT_APP tasks from one SuperNode and runs them in this process.
@@ -60,7 +65,7 @@ class ClientAppWorker:
     process-per-task model is not blocked by it, and neither is this worker.
     """
 
-    def __init__(self, runtime_api_address: str, *, poll_interval: float = 0.2, input_patience: float = 600.0):
+    def __init__(self, runtime_api_address: str, *, poll_interval: float = POLL_CAP_S, input_patience: float = 600.0):
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
         from flwr.supercore.retry import make_simple_http_retry_invoker
         from flwr.supercore.runtime import RuntimeHttpClient
@@ -88,11 +93,16 @@ class ClientAppWorker:
         return None
 
     def serve_forever(self) -> None:
+        # right after a task the next one (the next round, SecAgg+'s next stage) is near: poll
+        # after FIRST_POLL_S, doubling while none comes, up to poll_interval between polls
+        wait = FIRST_POLL_S
         while True:
             got = self.acquire()
             if got is None:
-                time.sleep(self.poll_interval)
+                time.sleep(min(wait, self.poll_interval))
+                wait = min(2 * wait, self.poll_interval)
                 continue
+            wait = FIRST_POLL_S
             task, token = got
             fab_hash = getattr(task, "fab_hash", "") or None
             if self.fab_hash is not None and fab_hash is not None and fab_hash != self.fab_hash:
@@ -141,6 +151,10 @@ class ClientAppWorker:
             make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
             return_type=Message,
             max_time=self.input_patience,
+            # the task exists before the SuperNode has stored the message's objects (it creates the
+            # task, then pulls them from the SuperLink): Flower's first retry comes after 1 s
+            initial_backoff=OBJECT_FIRST_BACKOFF_S,
+            backoff_cap=OBJECT_BACKOFF_CAP_S,
         )
         message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks it
         return message, context, run, fab, res.task_id
@@ -160,7 +174,7 @@ class ClientAppWorker:
         from flwr.supercore.task_identity import TaskIdentity
         from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-        t0 = time.monotonic()
+        t0 = t_input = t_app = time.monotonic()
         retry = make_simple_http_retry_invoker()
         client = RuntimeHttpClient.from_server_address(
             server_address=self.address, insecure=True, root_certificates=None,
@@ -174,6 +188,7 @@ class ClientAppWorker:
         try:
             heartbeat.start()
             message, context, run, fab, task_id = self._pull_input(client)
+            t_input = time.monotonic()
         except Exception as ex:  # noqa: BLE001 - no input, nothing to run; report the task failed
             log.warning("task input could not be pulled: %s", ex)
             details = f"Pulling the task input failed: {ex}"
@@ -190,6 +205,7 @@ class ClientAppWorker:
                         self._app = load(run.fab_id, run.fab_version, fab.hash_str)
                         self.fab_hash = fab.hash_str
                     reply = self._app(message=message, context=context)
+                    t_app = time.monotonic()
                     sub_status, details = SubStatus.COMPLETED, ""
             except Exception as ex:  # the same error reply run_clientapp sends; the worker lives on
                 code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
@@ -214,8 +230,10 @@ class ClientAppWorker:
                     heartbeat.stop()
                 client.close()
         what = message.metadata.message_type if message is not None else "?"
-        log.info("%s task done in %.2f s, %.2f s of it running (%s)", what, time.monotonic() - t0,
-                 time.monotonic() - t_run, sub_status)
+        done = time.monotonic()
+        log.info("%s task done in %.2f s: input %.2f s, queued %.2f s, ClientApp %.2f s, reply %.2f s (%s)", what,
+                 done - t0, t_input - t0, max(0.0, t_run - t_input), max(0.0, t_app - t_run), max(0.0, done - t_app),
+                 sub_status)
         return sub_status == SubStatus.COMPLETED
 
 
@@ -224,9 +242,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
                    help="the SuperNode's local Runtime API (its --host/--port)")
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
-    p.add_argument("--poll-interval", type=float, default=0.2, help="seconds between task polls (default 0.2)")
+    p.add_argument("--poll-interval", type=float, default=POLL_CAP_S,
+                   help=f"most seconds between task polls when idle (default {POLL_CAP_S}); "
+                        f"{FIRST_POLL_S} s right after a task, doubling")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor

@@ -1,0 +1,167 @@
+"""``flower-supernode`` with its fixed sleeps shortened while a run is active (flwr 1.41).
+
+flwr 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) pulls
+the SuperLink for a message and, when there is none, sleeps a fixed 3 s before
+the next pull; it then checks every 0.5 s whether its ClientApp has replied
+and whether each reply object is stored. Between two rounds of a run the
+SuperNode pushes its reply and pulls at once, finds nothing (the server is
+still aggregating), and sleeps 3 s: every warm round took about 3 s more than
+its work (BENCHMARKS.md, "Deployment and simulation overhead"). Flower exposes
+none of these intervals (no flag, no environment variable).
+
+This script runs Flower's own ``flower-supernode`` (same arguments, same code)
+with those sleeps replaced by `PollClock`: after a pull that found a message the
+next empty pulls wait 20 ms, doubling up to 0.25 s for a minute (a run is going
+on: its next round comes once the server has aggregated and evaluated), then up
+to Flower's 3 s, so an idle SuperNode pulls as rarely as Flower's and one in a
+run finds the next round within a quarter of a second; the reply checks wait
+10 ms (they read the SuperNode's own local state, not the network). A message object the SuperLink does not hold yet is
+asked for again after 5 ms instead of Flower's 1 s. ``fedtune deploy supernode``
+starts it; ``--flower-polling`` starts the unmodified ``flower-supernode``.
+
+It relies on three names of flwr 1.41's loop module (``time``,
+``_pull_and_store_message``, ``pull_objects``) and on Flower's own sleep values;
+with another flwr version, or when those are not found, it says so and runs
+Flower's loop unchanged.
+
+    python .../fedtune/deploy/supernode.py --superlink HOST:PORT ... (flower-supernode's arguments)
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PollClock", "install", "main", "FIRST_IDLE_S", "BUSY_CAP_S", "BUSY_WINDOW_S", "MAX_IDLE_S", "REPLY_CHECK_S",
+]
+
+# Flower's fixed sleeps in flwr 1.41's SuperNode loop: after an empty pull; while waiting for
+# the ClientApp's reply (and for each reply object)
+FLOWER_IDLE_S = 3
+FLOWER_REPLY_S = 0.5
+
+FIRST_IDLE_S = 0.02
+BUSY_CAP_S = 0.25  # between pulls within BUSY_WINDOW_S of the last message (a run is going on)
+BUSY_WINDOW_S = 60.0
+MAX_IDLE_S = 3.0  # as Flower's: an idle SuperNode costs the SuperLink no more than Flower's does
+REPLY_CHECK_S = 0.01
+OBJECT_FIRST_BACKOFF_S = 0.005
+OBJECT_BACKOFF_CAP_S = 0.1
+SUPPORTED = "1.41."
+
+
+class PollClock:
+    """Stands in for the ``time`` module of Flower's SuperNode loop.
+
+    ``sleep(3)`` (after a pull found nothing) waits `FIRST_IDLE_S`, then twice as
+    long at each further empty pull: up to `BUSY_CAP_S` while the last message
+    came less than `BUSY_WINDOW_S` ago (a run is active: the next round is due
+    once the server has aggregated and evaluated), up to Flower's `MAX_IDLE_S`
+    after that. `activity` (a pull found a message) starts over. ``sleep(0.5)``
+    (waiting for the local reply) waits `REPLY_CHECK_S`. Other durations, and
+    every other attribute, are ``time``'s.
+    """
+
+    def __init__(self, *, first: float = FIRST_IDLE_S, busy_cap: float = BUSY_CAP_S,
+                 busy_window: float = BUSY_WINDOW_S, cap: float = MAX_IDLE_S, reply_check: float = REPLY_CHECK_S,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+        if not 0 < first <= busy_cap <= cap:
+            raise ValueError(f"first, busy_cap, cap: expected 0 < first <= busy_cap <= cap, got {first!r}, "
+                             f"{busy_cap!r}, {cap!r}")
+        self.first, self.busy_cap, self.busy_window, self.cap = first, busy_cap, busy_window, cap
+        self.reply_check, self._sleep, self._clock = reply_check, sleep, clock
+        self.next_idle = first
+        self.last_activity = -float("inf")  # idle until the first message
+
+    def activity(self) -> None:
+        self.next_idle, self.last_activity = self.first, self._clock()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == FLOWER_IDLE_S:
+            busy = self._clock() - self.last_activity < self.busy_window
+            seconds = self.next_idle
+            self.next_idle = min(2 * self.next_idle, self.busy_cap if busy else self.cap)
+        elif seconds == FLOWER_REPLY_S:
+            seconds = self.reply_check
+        self._sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def install(loop_module: Any, clock: PollClock) -> bool:
+    """Make ``loop_module`` (flwr's ``start_client_internal``) sleep on ``clock``, tell the clock when
+    a pull brought a message, and retry a message object the SuperLink does not hold yet after
+    `OBJECT_FIRST_BACKOFF_S` instead of Flower's 1 s (the ServerApp pushes a message before its
+    objects; a SuperNode that pulls within milliseconds can get there first). False, and nothing
+    changed, if the module is not the one expected."""
+    pull = getattr(loop_module, "_pull_and_store_message", None)
+    pull_objects = getattr(loop_module, "pull_objects", None)
+    if getattr(loop_module, "time", None) is not time or not callable(pull) or not callable(pull_objects):
+        return False
+    loop_module.pull_objects = partial(pull_objects, initial_backoff=OBJECT_FIRST_BACKOFF_S,
+                                       backoff_cap=OBJECT_BACKOFF_CAP_S)
+
+    def pull_and_store_message(*args, **kwargs):
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            clock.activity()
+        return run_id
+
+    loop_module._pull_and_store_message = pull_and_store_message
+    loop_module.time = clock
+    return True
+
+
+UNAUTHORIZED_MESSAGE = (
+    "fedtune: the SuperLink refused this SuperNode's key (401 Unauthorized): it is not registered any more "
+    "(`flwr supernode unregister`, or a SuperLink restarted without --database); have the coordinator run "
+    "`fedtune deploy register KEY.pub` again, then restart this SuperNode"
+)
+
+
+def is_unauthorized(exc: BaseException | None) -> bool:
+    """An HTTP 401 from the SuperLink (httpx's ``HTTPStatusError``, as Flower's Fleet client raises it)."""
+    response = getattr(exc, "response", None)
+    return type(exc).__name__ == "HTTPStatusError" and getattr(response, "status_code", None) == 401
+
+
+def quiet_unauthorized(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``threading.excepthook`` that says `UNAUTHORIZED_MESSAGE` in one line instead of the traceback
+    of Flower's heartbeat thread (which has already told the SuperNode to stop), and leaves every
+    other exception to ``hook``."""
+
+    def excepthook(args) -> None:
+        if is_unauthorized(args.exc_value):
+            print(UNAUTHORIZED_MESSAGE, file=sys.stderr, flush=True)
+            return
+        hook(args)
+
+    return excepthook
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from importlib.metadata import version
+
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supernode.cli import flower_supernode
+
+    flwr_version = version("flwr")
+    if not flwr_version.startswith(SUPPORTED) or not install(loop, PollClock()):
+        print(f"fedtune: flwr {flwr_version}: running flower-supernode's own polling (3 s between pulls when idle); "
+              f"fedtune's shorter polling is written for flwr {SUPPORTED}x", file=sys.stderr, flush=True)
+    threading.excepthook = quiet_unauthorized(threading.excepthook)
+    sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]
+    return flower_supernode() or 0
+
+
+if __name__ == "__main__":
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        del sys.path[0]  # a script's own directory: its cli.py and certs.py are not modules of Flower's
+    sys.exit(main())
