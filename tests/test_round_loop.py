@@ -133,3 +133,33 @@ def test_swa_is_refused_where_it_would_not_run(tiny_cfg):
         tiny_cfg.replace(**{"aggregation.swa_start": 9})
     with pytest.raises(ConfigError, match="aggregation.swa_start: cannot be combined with train.mode = 'zo'"):
         zo_cfg(tiny_cfg).replace(**{"aggregation.swa_start": 1})
+
+
+@pytest.mark.parametrize("over", [{"adapter.method": "head"}, {"adapter.ffa": True}, {"adapter.method": "lora-sb"}])
+def test_only_trainable_keys_travel_and_frozen_ones_stay_seeded(tiny_cfg, tmp_path, over):
+    """FFA's A, head-only's identity LoRA and lora-sb's fixed factors never go down the wire; the
+    server's copy of them stays bit-exactly at the seeded initial values."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fedtune import workspace
+    from fedtune.flower import protocol as P
+
+    cfg = tiny_cfg.replace(**{"federation.rounds": 2, **over})
+    ws = workspace.get(cfg)
+    initial, trainable = ws.initial_state(), set(ws.trainable_keys())
+    assert trainable < set(initial)
+    received = []
+
+    def client(msg, ctx):
+        received.append(set(msg.content[P.ARRAYS].keys()))
+        return handle_train(msg, ctx, cfg)
+
+    ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, client))
+    assert received and all(keys == trainable for keys in received)
+    final = load_file(str(tmp_path / "checkpoint" / "adapter_state.safetensors"))
+    assert all(torch.equal(final[k], initial[k]) for k in set(initial) - trainable)
+    assert any(not torch.equal(final[k], initial[k]) for k in trainable)  # and the trainable ones moved
+    rows = _rows(tmp_path)
+    per_client = max(v for r in rows[1:] for v in r["bytes_down_per_client"].values())
+    assert per_client < 4 * sum(initial[k].numel() for k in initial)

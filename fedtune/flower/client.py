@@ -181,7 +181,8 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     conf = msg.content[P.CONFIG]
     pid, data = local_data(ws, context, cfg)
     rnd = int(conf["server-round"])
-    global_state = receive_global(msg, context, cfg)
+    # the server sends the trainable keys; frozen ones are the seeded initial values on every party
+    global_state = {**ws.initial_state(), **receive_global(msg, context, cfg)}
     model, rank = ws.model, None
     if cfg.aggregation.lora_mode == "hetero":
         from fedtune.aggregation import LoraScaling, cut_to_rank

@@ -314,8 +314,12 @@ class DeltaRounds:
         self.lora_aggregator = self._lora_aggregator(ws)
         if cfg.aggregation.lora_mode == "hetero":
             self.hetero = HeteroRanks(self.lora_aggregator.scaling, cfg.adapter.r)
+        # what travels and what the strategy averages: the trainable keys only (frozen ones, FFA's A,
+        # lora-sb's fixed factors, head-only's identity LoRA, stay at their seeded values on every party)
+        trainable = set(self.keys)
+        self.sent_keys = [k for k in self.state if k in trainable or cfg.aggregation.lora_mode == "hetero"]
         if cfg.compression.downlink != "none":
-            self.broadcast = Broadcast(cfg, self.state)
+            self.broadcast = Broadcast(cfg, self.sent())
         self.swa: Delta | None = None  # FedSWA's running mean of the globals since aggregation.swa_start
         self.swa_rounds = 0
         n = self.trainable_params()
@@ -364,9 +368,14 @@ class DeltaRounds:
         for k, v in self.state.items():
             self.swa[k] = self.swa[k] + w * (v - self.swa[k])
 
+    def sent(self, state: Delta | None = None) -> Delta:
+        """``state`` (default: the global) restricted to the keys that travel."""
+        state = self.state if state is None else state
+        return {k: state[k] for k in self.sent_keys}
+
     def messages(self, rnd: int, nodes: list[int]) -> list[Message]:
         cfg = self.cfg
-        self.global_arrays = to_arrayrecord(self.state)
+        self.global_arrays = to_arrayrecord(self.sent())
         self.round_seed = round_seed(cfg, rnd)
         self.accepted: list[Message] = []
         self.decoded: list[tuple[Delta, Delta, float]] = []  # (delta, global + delta, weight) per accepted reply
@@ -375,7 +384,7 @@ class DeltaRounds:
             train_cfg["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
         msgs = list(self.strategy.configure_train(rnd, self.global_arrays, train_cfg, _FixedGrid(nodes)))
         if self.broadcast is not None:
-            self.broadcast.advance(rnd, self.state)
+            self.broadcast.advance(rnd, self.sent())
             for m in msgs:
                 m.content = self.broadcast.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
         if self.hetero is not None:
@@ -441,7 +450,7 @@ class DeltaRounds:
         full = {k: start[k] + delta[k] if k in delta else start[k] for k in start}
         # mixed ranks cannot be averaged array by array: the strategy gets the global
         # (and only aggregates the metrics), hetero_round aggregates the factors
-        arrays = self.global_arrays if self.hetero is not None else to_arrayrecord(full)
+        arrays = self.global_arrays if self.hetero is not None else to_arrayrecord(self.sent(full))
         reply.content = RecordDict({P.ARRAYS: arrays, P.METRICS: m})
         self.accepted.append(reply)
         self.decoded.append((delta, full, float(m["num-examples"])))
