@@ -1,4 +1,4 @@
-"""Flower's own `flwr run` drives the app: a local SuperLink in simulation mode."""
+"""Flower's own `flwr run` drives the app: a local SuperLink in simulation mode, set up as the README says."""
 
 import json
 import shutil
@@ -33,12 +33,15 @@ def test_flwr_run_local_simulation(tmp_path):
         ROOT, app,
         ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache", "tests", "bench", "docs"),
     )
+    # the README's connection, added to the config.toml Flower writes on its first run
+    from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
+
+    readme = (ROOT / "README.md").read_text().split("### With Flower's own CLI")[1]
+    block = readme.split("```toml\n")[1].split("```")[0]
+    assert "[superlink.fedtune-local]" in block and "[superlink]\n" not in block
     home = tmp_path / "flwr-home"
     home.mkdir()
-    (home / "config.toml").write_text(
-        '[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
-        "options.num-supernodes = 10\noptions.backend.client-resources.num-cpus = 1\n"
-    )
+    (home / "config.toml").write_text(DEFAULT_FLOWER_CONFIG_TOML + "\n" + block)
     out = tmp_path / "run"
     # flwr starts flower-superlink (and it flower-superexec, ...) by name: this environment's come first
     env = {
@@ -49,7 +52,7 @@ def test_flwr_run_local_simulation(tmp_path):
     flwr = flower_executable("flwr")
     try:
         res = subprocess.run(
-            [flwr, "run", str(app), "local", "--stream", "--run-config",
+            [flwr, "run", str(app), "fedtune-local", "--stream", "--run-config",
              f'overrides="output.dir={out} federation.rounds=2"'],
             capture_output=True, text=True, env=env, timeout=300,
         )
@@ -63,5 +66,7 @@ def test_flwr_run_local_simulation(tmp_path):
         assert summary["rounds"] == 2 and summary["num_clients"] == 10
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["accepted"] == 10
+        out = res.stdout + res.stderr  # Flower 1.41's warnings on a connection's settings
+        assert "is deprecated for local simulations" not in out and "--federation-config" not in out
     finally:
         _kill_tree_matching(str(home))

@@ -50,7 +50,7 @@ def test_cli_simulate_writes_a_run(tmp_path):
 @pytest.mark.parametrize(
     "args,needle",
     [
-        (["--set", "train.lrr=1"], "unknown key(s) in [train]: lrr"),
+        (["--set", "train.lrr=1"], "train.lrr: unknown key"),
         (["--set", "data.dataset=/nonexistent/reviews.csv"], "file not found: /nonexistent/reviews.csv"),
         (["--set", "data.text_column=review"], "no column(s) data.text_column = 'review'"),
         (["--set", "model.name=/nonexistent/model"], "not a model directory"),

@@ -1,7 +1,8 @@
 """Building blocks for cross-silo deployment (SuperLink + SuperNodes).
 
 Only :mod:`fedtune.deploy.worker` (the long-lived ClientApp process beside a
-SuperNode) imports ``flwr``, and it runs in its own process; the deployment
+SuperNode) and :mod:`fedtune.deploy.supernode` (Flower's SuperNode with shorter
+polling) import ``flwr``, and each runs as a process of its own; the deployment
 commands these files feed are described in ``docs/deploy-notes.md``.
 """
 

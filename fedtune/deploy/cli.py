@@ -11,10 +11,12 @@ TLS and SuperNode authentication by default, plain text only with an explicit
 and, next to it, one long-lived ClientApp process (:mod:`fedtune.deploy.worker`)
 that keeps torch and the base model loaded across rounds; it supervises both and
 stops both, by PID, when either ends or it is signalled. ``--isolation
-subprocess`` is Flower's default (a fresh ``flwr-clientapp`` per message).
+subprocess`` is Flower's default (a fresh ``flwr-clientapp`` per message). The
+SuperNode is Flower's own, run through :mod:`fedtune.deploy.supernode` (short
+polling while a run is active) unless ``--flower-polling`` is given.
 
 Nothing here imports ``flwr``; ``fedtune.cli`` registers the subcommands with
-:func:`register`.
+:func:`register`. A failure a user can fix ends in one line saying what to do.
 """
 
 from __future__ import annotations
