@@ -75,8 +75,9 @@ def make_server_app(
     return app
 
 
-def make_client_app(cfg: FedtuneConfig | None = None) -> ClientApp:
-    app = ClientApp()
+def make_client_app(cfg: FedtuneConfig | None = None, mods: list | None = None) -> ClientApp:
+    """fedtune's ClientApp; ``mods``: Flower client mods ``(msg, context, call_next) -> Message`` around it."""
+    app = ClientApp(mods=mods)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

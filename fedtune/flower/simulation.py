@@ -136,6 +136,11 @@ def simulate(
     old_level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+    if not joining:
+        # Ray starts its workers at nice 15: on a machine that also runs anything else at normal
+        # priority the clients starve, and a round can pass federation.round_timeout with no reply.
+        # The clients are this run's work, so they run at the driver's priority (override: set it).
+        os.environ.setdefault("RAY_worker_niceness", "0")
     flower_dispatch = vce_api.add_messages_to_queue
     if dispatch is not None:
         vce_api.add_messages_to_queue = dispatch
