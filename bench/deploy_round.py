@@ -9,6 +9,8 @@ One invocation runs, in turn (alternating when ``--repeats`` > 1):
   (TLS, SuperNode authentication, ``--isolation process`` with fedtune's
   long-lived ClientApp worker), one SuperNode per silo, then the ``flwr run``
   line ``fedtune deploy run-line`` prints;
+* with ``--database``, the SuperLink keeps its state in SQLite (as the guide
+  starts it) instead of in memory;
 * with ``--flower-polling``, also **deployment, Flower's polling**: the same, but
   the SuperNodes started with ``fedtune deploy supernode --flower-polling``
   (Flower's unmodified SuperNode loop: 3 s between pulls when idle, 0.5 s
@@ -98,8 +100,8 @@ def run_simulation(work: Path, silos: int, rounds: int) -> dict:
 class Deployment:
     """A SuperLink and ``silos`` SuperNodes started with ``fedtune deploy``, each in its own process group."""
 
-    def __init__(self, work: Path, silos: int, flower_polling: bool):
-        self.work, self.silos, self.flower_polling = work, silos, flower_polling
+    def __init__(self, work: Path, silos: int, flower_polling: bool, database: bool = False):
+        self.work, self.silos, self.flower_polling, self.database = work, silos, flower_polling, database
         self.env = env()
         self.procs: list[subprocess.Popen] = []
         self.port = free_port(19000, 19899)
@@ -139,7 +141,8 @@ class Deployment:
         self.cli_home.mkdir()
         (self.cli_home / "config.toml").write_text(connection_toml("bench", f"127.0.0.1:{self.port}", pki / "ca.crt"))
         self.start("superlink", [*FEDTUNE, "deploy", "superlink", "--certs", str(pki), "--host", "127.0.0.1",
-                                 "--port", str(self.port)])
+                                 "--port", str(self.port),
+                                 *(["--database", str(self.work / "superlink.db")] if self.database else [])])
         self.wait_for("the SuperLink", lambda: "Uvicorn running on https" in self.log("superlink"))
         for n in names:
             res = self.cli(*FEDTUNE, "deploy", "register", str(keys / f"{n}.pub"), "--connection", "bench")
@@ -197,9 +200,9 @@ def copy_app(dst: Path) -> Path:
     return dst
 
 
-def run_deployment(work: Path, silos: int, rounds: int, flower_polling: bool) -> dict:
+def run_deployment(work: Path, silos: int, rounds: int, flower_polling: bool, database: bool) -> dict:
     app = copy_app(work / "app")
-    dep = Deployment(work, silos, flower_polling)
+    dep = Deployment(work, silos, flower_polling, database)
     try:
         t0 = time.monotonic()
         dep.setup()
@@ -217,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--silos", type=int, default=3, help="SuperNodes = clients, all sampled each round (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="alternate the modes this many times (default 1)")
     p.add_argument("--flower-polling", action="store_true", help="also run the deployment with Flower's SuperNode polling")
+    p.add_argument("--database", action="store_true",
+                   help="SuperLink state in SQLite (fedtune deploy superlink --database), as the guide runs it")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "deploy_round"))
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds: at least 3 (round 1 is not counted)")
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # `flwr run` runs in the app directory
     out.mkdir(parents=True, exist_ok=True)
     modes = ["simulation", "deployment"] + (["deployment-flower-polling"] if args.flower_polling else [])
     runs: dict[str, list[dict]] = {m: [] for m in modes}
@@ -233,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "simulation":
                 res = run_simulation(work, args.silos, args.rounds)
             else:
-                res = run_deployment(work, args.silos, args.rounds, mode == "deployment-flower-polling")
+                res = run_deployment(work, args.silos, args.rounds, mode == "deployment-flower-polling",
+                                     args.database)
             res["load"] = os.getloadavg()[0]
             load.append(res["load"])
             runs[mode].append(res)
@@ -245,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     sim = statistics.median(warm("simulation"))
     lines = [
         f"tiny model, {args.silos} clients, all sampled, {args.rounds} rounds x {args.repeats} repeat(s); "
-        f"warm rounds = rounds 2..{args.rounds}; load average {min(load):.1f}-{max(load):.1f}",
+        f"warm rounds = rounds 2..{args.rounds}; SuperLink state {'in SQLite' if args.database else 'in memory'}; "
+        f"load average {min(load):.1f}-{max(load):.1f}",
         "",
         "| mode | warm rounds | median (s) | min (s) | max (s) | median - simulation (s) | / simulation |",
         "|---|---|---|---|---|---|---|",

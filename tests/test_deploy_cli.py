@@ -390,6 +390,22 @@ def test_poll_clock_shortens_flowers_sleeps_while_a_run_is_active():
         PollClock(first=5.0)
 
 
+def test_poll_clock_stays_fast_while_a_run_is_active_then_slows_to_flowers_pace():
+    from fedtune.deploy.supernode import BUSY_CAP_S, BUSY_WINDOW_S, MAX_IDLE_S, PollClock
+
+    now, slept = [1000.0], []
+    clock = PollClock(sleep=slept.append, clock=lambda: now[0])
+    clock.activity()  # a round's message
+    for _ in range(12):  # the server aggregates and evaluates: the next round is due
+        clock.sleep(3)
+        now[0] += slept[-1]
+    assert max(slept) == BUSY_CAP_S == 0.25 and slept[-3:] == [BUSY_CAP_S] * 3
+    now[0] += BUSY_WINDOW_S  # no message for a minute: the run is over
+    for _ in range(6):
+        clock.sleep(3)
+    assert slept[-1] == MAX_IDLE_S and slept[-6] == BUSY_CAP_S
+
+
 def test_install_wraps_the_loop_and_refuses_a_module_it_does_not_know():
     import types
 
