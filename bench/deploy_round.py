@@ -9,8 +9,9 @@ One invocation runs, in turn (alternating when ``--repeats`` > 1):
   (TLS, SuperNode authentication, ``--isolation process`` with fedtune's
   long-lived ClientApp worker), one SuperNode per silo, then the ``flwr run``
   line ``fedtune deploy run-line`` prints;
-* with ``--database``, the SuperLink keeps its state in SQLite (as the guide
-  starts it) instead of in memory;
+* with ``--database``, also **deployment, SuperLink state in SQLite**: the same,
+  with ``fedtune deploy superlink --database`` (as the guide starts it; the other
+  deployment modes keep the SuperLink's state in memory);
 * with ``--flower-polling``, also **deployment, Flower's polling**: the same, but
   the SuperNodes started with ``fedtune deploy supernode --flower-polling``
   (Flower's unmodified SuperNode loop: 3 s between pulls when idle, 0.5 s
@@ -221,14 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="alternate the modes this many times (default 1)")
     p.add_argument("--flower-polling", action="store_true", help="also run the deployment with Flower's SuperNode polling")
     p.add_argument("--database", action="store_true",
-                   help="SuperLink state in SQLite (fedtune deploy superlink --database), as the guide runs it")
+                   help="also run the deployment with the SuperLink's state in SQLite (--database), as the guide does")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "deploy_round"))
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds: at least 3 (round 1 is not counted)")
     out = Path(args.out).resolve()  # `flwr run` runs in the app directory
     out.mkdir(parents=True, exist_ok=True)
-    modes = ["simulation", "deployment"] + (["deployment-flower-polling"] if args.flower_polling else [])
+    modes = (["simulation", "deployment"] + (["deployment-database"] if args.database else [])
+             + (["deployment-flower-polling"] if args.flower_polling else []))
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     load = [os.getloadavg()[0]]
     for rep in range(args.repeats):
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_simulation(work, args.silos, args.rounds)
             else:
                 res = run_deployment(work, args.silos, args.rounds, mode == "deployment-flower-polling",
-                                     args.database)
+                                     mode == "deployment-database")
             res["load"] = os.getloadavg()[0]
             load.append(res["load"])
             runs[mode].append(res)
@@ -251,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = statistics.median(warm("simulation"))
     lines = [
         f"tiny model, {args.silos} clients, all sampled, {args.rounds} rounds x {args.repeats} repeat(s); "
-        f"warm rounds = rounds 2..{args.rounds}; SuperLink state {'in SQLite' if args.database else 'in memory'}; "
-        f"load average {min(load):.1f}-{max(load):.1f}",
+        f"warm rounds = rounds 2..{args.rounds}; load average {min(load):.1f}-{max(load):.1f}",
         "",
         "| mode | warm rounds | median (s) | min (s) | max (s) | median - simulation (s) | / simulation |",
         "|---|---|---|---|---|---|---|",
