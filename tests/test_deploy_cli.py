@@ -518,10 +518,12 @@ def _toml_blocks(text: str) -> list[str]:
 def test_the_documented_flwr_connections_paste_into_one_config_flower_accepts(tmp_path, monkeypatch, capsys):
     # Flower writes a default $FLWR_HOME/config.toml on first use ([superlink], [superlink.local], ...);
     # the README's and the guide's tables are added to it, and Flower parses every connection without
-    # a deprecation warning
+    # a deprecation warning (the simulation's size goes on `flwr run --federation-config`, as the
+    # README's command line does; tests/test_flwr_run.py runs that line)
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
     from flwr.cli.flower_config import read_superlink_connection
     from flwr.cli.local_superlink import _check_deprecated_option_only_usage
+    from flwr.cli.run.run import _parse_deprecated_options
 
     blocks = _toml_blocks((ROOT / "README.md").read_text()) + _toml_blocks(GUIDE.read_text())
     assert len(blocks) >= 2  # the README's local simulation, the guide's connection
@@ -535,8 +537,7 @@ def test_the_documented_flwr_connections_paste_into_one_config_flower_accepts(tm
     capsys.readouterr()
     for name in names:
         conn = read_superlink_connection(name)
-        _check_deprecated_option_only_usage(conn)  # what `flwr run` checks first
-        assert conn.address, name
+        _check_deprecated_option_only_usage(conn)  # what `flwr run` checks first ...
+        _parse_deprecated_options(conn)  # ... and then (`options.` fields: use --federation-config)
+        assert conn.address and conn.options is None, name
     assert "deprecated" not in capsys.readouterr().out.lower()
-    readme = (ROOT / "README.md").read_text()
-    assert "--federation-config" not in readme and "--federation-config" not in GUIDE.read_text()
