@@ -52,6 +52,7 @@ from fedtune.errors import FedtuneError
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord
 from fedtune.flower.server import NodeSampler, refuse_unfinished, round_seed
+from fedtune.flower.transport import send_and_receive
 from fedtune.metrics import held_out_metrics
 from fedtune.privacy.ledger import RunPrivacy
 from fedtune.runlog import RunLog, round_record
@@ -179,6 +180,21 @@ def _weighted_metrics(pairs: list[tuple[int, dict]]) -> dict[str, float]:
     return {k: sum(n * float(m.get(k, 0.0)) for n, m in pairs) / total for k in sorted(names)}
 
 
+class PromptGrid:
+    """``grid`` whose ``send_and_receive`` collects replies as soon as they arrive
+    (`fedtune.flower.transport.send_and_receive`) instead of Flower's 3 s polling in a
+    deployment; everything else is the grid's own. SecAgg+ exchanges four messages a round."""
+
+    def __init__(self, grid: Grid):
+        self.grid = grid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        return send_and_receive(self.grid, messages, timeout=timeout)
+
+
 def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | Path,
                progress: Callable[[str], None] = print,
                on_aggregate: Callable[[int, Delta, Delta], None] | None = None) -> dict[str, Any]:
@@ -233,7 +249,7 @@ def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | 
         num_shares=agg.num_shares, reconstruction_threshold=agg.reconstruction_threshold, max_weight=agg.max_weight,
         clipping_range=agg.clipping_range, quantization_range=agg.quantization_range, timeout=fed.round_timeout,
     ))
-    workflow(grid, legacy)
+    workflow(PromptGrid(grid), legacy)
     if len(runlog.rows) != fed.rounds:
         raise FedtuneError(f"SecAgg+ run ended after {len(runlog.rows)} of {fed.rounds} rounds; see Flower's log")
     return runlog.finish(
@@ -244,4 +260,4 @@ def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | 
     )
 
 
-__all__ = ["MeanDeltaFedAvg", "SecAggClient", "fit_config", "handle_secagg_train", "run_secagg", "train_delta"]
+__all__ = ["MeanDeltaFedAvg", "PromptGrid", "SecAggClient", "fit_config", "handle_secagg_train", "run_secagg", "train_delta"]
