@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then run the bundled default federated job
-#   make test   set up, then lint (ruff check) and run the whole test suite
+#   make test   set up, then lint and format-check (ruff) and run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -44,6 +44,7 @@ sentiment-llm: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-fast: setup

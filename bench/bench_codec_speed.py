@@ -27,7 +27,19 @@ from fedtune.compression import VALID_CODECS, CompressionConfig, build_codec, la
 from fedtune.compression.values import Sign, Ternary
 
 TARGETS = {"topk+ternary": 0.3, "int8": 0.3}
-DEFAULT = ["none", "fp16", "bf16", "int8", "int4", "ternary", "topk", "topk+ternary", "topk+int8", "topk+int4", "randk+fp16"]
+DEFAULT = [
+    "none",
+    "fp16",
+    "bf16",
+    "int8",
+    "int4",
+    "ternary",
+    "topk",
+    "topk+ternary",
+    "topk+int8",
+    "topk+int4",
+    "randk+fp16",
+]
 
 
 def best_of(fn, repeats: int) -> tuple[float, object]:
@@ -60,17 +72,26 @@ def main() -> None:
     if args.small_codec != "same":
         for delta in layouts.values():
             delta["classifier.weight"] = torch.randn(2, 384, generator=g) * 1e-3
-    print(f"threads={args.threads} ratio={args.ratio} block_size={args.block_size} sign_scale={args.sign_scale} "
-          f"ternary_scale={args.ternary_scale} small_codec={args.small_codec} best of {args.repeats}")
+    print(
+        f"threads={args.threads} ratio={args.ratio} block_size={args.block_size} sign_scale={args.sign_scale} "
+        f"ternary_scale={args.ternary_scale} small_codec={args.small_codec} best of {args.repeats}"
+    )
     head = f"{'codec':<14}{'layout':<10}{'elements':>11}{'encode s':>10}{'decode s':>10}{'total s':>9}{'bytes':>12}{'ratio':>8}"
     print(head)
     print("-" * len(head))
     for name in args.codecs:
         if name == "none" and args.small_codec != "same":
             continue  # a split needs a compressing codec for the large tensors
-        codec = build_codec(CompressionConfig(codec=name, ratio=args.ratio, block_size=args.block_size,
-                                              sign_scale=args.sign_scale, ternary_scale=args.ternary_scale,
-                                              small_codec=args.small_codec))
+        codec = build_codec(
+            CompressionConfig(
+                codec=name,
+                ratio=args.ratio,
+                block_size=args.block_size,
+                sign_scale=args.sign_scale,
+                ternary_scale=args.ternary_scale,
+                small_codec=args.small_codec,
+            )
+        )
         for lname, delta in layouts.items():
             layout = layout_of(delta)
             n = sum(v.numel() for v in delta.values())

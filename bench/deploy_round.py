@@ -71,8 +71,13 @@ def free_port(lo: int, hi: int) -> int:
 
 
 def overrides(silos: int, rounds: int, out: Path) -> list[str]:
-    return [f"federation.num_clients={silos}", f"federation.min_train_clients={silos}",
-            "federation.fraction_train=1.0", f"federation.rounds={rounds}", f"output.dir={out}"]
+    return [
+        f"federation.num_clients={silos}",
+        f"federation.min_train_clients={silos}",
+        "federation.fraction_train=1.0",
+        f"federation.rounds={rounds}",
+        f"output.dir={out}",
+    ]
 
 
 def round_seconds(out: Path) -> list[float]:
@@ -82,9 +87,15 @@ def round_seconds(out: Path) -> list[float]:
 
 
 def env() -> dict[str, str]:
-    return {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def run_simulation(work: Path, silos: int, rounds: int) -> dict:
@@ -112,8 +123,13 @@ class Deployment:
         home = self.work / f"home-{name}"
         home.mkdir(exist_ok=True)
         with (self.work / f"{name}.log").open("ab") as log:
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**self.env, "FLWR_HOME": str(home)})
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**self.env, "FLWR_HOME": str(home)},
+            )
         self.procs.append(proc)
         return proc
 
@@ -129,45 +145,114 @@ class Deployment:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def cli(self, *argv: str) -> subprocess.CompletedProcess:
-        return subprocess.run(argv, env={**self.env, "FLWR_HOME": str(self.cli_home)}, capture_output=True,
-                              text=True, timeout=120, check=False)
+        return subprocess.run(
+            argv,
+            env={**self.env, "FLWR_HOME": str(self.cli_home)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
 
     def setup(self) -> None:
         pki, keys = self.work / "pki", self.work / "keys"
         names = [f"silo-{i}" for i in range(1, self.silos + 1)]
-        subprocess.run([*FEDTUNE, "deploy", "certs", "--out", str(pki), "--host", "127.0.0.1",
-                        "--port", str(self.port)], check=True, env=self.env, capture_output=True)
-        subprocess.run([*FEDTUNE, "deploy", "keys", "--out", str(keys), *[a for n in names for a in ("--name", n)]],
-                       check=True, env=self.env, capture_output=True)
+        subprocess.run(
+            [*FEDTUNE, "deploy", "certs", "--out", str(pki), "--host", "127.0.0.1", "--port", str(self.port)],
+            check=True,
+            env=self.env,
+            capture_output=True,
+        )
+        subprocess.run(
+            [*FEDTUNE, "deploy", "keys", "--out", str(keys), *[a for n in names for a in ("--name", n)]],
+            check=True,
+            env=self.env,
+            capture_output=True,
+        )
         self.cli_home.mkdir()
         (self.cli_home / "config.toml").write_text(connection_toml("bench", f"127.0.0.1:{self.port}", pki / "ca.crt"))
-        self.start("superlink", [*FEDTUNE, "deploy", "superlink", "--certs", str(pki), "--host", "127.0.0.1",
-                                 "--port", str(self.port),
-                                 *(["--database", str(self.work / "superlink.db")] if self.database else [])])
+        self.start(
+            "superlink",
+            [
+                *FEDTUNE,
+                "deploy",
+                "superlink",
+                "--certs",
+                str(pki),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *(["--database", str(self.work / "superlink.db")] if self.database else []),
+            ],
+        )
         self.wait_for("the SuperLink", lambda: "Uvicorn running on https" in self.log("superlink"))
         for n in names:
             res = self.cli(*FEDTUNE, "deploy", "register", str(keys / f"{n}.pub"), "--connection", "bench")
             assert res.returncode == 0, res.stdout + res.stderr
         for i, n in enumerate(names):
-            self.start(n, [*FEDTUNE, "deploy", "supernode", "--superlink", f"127.0.0.1:{self.port}",
-                           "--certs", str(pki), "--key", str(keys / n), "--partition-id", str(i),
-                           "--num-partitions", str(self.silos), "--port", str(free_port(29000, 29899)),
-                           *(["--flower-polling"] if self.flower_polling else [])])
+            self.start(
+                n,
+                [
+                    *FEDTUNE,
+                    "deploy",
+                    "supernode",
+                    "--superlink",
+                    f"127.0.0.1:{self.port}",
+                    "--certs",
+                    str(pki),
+                    "--key",
+                    str(keys / n),
+                    "--partition-id",
+                    str(i),
+                    "--num-partitions",
+                    str(self.silos),
+                    "--port",
+                    str(free_port(29000, 29899)),
+                    *(["--flower-polling"] if self.flower_polling else []),
+                ],
+            )
         flwr = str(BIN / "flwr")
-        self.wait_for("every silo online", lambda: self.cli(flwr, "supernode", "list", "bench", "--format", "json")
-                      .stdout.count('"online"') == self.silos)
+        self.wait_for(
+            "every silo online",
+            lambda: (
+                self.cli(flwr, "supernode", "list", "bench", "--format", "json").stdout.count('"online"') == self.silos
+            ),
+        )
 
     def run(self, app: Path, rounds: int) -> dict:
         out = self.work / "out"
-        line = subprocess.run([*FEDTUNE, "deploy", "run-line", "--connection", "bench", "--app", str(app),
-                               "--config", TINY, *[a for o in overrides(self.silos, rounds, out) for a in ("-s", o)]],
-                              check=True, env=self.env, capture_output=True, text=True).stdout.strip()
+        line = subprocess.run(
+            [
+                *FEDTUNE,
+                "deploy",
+                "run-line",
+                "--connection",
+                "bench",
+                "--app",
+                str(app),
+                "--config",
+                TINY,
+                *[a for o in overrides(self.silos, rounds, out) for a in ("-s", o)],
+            ],
+            check=True,
+            env=self.env,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         argv = shlex.split(line)
         argv[0] = str(BIN / "flwr")
         t0 = time.monotonic()
         with (self.work / "run.log").open("w") as log:
-            subprocess.run(argv, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=1800,
-                           env={**self.env, "FLWR_HOME": str(self.cli_home)}, cwd=app)
+            subprocess.run(
+                argv,
+                check=True,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=1800,
+                env={**self.env, "FLWR_HOME": str(self.cli_home)},
+                cwd=app,
+            )
         wall = time.monotonic() - t0
         for _ in range(60):  # `flwr run --stream` may return before the summary is written
             if (out / "summary.json").exists():
@@ -220,17 +305,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8, help="rounds per run; round 1 is not counted (default 8)")
     p.add_argument("--silos", type=int, default=3, help="SuperNodes = clients, all sampled each round (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="alternate the modes this many times (default 1)")
-    p.add_argument("--flower-polling", action="store_true", help="also run the deployment with Flower's SuperNode polling")
-    p.add_argument("--database", action="store_true",
-                   help="also run the deployment with the SuperLink's state in SQLite (--database), as the guide does")
+    p.add_argument(
+        "--flower-polling", action="store_true", help="also run the deployment with Flower's SuperNode polling"
+    )
+    p.add_argument(
+        "--database",
+        action="store_true",
+        help="also run the deployment with the SuperLink's state in SQLite (--database), as the guide does",
+    )
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "deploy_round"))
     args = p.parse_args(argv)
     if args.rounds < 3:
         p.error("--rounds: at least 3 (round 1 is not counted)")
     out = Path(args.out).resolve()  # `flwr run` runs in the app directory
     out.mkdir(parents=True, exist_ok=True)
-    modes = (["simulation", "deployment"] + (["deployment-database"] if args.database else [])
-             + (["deployment-flower-polling"] if args.flower_polling else []))
+    modes = (
+        ["simulation", "deployment"]
+        + (["deployment-database"] if args.database else [])
+        + (["deployment-flower-polling"] if args.flower_polling else [])
+    )
     runs: dict[str, list[dict]] = {m: [] for m in modes}
     load = [os.getloadavg()[0]]
     for rep in range(args.repeats):
@@ -240,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "simulation":
                 res = run_simulation(work, args.silos, args.rounds)
             else:
-                res = run_deployment(work, args.silos, args.rounds, mode == "deployment-flower-polling",
-                                     mode == "deployment-database")
+                res = run_deployment(
+                    work, args.silos, args.rounds, mode == "deployment-flower-polling", mode == "deployment-database"
+                )
             res["load"] = os.getloadavg()[0]
             load.append(res["load"])
             runs[mode].append(res)
@@ -261,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes:
         w = warm(mode)
         med = statistics.median(w)
-        lines.append(f"| {mode} | {len(w)} | {med:.3f} | {min(w):.3f} | {max(w):.3f} | {med - sim:+.3f} | "
-                     f"{med / sim:.2f}x |")
+        lines.append(
+            f"| {mode} | {len(w)} | {med:.3f} | {min(w):.3f} | {max(w):.3f} | {med - sim:+.3f} | {med / sim:.2f}x |"
+        )
     table = "\n".join(lines)
     print("\n" + table)
     (out / "table.md").write_text(table + "\n")

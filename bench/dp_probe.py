@@ -65,10 +65,23 @@ if a.eps > 0:
     print(f"z {pt.noise_multiplier:.3f} q {pt.sample_rate:.3f}")
 t = time.time()
 for i in range(4):
-    m = train_local(model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
-                    steps=a.steps // 4, optimizer=opt, batches=batches, clip=pt is None)
+    m = train_local(
+        model,
+        data,
+        cfg.train,
+        task=ws.task,
+        pad_id=ws.pad_id,
+        device=ws.device,
+        generator=gen,
+        steps=a.steps // 4,
+        optimizer=opt,
+        batches=batches,
+        clip=pt is None,
+    )
     ev = evaluate(ws.model, test, task=ws.task, pad_id=ws.pad_id, device=ws.device, batch_size=128)
-    print(f"step {(i + 1) * (a.steps // 4)} loss {m['train_loss']:.3f} acc {ev['accuracy']:.4f} {time.time() - t:.0f}s",
-          flush=True)
+    print(
+        f"step {(i + 1) * (a.steps // 4)} loss {m['train_loss']:.3f} acc {ev['accuracy']:.4f} {time.time() - t:.0f}s",
+        flush=True,
+    )
 if pt is not None:
     print(f"epsilon {pt.accountant.epsilon(1e-5):.3f}")

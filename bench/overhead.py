@@ -53,17 +53,31 @@ REPO = Path(__file__).resolve().parents[1]
 COMMON = ["federation.eval_every=1000", "output.save_adapter=false"]
 PRESETS: dict[str, tuple[str, list[str]]] = {
     # tiny random BERT: 4 clients, 2 per round, 10 local steps of batch 8
-    "tiny": ("simulations/configs/tiny.toml", [
-        "federation.num_clients=4", "federation.fraction_train=0.5", "federation.min_train_clients=2",
-        "federation.rounds=12", "train.local_steps=10",
-    ]),
+    "tiny": (
+        "simulations/configs/tiny.toml",
+        [
+            "federation.num_clients=4",
+            "federation.fraction_train=0.5",
+            "federation.min_train_clients=2",
+            "federation.rounds=12",
+            "train.local_steps=10",
+        ],
+    ),
     # all-MiniLM-L6-v2 + LoRA, bf16 autocast: 10 clients, 2 per round, 10 local steps of batch 16
-    "minilm": ("simulations/configs/default.toml", [
-        "federation.num_clients=10", "federation.fraction_train=0.2", "federation.min_train_clients=2",
-        "federation.rounds=5", "train.local_steps=10", "train.mixed_precision=\"bf16\"",
-        "train.lr_schedule=\"constant\"",
-        "federation.round_eval_examples=32", "data.max_test_examples=64",
-    ]),
+    "minilm": (
+        "simulations/configs/default.toml",
+        [
+            "federation.num_clients=10",
+            "federation.fraction_train=0.2",
+            "federation.min_train_clients=2",
+            "federation.rounds=5",
+            "train.local_steps=10",
+            'train.mixed_precision="bf16"',
+            'train.lr_schedule="constant"',
+            "federation.round_eval_examples=32",
+            "data.max_test_examples=64",
+        ],
+    ),
 }
 
 
@@ -104,8 +118,9 @@ class PlainClient:
         if cfg.train.lr_schedule != "constant":  # as the client does
             cfg = cfg.replace(**{"train.lr": round_lr(cfg.train, rnd, cfg.federation.rounds)})
         gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rnd, pid))
-        metrics = train_local(ws.model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-                              generator=gen)
+        metrics = train_local(
+            ws.model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen
+        )
         local = adapters.get_state(ws.model)
         return {k: local[k] - state[k] for k in self.keys}, len(data), metrics["train_loss"]
 
@@ -140,8 +155,10 @@ def run_plain(config_path: str, overrides: list[str], schedule: list[list[int]],
     state = workspace.get(cfg).initial_state()
     ctx = mp.get_context("spawn")
     jobs, results = ctx.Queue(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(config_path, overrides, threads, jobs, results), daemon=True)
-             for _ in range(workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(config_path, overrides, threads, jobs, results), daemon=True)
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     try:
@@ -199,8 +216,15 @@ def run_flower(config_path: str, overrides: list[str], run_dir: Path) -> dict:
     line_times: dict[int, float] = {}
     log: list[str] = []
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=flower_env(),
-                            cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=flower_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         for line in proc.stdout:
             now = time.monotonic() - t0
@@ -265,22 +289,34 @@ def bench_preset(name: str, repeats: int, out: Path) -> dict:
         pp = run_plain(config_path, overrides, schedule, workers, threads)
         sq = run_sequential(config_path, overrides, schedule, threads)
         workspace._CACHE.clear()
-        runs.append({"flower": fl, "plain_procs": pp, "plain_seq": sq, "schedule": schedule,
-                     "ambiguous_matches": ambiguous})
-        print(f"[{name} repeat {rep + 1}] flower {fmt(steady(fl['seconds']))}  "
-              f"plain-procs {fmt(pp['seconds'][1:])}  plain-seq {fmt(sq['seconds'][1:])}", flush=True)
+        runs.append(
+            {"flower": fl, "plain_procs": pp, "plain_seq": sq, "schedule": schedule, "ambiguous_matches": ambiguous}
+        )
+        print(
+            f"[{name} repeat {rep + 1}] flower {fmt(steady(fl['seconds']))}  "
+            f"plain-procs {fmt(pp['seconds'][1:])}  plain-seq {fmt(sq['seconds'][1:])}",
+            flush=True,
+        )
     fl_s = [s for r in runs for s in steady(r["flower"]["seconds"])]
     fl_line = [s for r in runs for s in steady(r["flower"]["line_intervals"])]
     pp_s = [s for r in runs for s in r["plain_procs"]["seconds"][1:]]
     sq_s = [s for r in runs for s in r["plain_seq"]["seconds"][1:]]
     med = statistics.median
     summary = {
-        "preset": name, "config": config_path, "overrides": overrides,
-        "clients_per_round": len(runs[0]["schedule"][0]), "local_steps": cfg.train.local_steps,
-        "batch_size": cfg.train.batch_size, "workers": workers, "threads_per_client": threads,
-        "rounds_counted_per_repeat": len(steady(runs[0]["flower"]["seconds"])), "repeats": repeats,
-        "flower_round_s": med(fl_s), "flower_line_interval_s": med(fl_line),
-        "plain_procs_round_s": med(pp_s), "plain_seq_round_s": med(sq_s),
+        "preset": name,
+        "config": config_path,
+        "overrides": overrides,
+        "clients_per_round": len(runs[0]["schedule"][0]),
+        "local_steps": cfg.train.local_steps,
+        "batch_size": cfg.train.batch_size,
+        "workers": workers,
+        "threads_per_client": threads,
+        "rounds_counted_per_repeat": len(steady(runs[0]["flower"]["seconds"])),
+        "repeats": repeats,
+        "flower_round_s": med(fl_s),
+        "flower_line_interval_s": med(fl_line),
+        "plain_procs_round_s": med(pp_s),
+        "plain_seq_round_s": med(sq_s),
         "ratio_flower_vs_plain_procs": med(fl_s) / med(pp_s),
         "ratio_flower_line_vs_plain_procs": med(fl_line) / med(pp_s),
         "ratio_flower_vs_plain_seq_ideal": med(fl_s) / (med(sq_s) / workers),

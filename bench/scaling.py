@@ -37,9 +37,14 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "simulations/configs/tiny.toml"
 OVERRIDES = [
-    "data.partition=\"iid\"", "data.max_train_examples=0", "train.batch_size=4",
-    "federation.fraction_train=0.01", "federation.min_train_clients=10", "federation.rounds=10",
-    "federation.eval_every=1000", "output.save_adapter=false",
+    'data.partition="iid"',
+    "data.max_train_examples=0",
+    "train.batch_size=4",
+    "federation.fraction_train=0.01",
+    "federation.min_train_clients=10",
+    "federation.rounds=10",
+    "federation.eval_every=1000",
+    "output.save_adapter=false",
 ]
 
 
@@ -94,8 +99,9 @@ def run(num_clients: int, run_dir: Path) -> dict:
     env["PATH"] = f"{REPO / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO, start_new_session=True
+    )
     line_times: dict[int, float] = {}
     log: list[str] = []
     try:
@@ -170,10 +176,16 @@ def profile_dispatch(num_clients: int, rounds: int = 6, *, flower: bool = False)
     with tempfile.TemporaryDirectory() as tmp:
         simulate(cfg, Path(tmp) / "run", progress=lambda s: None, dispatch=timed_sweep)
     wall = sorted(w for w, _ in sweeps)
-    return {"num_clients": num_clients, "loop": "flower" if flower else "fedtune", "sweeps": len(sweeps),
-            "run_s": time.monotonic() - t0,
-            "sweep_ms_median": 1000 * st.median(wall), "sweep_ms_p90": 1000 * wall[int(0.9 * len(wall))],
-            "sweep_ms_max": 1000 * wall[-1], "sweep_thread_cpu_s": sum(c for _, c in sweeps)}
+    return {
+        "num_clients": num_clients,
+        "loop": "flower" if flower else "fedtune",
+        "sweeps": len(sweeps),
+        "run_s": time.monotonic() - t0,
+        "sweep_ms_median": 1000 * st.median(wall),
+        "sweep_ms_p90": 1000 * wall[int(0.9 * len(wall))],
+        "sweep_ms_max": 1000 * wall[-1],
+        "sweep_thread_cpu_s": sum(c for _, c in sweeps),
+    }
 
 
 def main() -> int:
@@ -181,10 +193,17 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--repeats", type=int, default=1, help="passes over --clients, interleaved")
     ap.add_argument("--out", default="bench/results/scaling")
-    ap.add_argument("--profile-dispatch", type=int, metavar="N",
-                    help="instead: time the dispatch sweep in one in-process run with N clients")
-    ap.add_argument("--flower-dispatch", action="store_true",
-                    help="run Flower's own dispatch loop instead of fedtune's (both modes)")
+    ap.add_argument(
+        "--profile-dispatch",
+        type=int,
+        metavar="N",
+        help="instead: time the dispatch sweep in one in-process run with N clients",
+    )
+    ap.add_argument(
+        "--flower-dispatch",
+        action="store_true",
+        help="run Flower's own dispatch loop instead of fedtune's (both modes)",
+    )
     args = ap.parse_args()
     if args.profile_dispatch:
         print(json.dumps(profile_dispatch(args.profile_dispatch, flower=args.flower_dispatch)))
@@ -198,36 +217,51 @@ def main() -> int:
                 r = run(n, Path(tmp) / "run")
             r["repeat"] = rep + 1
             runs.append(r)
-            print(f"[{n} clients, repeat {rep + 1}] rounds {[round(s, 3) for s in r['seconds']]} "
-                  f"steady {r['steady_round_s']:.3f}s peak {r['peak_rss_bytes'] / 2**30:.2f} GiB "
-                  f"({r['peak_processes']} processes), wall {r['wall_s']:.0f}s", flush=True)
+            print(
+                f"[{n} clients, repeat {rep + 1}] rounds {[round(s, 3) for s in r['seconds']]} "
+                f"steady {r['steady_round_s']:.3f}s peak {r['peak_rss_bytes'] / 2**30:.2f} GiB "
+                f"({r['peak_processes']} processes), wall {r['wall_s']:.0f}s",
+                flush=True,
+            )
     summary = []
     for n in args.clients:
         mine = [r for r in runs if r["num_clients"] == n]
         steady = [s for r in mine for s in r["seconds"][1:-1]]
-        summary.append({
-            "num_clients": n,
-            "round_s_median": statistics.median(steady),
-            "peak_rss_gib": max(r["peak_rss_bytes"] for r in mine) / 2**30,
-            "start_to_round0_s": statistics.median(r["start_to_round0_s"] for r in mine),
-            "round1_s": statistics.median(r["round1_s"] for r in mine),
-        })
+        summary.append(
+            {
+                "num_clients": n,
+                "round_s_median": statistics.median(steady),
+                "peak_rss_gib": max(r["peak_rss_bytes"] for r in mine) / 2**30,
+                "start_to_round0_s": statistics.median(r["start_to_round0_s"] for r in mine),
+                "round1_s": statistics.median(r["round1_s"] for r in mine),
+            }
+        )
     base = summary[0]["round_s_median"]
-    lines = ["| clients | sampled/round | round time, median rounds 2..R-1 (s) | vs 10 clients "
-             "| peak RSS, process tree (GiB) | start to round 0 (s) | round 1 (s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| clients | sampled/round | round time, median rounds 2..R-1 (s) | vs 10 clients "
+        "| peak RSS, process tree (GiB) | start to round 0 (s) | round 1 (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in summary:
         s["vs_first"] = s["round_s_median"] / base
-        lines.append(f"| {s['num_clients']} | 10 | {s['round_s_median']:.3f} | {s['vs_first']:.2f}x "
-                     f"| {s['peak_rss_gib']:.2f} | {s['start_to_round0_s']:.1f} | {s['round1_s']:.2f} |")
+        lines.append(
+            f"| {s['num_clients']} | 10 | {s['round_s_median']:.3f} | {s['vs_first']:.2f}x "
+            f"| {s['peak_rss_gib']:.2f} | {s['start_to_round0_s']:.1f} | {s['round1_s']:.2f} |"
+        )
     spread = max(s["round_s_median"] for s in summary) / min(s["round_s_median"] for s in summary)
     lines.append("")
     verdict = "met" if spread <= 1.2 else "not met"
-    lines.append(f"slowest / fastest round time: {spread:.2f}x (target <= 1.20x: {verdict}); "
-                 f"peak memory {max(s['peak_rss_gib'] for s in summary):.2f} GiB (target < 6 GB: "
-                 f"{'met' if max(s['peak_rss_gib'] for s in summary) * 2**30 < 6e9 else 'not met'})")
+    lines.append(
+        f"slowest / fastest round time: {spread:.2f}x (target <= 1.20x: {verdict}); "
+        f"peak memory {max(s['peak_rss_gib'] for s in summary):.2f} GiB (target < 6 GB: "
+        f"{'met' if max(s['peak_rss_gib'] for s in summary) * 2**30 < 6e9 else 'not met'})"
+    )
     text = "\n".join(lines)
-    (out / "results.json").write_text(json.dumps({"config": CONFIG, "overrides": OVERRIDES, "summary": summary,
-                                                  "spread": spread, "runs": runs}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {"config": CONFIG, "overrides": OVERRIDES, "summary": summary, "spread": spread, "runs": runs}, indent=1
+        )
+    )
     (out / "table.md").write_text(text + "\n")
     print(text)
     return 0

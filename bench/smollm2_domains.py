@@ -86,8 +86,15 @@ def evaluate_domains(cfg, ws, state, domains: dict[str, list[dict]]) -> dict[str
     adapters.set_state_(ws.model, state)
     res = {}
     for dom, toks in domains.items():
-        res[dom] = evaluate(ws.model, toks, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-                            batch_size=cfg.train.eval_batch_size, mixed_precision=cfg.train.mixed_precision)
+        res[dom] = evaluate(
+            ws.model,
+            toks,
+            task=ws.task,
+            pad_id=ws.pad_id,
+            device=ws.device,
+            batch_size=cfg.train.eval_batch_size,
+            mixed_precision=cfg.train.mixed_precision,
+        )
     loss_sum = sum(r["loss"] * r["tokens"] for r in res.values())
     tokens = sum(r["tokens"] for r in res.values())
     loss = loss_sum / max(tokens, 1)
@@ -96,8 +103,10 @@ def evaluate_domains(cfg, ws, state, domains: dict[str, list[dict]]) -> dict[str
 
 
 def table(domains: dict[str, list[dict]], before: dict, after: dict) -> str:
-    lines = ["| domain | held-out examples | target tokens | perplexity before | perplexity after | change |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| domain | held-out examples | target tokens | perplexity before | perplexity after | change |",
+        "|---|---|---|---|---|---|",
+    ]
     for dom in [*domains, "all"]:
         n = len(domains[dom]) if dom in domains else sum(map(len, domains.values()))
         b, a = before[dom]["perplexity"], after[dom]["perplexity"]
@@ -127,14 +136,25 @@ def main() -> int:
     domains = held_out_by_domain(cfg, ws, args.max_per_domain)
     before = evaluate_domains(cfg, ws, ws.initial_state(), domains)
     after = evaluate_domains(cfg, ws, tuned, domains)
-    print(f"run {args.run_dir}: model {cfg.model.name}, adapter {cfg.adapter.method} r={cfg.adapter.r}, "
-          f"{cfg.federation.rounds} rounds of {cfg.federation.num_clients} clients; held-out split uncapped")
+    print(
+        f"run {args.run_dir}: model {cfg.model.name}, adapter {cfg.adapter.method} r={cfg.adapter.r}, "
+        f"{cfg.federation.rounds} rounds of {cfg.federation.num_clients} clients; held-out split uncapped"
+    )
     text = table(domains, before, after)
     print(text)
     if args.json:
-        args.json.write_text(json.dumps({"run_dir": str(args.run_dir), "model": cfg.model.name,
-                                         "before": before, "after": after,
-                                         "examples": {d: len(t) for d, t in domains.items()}}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "run_dir": str(args.run_dir),
+                    "model": cfg.model.name,
+                    "before": before,
+                    "after": after,
+                    "examples": {d: len(t) for d, t in domains.items()},
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

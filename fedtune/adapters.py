@@ -44,7 +44,9 @@ def peft_config(cfg: AdapterConfig, task: str, model_type: str, tokenizer_path: 
 
     task_type = TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS
     if cfg.method == "head" and task == CAUSAL_LM:
-        raise ConfigError("adapter.method: 'head' trains only a classification head; a causal LM has none (use 'lora' or 'prompt')")
+        raise ConfigError(
+            "adapter.method: 'head' trains only a classification head; a causal LM has none (use 'lora' or 'prompt')"
+        )
     if cfg.method == "prompt":
         return PromptTuningConfig(
             task_type=task_type,
@@ -55,7 +57,7 @@ def peft_config(cfg: AdapterConfig, task: str, model_type: str, tokenizer_path: 
     if not targets:
         raise ConfigError(
             f"adapter.target_modules: no default for model type {model_type!r}; "
-            "name the linear layers to adapt, e.g. target_modules = [\"q_proj\", \"v_proj\"]"
+            'name the linear layers to adapt, e.g. target_modules = ["q_proj", "v_proj"]'
         )
     return LoraConfig(
         task_type=task_type,

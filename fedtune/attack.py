@@ -116,8 +116,10 @@ class AttackConfig(Section):
     allow_deployment: bool = False
 
     def resolved(self) -> dict[str, Any]:
-        defaults = {"factor": 10.0 if self.kind == "scale" else None,
-                    "layout": "shape" if self.kind == "wrong-layout" else None}
+        defaults = {
+            "factor": 10.0 if self.kind == "scale" else None,
+            "layout": "shape" if self.kind == "wrong-layout" else None,
+        }
         return {k: v for k, v in defaults.items() if v is not None and getattr(self, k) is None}
 
     def problems(self) -> list[str]:
@@ -127,8 +129,10 @@ class AttackConfig(Section):
             for name in ("fraction", "partition_ids"):
                 value = getattr(self, name)
                 if value is not None:
-                    e.append(f"attack.{name}: only used with an attack.kind, which is 'none'; unset it or set "
-                             f"attack.kind (got {_listed(value) if name == 'partition_ids' else value!r})")
+                    e.append(
+                        f"attack.{name}: only used with an attack.kind, which is 'none'; unset it or set "
+                        f"attack.kind (got {_listed(value) if name == 'partition_ids' else value!r})"
+                    )
         elif self.kind in KINDS and (self.fraction is None) == (self.partition_ids is None):
             e.append(
                 f"attack.fraction: attack.kind = {self.kind!r} needs which clients attack: set attack.fraction or "
@@ -255,8 +259,10 @@ def _alie_problems(cfg) -> list[str]:
         try:
             alie_z(n, m)
         except ValueError as exc:
-            e.append(f"attack.z: Baruch et al.'s z_max for federation.num_clients = {n} and {m} attackers: {exc}; "
-                     "set attack.z (got None)")
+            e.append(
+                f"attack.z: Baruch et al.'s z_max for federation.num_clients = {n} and {m} attackers: {exc}; "
+                "set attack.z (got None)"
+            )
     if cfg.privacy.mode != "none":
         e.append(
             f"attack.kind: 'alie' cannot be combined with privacy.mode = {cfg.privacy.mode!r} (each attacker "
@@ -299,8 +305,9 @@ def node_attack(cfg, node_config: Mapping[str, Any], partition_id: int):
             "in the run config"
         )
     values = {k.removeprefix(NODE_PREFIX).lstrip("-") or "kind": node_config[k] for k in keys}
-    bad = sorted(k for k in values if k in ("fraction", "partition_ids", "partition-ids", "allow_deployment",
-                                            "allow-deployment"))
+    bad = sorted(
+        k for k in values if k in ("fraction", "partition_ids", "partition-ids", "allow_deployment", "allow-deployment")
+    )
     if bad:
         raise ConfigError(f"node_config attack-{bad[0]}: a SuperNode attacks as its own partition; remove it")
     overrides = {f"attack.{k.replace('-', '_')}": v for k, v in values.items()}
@@ -400,8 +407,15 @@ def oversized(delta: Delta, generator: torch.Generator) -> Delta:
     return {**delta, PADDING_KEY: torch.randn(OVERSIZE * n, generator=generator)}
 
 
-def poison(a: AttackConfig, delta: Delta, *, rnd: int, partition_id: int,
-           colluders: Sequence[Delta] | None = None, num_clients: int | None = None) -> Delta:
+def poison(
+    a: AttackConfig,
+    delta: Delta,
+    *,
+    rnd: int,
+    partition_id: int,
+    colluders: Sequence[Delta] | None = None,
+    num_clients: int | None = None,
+) -> Delta:
     """What an attacker running ``a`` sends in place of its benign ``delta`` (model poisoning and
     the delta-level payloads: nan, wrong-layout, oversized); other kinds return ``delta``.
 
@@ -433,8 +447,29 @@ def claimed_round(a: AttackConfig | None, rnd: int) -> int:
 
 
 __all__ = [
-    "AttackConfig", "KINDS", "MODEL_POISONING", "DATA_POISONING", "HOSTILE", "LAYOUT_CHANGES", "OVERSIZE",
-    "REPLAY_STATE", "alie", "alie_z", "attackers", "claimed_round", "client_attack", "config_problems",
-    "deployment_problems", "flip_labels", "gaussian", "node_attack", "num_attackers", "oversized", "poison",
-    "scale", "sign_flip", "with_nan", "wrong_layout",
+    "AttackConfig",
+    "KINDS",
+    "MODEL_POISONING",
+    "DATA_POISONING",
+    "HOSTILE",
+    "LAYOUT_CHANGES",
+    "OVERSIZE",
+    "REPLAY_STATE",
+    "alie",
+    "alie_z",
+    "attackers",
+    "claimed_round",
+    "client_attack",
+    "config_problems",
+    "deployment_problems",
+    "flip_labels",
+    "gaussian",
+    "node_attack",
+    "num_attackers",
+    "oversized",
+    "poison",
+    "scale",
+    "sign_flip",
+    "with_nan",
+    "wrong_layout",
 ]

@@ -72,16 +72,30 @@ def run_centralized(
         for group in optimizer.param_groups:  # the clients' per-round schedule, on the same step boundaries
             group["lr"] = round_lr(cfg.train, rnd, rounds)
         train = train_local(
-            ws.model, pooled, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
-            steps=per_round, optimizer=optimizer, batches=stream,
+            ws.model,
+            pooled,
+            cfg.train,
+            task=ws.task,
+            pad_id=ws.pad_id,
+            device=ws.device,
+            generator=gen,
+            steps=per_round,
+            optimizer=optimizer,
+            batches=stream,
         )
         record = round_record(rnd, 0, 0, [], train, {}, {}, [], steps_total=rnd * per_round)
         runlog.end_round(record, t0, evaluate)
     summary = runlog.finish(
-        ws.task, evaluate, lambda adapter_dir: workspace.export_adapter(ws, adapters.get_state(ws.model), adapter_dir),
-        trainable_params=n_params, aggregation={"strategy": "centralized"},
-        privacy={"settings": {"mode": "none"}, "epsilon": float("inf")}, mode="centralized",
-        steps_per_round=per_round, total_steps=rounds * per_round, train_examples=len(pooled),
+        ws.task,
+        evaluate,
+        lambda adapter_dir: workspace.export_adapter(ws, adapters.get_state(ws.model), adapter_dir),
+        trainable_params=n_params,
+        aggregation={"strategy": "centralized"},
+        privacy={"settings": {"mode": "none"}, "epsilon": float("inf")},
+        mode="centralized",
+        steps_per_round=per_round,
+        total_steps=rounds * per_round,
+        train_examples=len(pooled),
     )
     adapters.set_state_(ws.model, ws.initial_state())  # the cached workspace is shared within a process
     return summary

@@ -17,11 +17,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "simulations" / "confi
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", "-c",
+        "--config",
+        "-c",
         help="TOML config file (default: simulations/configs/default.toml, the documented default job)",
     )
     p.add_argument(
-        "--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set train.lr=2e-3 (repeatable)",
     )
 
@@ -46,7 +52,9 @@ def cmd_simulate(args) -> int:
 
     cfg = _load_config(args, {"simulation.ray_address": args.ray_address} if args.ray_address else None)
     out = Path(args.out) if args.out else default_out_dir(cfg)
-    print(f"fedtune: simulating {cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds -> {out}", flush=True)
+    print(
+        f"fedtune: simulating {cfg.federation.num_clients} clients, {cfg.federation.rounds} rounds -> {out}", flush=True
+    )
     if args.resume and not args.out:
         raise FedtuneError("--resume needs --out RUN_DIR (the run to continue)")
     simulate(cfg, out, verbose=args.verbose, progress=lambda s: print(s, flush=True), resume=args.resume)
@@ -102,9 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true", help="show Flower's and Ray's logs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last complete round")
     p.add_argument(
-        "--ray-address", metavar="HOST:PORT",
+        "--ray-address",
+        metavar="HOST:PORT",
         help="run the clients on an existing Ray cluster (its head's address, or auto); "
-             "same as --set simulation.ray_address=...",
+        "same as --set simulation.ray_address=...",
     )
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser(
@@ -113,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.add_argument(
-        "--config-only", action="store_true",
+        "--config-only",
+        action="store_true",
         help="skip the checks that read the data and resolve the model (for a config of another machine)",
     )
     p.set_defaults(func=cmd_check_config)
@@ -124,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", "-o", help="run directory (default: runs/NAME-centralized)")
     p.set_defaults(func=cmd_centralized)
-    p = sub.add_parser("zero-shot", help="evaluate the model as shipped (no training) the way a run of the config is scored")
+    p = sub.add_parser(
+        "zero-shot", help="evaluate the model as shipped (no training) the way a run of the config is scored"
+    )
     _add_config_args(p)
     p.add_argument("--out", "-o", help="run directory (default: runs/NAME-zero-shot)")
     p.set_defaults(func=cmd_zero_shot)

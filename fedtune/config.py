@@ -215,7 +215,14 @@ class FederationConfig(Section):
 
     def problems(self) -> list[str]:
         e: list[str] = []
-        for name in ("num_clients", "rounds", "min_train_clients", "min_available_clients", "round_timeout", "eval_every"):
+        for name in (
+            "num_clients",
+            "rounds",
+            "min_train_clients",
+            "min_available_clients",
+            "round_timeout",
+            "eval_every",
+        ):
             positive(e, f"federation.{name}", getattr(self, name))
         fraction(e, "federation.fraction_train", self.fraction_train)
         positive(e, "federation.round_eval_examples", self.round_eval_examples, allow_zero=True)
@@ -251,11 +258,12 @@ class SimulationConfig(Section):
         choice(e, "simulation.backend", self.backend, ("ray",))
         positive(e, "simulation.cpus", self.cpus, allow_zero=True)
         if self.ray_address and not _RAY_ADDRESS.match(self.ray_address):
-            e.append(f"simulation.ray_address: expected HOST:PORT of the Ray head or auto "
-                     f"(got {self.ray_address!r})")
+            e.append(f"simulation.ray_address: expected HOST:PORT of the Ray head or auto (got {self.ray_address!r})")
         if self.ray_address and self.cpus:
-            e.append(f"simulation.cpus: must be 0 with simulation.ray_address, a cluster's CPUs are its nodes' "
-                     f"(got {self.cpus!r})")
+            e.append(
+                f"simulation.cpus: must be 0 with simulation.ray_address, a cluster's CPUs are its nodes' "
+                f"(got {self.cpus!r})"
+            )
         positive(e, "simulation.cpus_per_client", self.cpus_per_client)
         positive(e, "simulation.threads_per_client", self.threads_per_client)
         positive(e, "simulation.gpus_per_client", self.gpus_per_client, allow_zero=True)
@@ -368,10 +376,7 @@ class FedtuneConfig:
         out: dict[str, dict[str, Any]] = {}
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            out[f.name] = {
-                k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(section).items()
-            }
+            out[f.name] = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
         return out
 
     def to_flat(self) -> dict[str, Any]:
@@ -384,8 +389,13 @@ class FedtuneConfig:
 
 
 _CORE = {
-    "model": ModelConfig, "adapter": AdapterConfig, "data": DataConfig, "train": TrainConfig,
-    "federation": FederationConfig, "simulation": SimulationConfig, "output": OutputConfig,
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+    "simulation": SimulationConfig,
+    "output": OutputConfig,
     "eval": EvalConfig,
 }
 _EXTENSIONS = ("compression", "privacy", "aggregation", "zo", "label_words", "attack")
@@ -445,8 +455,10 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
             "privacy.mode: 'sample' cannot be combined with adapter.method = 'dora' "
             "(opacus cannot compute per-sample gradients of DoRA layers); use 'lora' or a client-level mode"
         )
-    if cfg.eval.forgetting_examples and cfg.eval.forgetting_source == "chatterbot" and (
-        cfg.data.dataset == "chatterbot" and not cfg.data.domains
+    if (
+        cfg.eval.forgetting_examples
+        and cfg.eval.forgetting_source == "chatterbot"
+        and (cfg.data.dataset == "chatterbot" and not cfg.data.domains)
     ):
         errors.append(
             "eval.forgetting_source: 'chatterbot' cannot be combined with data.dataset = 'chatterbot' and no "
@@ -494,8 +506,10 @@ def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
             f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with adapter.method = "
             f"{cfg.adapter.method!r} (it aggregates LoRA factors, and this adapter has none); use 'naive'"
         )
-    if agg.lora_mode in ("exact", "ffa") and cfg.adapter.method in ("lora", "dora") and (
-        agg.server_optimizer not in SERVER_MEAN_OPTIMIZERS
+    if (
+        agg.lora_mode in ("exact", "ffa")
+        and cfg.adapter.method in ("lora", "dora")
+        and (agg.server_optimizer not in SERVER_MEAN_OPTIMIZERS)
     ):
         e.append(
             f"aggregation.server_optimizer: {agg.server_optimizer!r} cannot be combined with aggregation.lora_mode = "
@@ -524,8 +538,11 @@ def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
                 f"'client-central' ({why}); use 'fedavg' or 'fedprox', or privacy.mode = 'client-local'"
             )
         if agg.lora_mode != "naive":
-            hint = " (with adapter.ffa = true, A is not trained and the private mean averages B only)" if (
-                agg.lora_mode == "ffa") else ""
+            hint = (
+                " (with adapter.ffa = true, A is not trained and the private mean averages B only)"
+                if (agg.lora_mode == "ffa")
+                else ""
+            )
             e.append(
                 f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with privacy.mode = 'client-central' "
                 f"({why}, averaging each factor of same-shape deltas); use 'naive'{hint}, or privacy.mode = "
@@ -544,8 +561,11 @@ def _zo_problems(cfg: FedtuneConfig) -> list[str]:
             f"whole batches and do not split them); set it to 0 (got {cfg.train.physical_batch_size!r})"
         )
     if cfg.privacy.enabled:
-        why = "it has no per-sample gradients for DP-SGD" if cfg.privacy.mode == "sample" else (
-            "no client-level mechanism is implemented for (seed, scalar) pairs")
+        why = (
+            "it has no per-sample gradients for DP-SGD"
+            if cfg.privacy.mode == "sample"
+            else ("no client-level mechanism is implemented for (seed, scalar) pairs")
+        )
         e.append(f"privacy.mode: {cfg.privacy.mode!r} cannot be combined with train.mode = 'zo' ({why}); use 'none'")
     if cfg.compression.codec != "none":
         e.append(
@@ -619,7 +639,9 @@ def _secure_problems(cfg: FedtuneConfig) -> list[str]:
             f"{cfg.compression.codec!r} cannot be summed that way, set it to 'none' (aggregation.secure = 'secagg+')"
         )
     if cfg.compression.downlink != "none":
-        e.append("compression.downlink: not supported with aggregation.secure = 'secagg+' (the broadcast is the full adapter); set it to 'none'")
+        e.append(
+            "compression.downlink: not supported with aggregation.secure = 'secagg+' (the broadcast is the full adapter); set it to 'none'"
+        )
     if cfg.privacy.mode == "client-central":
         e.append(
             "privacy.mode: 'client-central' clips each update on the server, which SecAgg+ hides; "
@@ -643,12 +665,18 @@ def _hetero_problems(cfg: FedtuneConfig) -> list[str]:
     e: list[str] = []
     ranks = cfg.aggregation.client_ranks or ()
     if cfg.adapter.method == "lora-sb":
-        e.append("aggregation.lora_mode: 'hetero' re-factors A and B at each client's rank, and adapter.method = "
-                 "'lora-sb' keeps them fixed (a client's rank is the core's size); use 'naive'")
+        e.append(
+            "aggregation.lora_mode: 'hetero' re-factors A and B at each client's rank, and adapter.method = "
+            "'lora-sb' keeps them fixed (a client's rank is the core's size); use 'naive'"
+        )
     elif cfg.adapter.method not in ("lora", "dora"):
-        e.append(f"aggregation.lora_mode: 'hetero' needs LoRA factors, which adapter.method = {cfg.adapter.method!r} has not (use 'lora' or 'dora')")
+        e.append(
+            f"aggregation.lora_mode: 'hetero' needs LoRA factors, which adapter.method = {cfg.adapter.method!r} has not (use 'lora' or 'dora')"
+        )
     if cfg.adapter.ffa:
-        e.append("aggregation.lora_mode: 'hetero' re-factors A every round, so A cannot stay frozen; set adapter.ffa = false")
+        e.append(
+            "aggregation.lora_mode: 'hetero' re-factors A every round, so A cannot stay frozen; set adapter.ffa = false"
+        )
     above = sorted({r for r in ranks if r > cfg.adapter.r})
     if above:
         e.append(
@@ -773,5 +801,7 @@ def _toml_value(v: Any) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     s = str(v).replace("\\", "\\\\").replace('"', '\\"')
     # a basic string holds no raw control character (a template's newline)
-    s = "".join(c if c >= " " and c != "\x7f" else {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, f"\\u{ord(c):04x}") for c in s)
+    s = "".join(
+        c if c >= " " and c != "\x7f" else {"\n": "\\n", "\t": "\\t", "\r": "\\r"}.get(c, f"\\u{ord(c):04x}") for c in s
+    )
     return f'"{s}"'

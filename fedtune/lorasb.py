@@ -106,8 +106,10 @@ def convert_(model: nn.Module, seed: int) -> int:
         for adapter, lin_a in module.lora_A.items():
             lin_b = module.lora_B[adapter]
             if not isinstance(lin_a, nn.Linear) or not isinstance(lin_b, nn.Linear):
-                raise ConfigError(f"adapter.method: 'lora-sb' needs nn.Linear LoRA factors; {name} has "
-                                  f"{type(lin_a).__name__} (got 'lora-sb')")
+                raise ConfigError(
+                    f"adapter.method: 'lora-sb' needs nn.Linear LoRA factors; {name} has "
+                    f"{type(lin_a).__name__} (got 'lora-sb')"
+                )
             r = lin_a.out_features
             a, b = fixed_factors(r, lin_a.in_features, lin_b.out_features, gen)
             with torch.no_grad():
@@ -171,4 +173,13 @@ def save_pretrained(model: nn.Module, path: str) -> None:
     model.save_pretrained(path, state_dict=folded_state_dict(model))
 
 
-__all__ = ["CORE", "LoraSBVariant", "convert_", "delta_weight", "fixed_factors", "folded_state_dict", "is_lora_sb", "save_pretrained"]
+__all__ = [
+    "CORE",
+    "LoraSBVariant",
+    "convert_",
+    "delta_weight",
+    "fixed_factors",
+    "folded_state_dict",
+    "is_lora_sb",
+    "save_pretrained",
+]

@@ -64,7 +64,13 @@ def rouge_l_text(candidate: str, reference: str) -> float:
 
 @torch.no_grad()
 def generate_greedy_ids(
-    model, tokenizer, prompts: list[str], *, max_length: int, max_new_tokens: int, device: torch.device,
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    device: torch.device,
     batch_size: int = 16,
 ) -> list[list[int]]:
     """Greedy continuations (token ids, up to the first EOS) of prompts formatted as in training.
@@ -89,8 +95,14 @@ def generate_greedy_ids(
             ids[j, width - len(x) :] = torch.tensor(x)
             mask[j, width - len(x) :] = 1
         gen = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            min_new_tokens=0, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos,
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=0,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=pad,
+            eos_token_id=eos,
         )
         for row in gen[:, width:].tolist():
             out.append(row[: row.index(eos)] if eos is not None and eos in row else row)
@@ -101,16 +113,32 @@ def generate_greedy_ids(
 
 def generate_greedy(model, tokenizer, prompts: list[str], **kwargs) -> list[str]:
     """Greedy answers as text (see :func:`generate_greedy_ids` for the arguments)."""
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generate_greedy_ids(model, tokenizer, prompts, **kwargs)]
+    texts = [
+        tokenizer.decode(ids, skip_special_tokens=True)
+        for ids in generate_greedy_ids(model, tokenizer, prompts, **kwargs)
+    ]
     return [t.split("\nQuestion:")[0].strip() for t in texts]  # a model that runs on into the next turn
 
 
-def rouge_l_eval(model, tokenizer, examples: list[dict], *, max_length: int, max_new_tokens: int,
-                 device: torch.device, batch_size: int = 16) -> dict[str, float]:
+def rouge_l_eval(
+    model,
+    tokenizer,
+    examples: list[dict],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    device: torch.device,
+    batch_size: int = 16,
+) -> dict[str, float]:
     """Mean ROUGE-L F1 of greedy answers to ``examples`` (``prompt`` / ``response`` dicts)."""
     answers = generate_greedy(
-        model, tokenizer, [e["prompt"] for e in examples], max_length=max_length,
-        max_new_tokens=max_new_tokens, device=device, batch_size=batch_size,
+        model,
+        tokenizer,
+        [e["prompt"] for e in examples],
+        max_length=max_length,
+        max_new_tokens=max_new_tokens,
+        device=device,
+        batch_size=batch_size,
     )
     scores = [rouge_l_text(a, e["response"]) for a, e in zip(answers, examples)]
     return {"rouge_l": float(np.mean(scores)) if scores else 0.0, "rouge_examples": float(len(scores))}
@@ -167,8 +195,13 @@ def held_out_metrics(ws, cfg: FedtuneConfig, *, final: bool = True) -> dict[str,
 
     def run(examples: list[dict]) -> dict[str, float]:
         return evaluate(
-            ws.model, examples, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-            batch_size=cfg.train.eval_batch_size, num_labels=ws.num_labels,
+            ws.model,
+            examples,
+            task=ws.task,
+            pad_id=ws.pad_id,
+            device=ws.device,
+            batch_size=cfg.train.eval_batch_size,
+            num_labels=ws.num_labels,
             mixed_precision=cfg.train.mixed_precision,
         )
 
@@ -209,18 +242,31 @@ def extra_eval(ws, cfg: FedtuneConfig) -> dict[str, float]:
         # a seeded spread, not a prefix: a domain-stratified test split is ordered by domain
         pick = np.random.default_rng(cfg.data.seed).permutation(len(test))[: ev.rouge_examples]
         examples = [test[i] for i in sorted(pick)]
-        out.update(rouge_l_eval(
-            ws.model, ws.tokenizer, examples, max_length=cfg.model.max_length,
-            max_new_tokens=ev.max_new_tokens, device=ws.device, batch_size=cfg.train.eval_batch_size,
-        ))
+        out.update(
+            rouge_l_eval(
+                ws.model,
+                ws.tokenizer,
+                examples,
+                max_length=cfg.model.max_length,
+                max_new_tokens=ev.max_new_tokens,
+                device=ws.device,
+                batch_size=cfg.train.eval_batch_size,
+            )
+        )
     if ev.forgetting_examples:
         key = (ws.resolved.name, cfg.model.max_length, cfg.data, ev.forgetting_source, ev.forgetting_examples)
         if key not in _FORGETTING:
             texts = forgetting_texts(cfg.data, ev.forgetting_source, ev.forgetting_examples, seed=cfg.data.seed)
             _FORGETTING.clear()  # one run per process at a time
             _FORGETTING[key] = tokenize_texts(texts, ws.tokenizer, cfg.model.max_length)
-        m = evaluate(ws.model, _FORGETTING[key], task=CAUSAL_LM, pad_id=ws.pad_id, device=ws.device,
-                     batch_size=cfg.train.eval_batch_size)
+        m = evaluate(
+            ws.model,
+            _FORGETTING[key],
+            task=CAUSAL_LM,
+            pad_id=ws.pad_id,
+            device=ws.device,
+            batch_size=cfg.train.eval_batch_size,
+        )
         out["forgetting_loss"] = m["loss"]
         out["forgetting_perplexity"] = m["perplexity"]
     return out
@@ -285,13 +331,21 @@ def domain_summary(records: list[Mapping]) -> dict[str, dict[str, float]]:
     out = {}
     for key in sorted(k for k in last if k.startswith("perplexity/") and k in first):
         before, after = float(first[key]), float(last[key])
-        out[key.split("/", 1)[1]] = {"before": before, "after": after, "ratio": after / before if before else float("nan")}
+        out[key.split("/", 1)[1]] = {
+            "before": before,
+            "after": after,
+            "ratio": after / before if before else float("nan"),
+        }
     return out
 
 
 def forgetting_summary(records: list[Mapping]) -> dict[str, float]:
     """``{"before", "after", "ratio"}`` forgetting perplexity: first and last evaluation in metrics.jsonl."""
-    evals = [r["eval"] for r in records if isinstance(r.get("eval"), Mapping) and r["eval"].get("forgetting_perplexity") is not None]
+    evals = [
+        r["eval"]
+        for r in records
+        if isinstance(r.get("eval"), Mapping) and r["eval"].get("forgetting_perplexity") is not None
+    ]
     if not evals:
         return {}
     before, after = float(evals[0]["forgetting_perplexity"]), float(evals[-1]["forgetting_perplexity"])

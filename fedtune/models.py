@@ -133,7 +133,9 @@ def resolve(cfg: ModelConfig) -> ResolvedModel:
         else:
             path, task, tok = name, "", name
     if cfg.task == LABEL_WORDS and task == CLASSIFICATION:
-        raise ConfigError(f"model.task: '{LABEL_WORDS}' scores label words with a causal LM; {name!r} is a sequence classifier")
+        raise ConfigError(
+            f"model.task: '{LABEL_WORDS}' scores label words with a causal LM; {name!r} is a sequence classifier"
+        )
     if cfg.task != "auto":
         task = cfg.task
     if not task:
@@ -194,14 +196,25 @@ def _tiny(name: str, vocab_size: int, num_labels: int | None, pad_token_id: int)
         torch.manual_seed(1234)  # identical base weights in every process
         if name == "tiny-bert":
             conf = BertConfig(
-                vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, max_position_embeddings=128, pad_token_id=pad_token_id,
+                vocab_size=vocab_size,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                max_position_embeddings=128,
+                pad_token_id=pad_token_id,
                 **({} if num_labels is None else {"num_labels": num_labels}),
             )
             return BertForSequenceClassification(conf)
         conf = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=pad_token_id,
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=pad_token_id,
             tie_word_embeddings=True,
         )
         return LlamaForCausalLM(conf)

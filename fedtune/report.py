@@ -102,7 +102,9 @@ def pick_metric(runs: Sequence[Run], requested: str | None = None) -> str:
     seen = {k for run in runs for _, ev in run.evals() for k in ev}
     if requested:
         if requested not in seen:
-            raise FedtuneError(f"--metric {requested!r}: no run records it; recorded: {', '.join(sorted(seen)) or 'none'}")
+            raise FedtuneError(
+                f"--metric {requested!r}: no run records it; recorded: {', '.join(sorted(seen)) or 'none'}"
+            )
         return requested
     for name in ("accuracy", "perplexity", "loss"):
         if name in seen:
@@ -189,17 +191,29 @@ def table(runs: Sequence[Run], metric: str) -> str:
     finals = [r.final().get(metric) for r in runs]
     numeric(f"final {metric}", [None if v is None else float(v) for v in finals], lambda v: _num(v, ".4f"))
     bests = [best(r, metric) for r in runs]
-    rows.append((f"best {metric} (round)", [
-        "-" if b is None else f"{b[1]:.4f} (r{b[0]})" + (_ratio(b[1], bests[0][1]) if i and bests[0] else "")
-        for i, b in enumerate(bests)
-    ]))
+    rows.append(
+        (
+            f"best {metric} (round)",
+            [
+                "-" if b is None else f"{b[1]:.4f} (r{b[0]})" + (_ratio(b[1], bests[0][1]) if i and bests[0] else "")
+                for i, b in enumerate(bests)
+            ],
+        )
+    )
     if metric != "rouge_l" and any(r.final().get("rouge_l") is not None for r in runs):
         numeric("final rouge_l", [r.final().get("rouge_l") for r in runs], lambda v: _num(v, ".4f"))
     if any(f["forgetting"] for f in figures):
-        rows.append(("forgetting ppl before -> after", [
-            f"{f['forgetting']['before']:.2f} -> {f['forgetting']['after']:.2f} ({f['forgetting']['ratio']:.3g}x)"
-            if f["forgetting"] else "-" for f in figures
-        ]))
+        rows.append(
+            (
+                "forgetting ppl before -> after",
+                [
+                    f"{f['forgetting']['before']:.2f} -> {f['forgetting']['after']:.2f} ({f['forgetting']['ratio']:.3g}x)"
+                    if f["forgetting"]
+                    else "-"
+                    for f in figures
+                ],
+            )
+        )
     rows.append(("rounds", [str(f["rounds"]) for f in figures]))
     numeric("uplink", [float(f["bytes_up"]) for f in figures], _mb)
     numeric("downlink", [float(f["bytes_down"]) for f in figures], _mb)
@@ -308,8 +322,12 @@ def plot_client_loss(runs: Sequence[Run], path: Path) -> None:
             style = {"color": "tab:blue", "alpha": 0.25, "linewidth": 0.8} if many else {"marker": ".", "alpha": 0.8}
             ax.plot(*zip(*pts), label=None if many else name, **style)
         if mean:
-            ax.plot(*zip(*mean), color="black", linewidth=2,
-                    label="pooled (centralized)" if run.kind == "centralized" else "mean of clients")
+            ax.plot(
+                *zip(*mean),
+                color="black",
+                linewidth=2,
+                label="pooled (centralized)" if run.kind == "centralized" else "mean of clients",
+            )
         if not per and not mean:
             ax.text(0.5, 0.5, "no training loss recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"{run.name}: training loss" + (f" ({len(per)} clients)" if many else ""))
@@ -348,8 +366,9 @@ def write_plots(runs: Sequence[Run], metric: str, out: Path) -> list[Path]:
     return paths
 
 
-def report(paths: Sequence[str | Path], *, out: str | Path | None = None, metric: str | None = None,
-           plots: bool = True) -> tuple[str, list[Path]]:
+def report(
+    paths: Sequence[str | Path], *, out: str | Path | None = None, metric: str | None = None, plots: bool = True
+) -> tuple[str, list[Path]]:
     """The table for ``paths`` and the plots written: runs overlaid into ``out``, else each into its own directory."""
     runs = [load_run(p) for p in paths]
     name = pick_metric(runs, metric)

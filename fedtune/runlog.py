@@ -30,12 +30,26 @@ log = logging.getLogger("fedtune")
 Evaluate = Callable[[bool], dict[str, float]]  # final -> held-out metrics of the current global adapter
 
 
-def round_record(rnd: int, sampled: int, accepted: int, rejected: list[dict], train: Mapping[str, float],
-                 up: Mapping[int, int], down: Mapping[int, int], clients: list[dict], **extra: Any) -> dict[str, Any]:
+def round_record(
+    rnd: int,
+    sampled: int,
+    accepted: int,
+    rejected: list[dict],
+    train: Mapping[str, float],
+    up: Mapping[int, int],
+    down: Mapping[int, int],
+    clients: list[dict],
+    **extra: Any,
+) -> dict[str, Any]:
     """One metrics.jsonl row (the same fields in every training mode)."""
     return {
-        "round": rnd, "sampled": sampled, "accepted": accepted, "rejected": rejected, "train": dict(train),
-        "bytes_up": sum(up.values()), "bytes_down": sum(down.values()),
+        "round": rnd,
+        "sampled": sampled,
+        "accepted": accepted,
+        "rejected": rejected,
+        "train": dict(train),
+        "bytes_up": sum(up.values()),
+        "bytes_down": sum(down.values()),
         "bytes_up_per_client": {str(k): v for k, v in up.items()},
         "bytes_down_per_client": {str(k): v for k, v in down.items()},
         "clients": clients,
@@ -49,8 +63,9 @@ def format_metrics(metrics: Mapping[str, float]) -> str:
         return f"held-out accuracy {metrics['accuracy']:.4f} (macro-F1 {metrics['macro_f1']:.4f})"
     if "perplexity" in metrics:
         extra = f", ROUGE-L {metrics['rouge_l']:.4f}" if "rouge_l" in metrics else ""
-        domains = ", ".join(f"{k.split('/', 1)[1]} {v:.2f}" for k, v in sorted(metrics.items())
-                            if k.startswith("perplexity/"))
+        domains = ", ".join(
+            f"{k.split('/', 1)[1]} {v:.2f}" for k, v in sorted(metrics.items()) if k.startswith("perplexity/")
+        )
         extra += f"; per domain {domains}" if domains else ""
         return f"held-out loss {metrics['loss']:.4f} (perplexity {metrics['perplexity']:.2f}{extra})"
     return "no eval"
@@ -71,12 +86,15 @@ def round_line(record: Mapping[str, Any], rounds: int) -> str:
     parts = [f"round {record['round']}/{rounds}:"]
     if record.get("sampled"):
         dropped = len(record.get("rejected") or [])
-        parts.append(f"{record['accepted']}/{record['sampled']} clients"
-                     + (f" ({dropped} dropped)," if dropped else ","))
+        parts.append(
+            f"{record['accepted']}/{record['sampled']} clients" + (f" ({dropped} dropped)," if dropped else ",")
+        )
     loss = (record.get("train") or {}).get("train_loss", float("nan"))
     parts.append(f"train loss {loss:.4f}, {format_metrics(record.get('eval', {}))},")
-    parts.append(f"up {format_bytes(record.get('bytes_up', 0))}, down {format_bytes(record.get('bytes_down', 0))}, "
-                 f"{record.get('seconds', 0.0):.1f}s")
+    parts.append(
+        f"up {format_bytes(record.get('bytes_up', 0))}, down {format_bytes(record.get('bytes_down', 0))}, "
+        f"{record.get('seconds', 0.0):.1f}s"
+    )
     return " ".join(parts)
 
 
@@ -131,9 +149,19 @@ class RunLog:
     def total_down(self) -> int:
         return sum(r.get("bytes_down", 0) for r in self.rows)
 
-    def finish(self, task: str, evaluate: Evaluate, export: Callable[[Path], None] | None, *,
-               trainable_params: int, aggregation: Mapping[str, Any], privacy: Mapping[str, Any],
-               mode: str, stopped_early: str | None = None, **extra: Any) -> dict[str, Any]:
+    def finish(
+        self,
+        task: str,
+        evaluate: Evaluate,
+        export: Callable[[Path], None] | None,
+        *,
+        trainable_params: int,
+        aggregation: Mapping[str, Any],
+        privacy: Mapping[str, Any],
+        mode: str,
+        stopped_early: str | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """Final evaluation (the full held-out split), adapter export, summary.json; returns the summary."""
         rows = self.rows
         final = self.last_eval
@@ -142,16 +170,26 @@ class RunLog:
         if self.cfg.output.save_adapter and export is not None:
             export(self.path / "adapter")
         summary = run_summary(
-            self.cfg, task, final=final, rounds_completed=len(rows), total_bytes_up=self.total_up,
-            total_bytes_down=self.total_down, trainable_params=trainable_params,
-            seconds=time.monotonic() - self.t_start, aggregation=aggregation, privacy=privacy,
-            stopped_early=stopped_early, records=[*self.run.read_metrics(), {"round": -1, "eval": final}],
-            mode=mode, **extra,
+            self.cfg,
+            task,
+            final=final,
+            rounds_completed=len(rows),
+            total_bytes_up=self.total_up,
+            total_bytes_down=self.total_down,
+            trainable_params=trainable_params,
+            seconds=time.monotonic() - self.t_start,
+            aggregation=aggregation,
+            privacy=privacy,
+            stopped_early=stopped_early,
+            records=[*self.run.read_metrics(), {"round": -1, "eval": final}],
+            mode=mode,
+            **extra,
         )
         self.run.write_summary(summary)
         if privacy.get("guarantee"):
-            self.progress(f"privacy: {privacy['guarantee']}: (epsilon {privacy['epsilon']:.3f}, "
-                          f"delta {privacy['delta']:g})")
+            self.progress(
+                f"privacy: {privacy['guarantee']}: (epsilon {privacy['epsilon']:.3f}, delta {privacy['delta']:g})"
+            )
         self.progress(
             f"done in {summary['seconds']:.0f}s: {format_metrics(final)}; total up {format_bytes(self.total_up)}, "
             f"down {format_bytes(self.total_down)}; outputs in {self.path}"

@@ -99,7 +99,9 @@ def train_local(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         adjust = logit_adjustment_bias(model, data, cfg.logit_adjustment, task, device, counts=label_counts)
-        return _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust)
+        return _train_steps(
+            model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust
+        )
 
 
 def label_log_prior(data: list[dict], num_labels: int, counts: list[float] | None = None) -> torch.Tensor:
@@ -157,7 +159,9 @@ def physical_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str
     return [{k: v if k in shared else v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
-def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust):
+def _train_steps(
+    model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust
+):
     model.train()
     opt = optimizer or make_optimizer(model, cfg)
     stream = batches or batch_stream(data, cfg.batch_size, generator)
@@ -206,8 +210,15 @@ def _train_steps(model, data, cfg, task, pad_id, device, generator, steps, optim
 
 @torch.no_grad()
 def evaluate(
-    model, data: list[dict], *, task: str, pad_id: int, device: torch.device, batch_size: int = 64,
-    num_labels: int = 2, mixed_precision: str = "no",
+    model,
+    data: list[dict],
+    *,
+    task: str,
+    pad_id: int,
+    device: torch.device,
+    batch_size: int = 64,
+    num_labels: int = 2,
+    mixed_precision: str = "no",
 ) -> dict[str, float]:
     """Held-out metrics: accuracy, macro-F1 and loss (classification, label words); loss and perplexity (causal LM)."""
     was_training = model.training

@@ -33,7 +33,16 @@ from typing import Any, ClassVar
 from fedtune.errors import ConfigError
 
 __all__ = [
-    "Section", "at_least", "between", "build_section", "choice", "coerce", "fraction", "only_with", "positive", "type_problem",
+    "Section",
+    "at_least",
+    "between",
+    "build_section",
+    "choice",
+    "coerce",
+    "fraction",
+    "only_with",
+    "positive",
+    "type_problem",
 ]
 
 

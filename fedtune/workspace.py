@@ -61,7 +61,9 @@ class Workspace:
         if rank == self.cfg.adapter.r:
             return self.model
         if rank not in self._rank_models:
-            model_cfg = replace(self.cfg.model, num_labels=self.num_labels) if self.task == CLASSIFICATION else self.cfg.model
+            model_cfg = (
+                replace(self.cfg.model, num_labels=self.num_labels) if self.task == CLASSIFICATION else self.cfg.model
+            )
             base = models.load_base(self.resolved, model_cfg, self.tokenizer, self.device)
             self._rank_models[rank] = adapters.wrap(
                 base, replace(self.cfg.adapter, r=rank), models.architecture_task(self.task)
@@ -186,7 +188,9 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
     task = models.architecture_task(resolved.task)
     problems = []
     if cfg.model.quantization == "4bit" and device.type != "cuda":
-        problems.append("model.quantization: '4bit' (QLoRA through bitsandbytes) needs a CUDA device; this machine has none")
+        problems.append(
+            "model.quantization: '4bit' (QLoRA through bitsandbytes) needs a CUDA device; this machine has none"
+        )
     if cfg.adapter.method == "head" and task == CAUSAL_LM:
         problems.append(
             f"adapter.method: 'head' trains only a classification head, and model.name = {cfg.model.name!r} is a "
@@ -234,8 +238,9 @@ def build(cfg: FedtuneConfig) -> Workspace:
     if word_ids is not None:
         base.config.num_labels = len(word_ids)  # the classes that logit adjustment counts
     model = adapters.wrap(base, cfg.adapter, models.architecture_task(resolved.task))
-    ws = Workspace(cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device, splits=splits,
-                   label_word_ids=word_ids)
+    ws = Workspace(
+        cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device, splits=splits, label_word_ids=word_ids
+    )
     ws.initial_state()  # snapshot before any round loads another state
     return ws
 

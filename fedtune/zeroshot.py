@@ -45,10 +45,20 @@ def run_zero_shot(
     record = {"round": 0, "eval": metrics, "bytes_up": 0, "bytes_down": 0, "steps_total": 0, "seconds": seconds}
     run.append_metrics(record)
     summary = run_summary(
-        cfg, ws.task, final=metrics, rounds_completed=0, total_bytes_up=0, total_bytes_down=0,
-        trainable_params=0, seconds=seconds, aggregation={"strategy": "zero-shot"},
-        privacy={"settings": {"mode": "none"}, "epsilon": float("inf")}, records=[record],
-        mode="zero-shot", total_steps=0, eval_examples=n_test,
+        cfg,
+        ws.task,
+        final=metrics,
+        rounds_completed=0,
+        total_bytes_up=0,
+        total_bytes_down=0,
+        trainable_params=0,
+        seconds=seconds,
+        aggregation={"strategy": "zero-shot"},
+        privacy={"settings": {"mode": "none"}, "epsilon": float("inf")},
+        records=[record],
+        mode="zero-shot",
+        total_steps=0,
+        eval_examples=n_test,
     )
     run.write_summary(summary)
     say(f"done in {seconds:.0f}s: {_fmt(metrics)}; outputs in {run.path}")

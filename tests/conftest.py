@@ -25,6 +25,7 @@ def tiny_cfg():
 
     return config.load(CONFIGS / "tiny.toml")
 
+
 # Property tests draw the same examples on every run: CI must not flake on a new draw.
 from hypothesis import settings as _hsettings  # noqa: E402
 

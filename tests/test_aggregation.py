@@ -114,23 +114,38 @@ def test_dense_form_matches_peft_get_delta_weight():
     class Tiny(nn.Module):
         def __init__(self):
             super().__init__()
-            self.emb, self.lin, self.conv, self.head = nn.Embedding(7, 5), nn.Linear(5, 4), nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+            self.emb, self.lin, self.conv, self.head = (
+                nn.Embedding(7, 5),
+                nn.Linear(5, 4),
+                nn.Conv2d(3, 4, 3),
+                nn.Linear(4, 2),
+            )
 
     torch.manual_seed(0)  # peft initialises through the global generator; not ours to control
     for rslora in (False, True):
-        cfg = peft.LoraConfig(r=3, lora_alpha=6, use_rslora=rslora, target_modules=["emb", "lin", "conv"], modules_to_save=["head"])
+        cfg = peft.LoraConfig(
+            r=3, lora_alpha=6, use_rslora=rslora, target_modules=["emb", "lin", "conv"], modules_to_save=["head"]
+        )
         model = peft.get_peft_model(Tiny(), cfg)
         for name, p in model.named_parameters():
             if "lora_" in name:  # B = 0 at init; give every factor a value
                 with torch.no_grad():
                     p.copy_(torch.randn_like(p))
-        state = {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}  # peft's share storage
+        state = {
+            k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()
+        }  # peft's share storage
         scaling = LoraScaling.from_peft_config(cfg)
         dense = to_dense(state, scaling)
         inner = model.base_model.model
-        assert torch.allclose(dense["base_model.model.lin.lora_BA.weight"], inner.lin.get_delta_weight("default"), atol=1e-5)
-        assert torch.allclose(dense["base_model.model.conv.lora_BA.weight"], inner.conv.get_delta_weight("default"), atol=1e-5)
-        assert torch.allclose(dense["base_model.model.emb.lora_embedding_BA"], inner.emb.get_delta_weight("default").T, atol=1e-5)
+        assert torch.allclose(
+            dense["base_model.model.lin.lora_BA.weight"], inner.lin.get_delta_weight("default"), atol=1e-5
+        )
+        assert torch.allclose(
+            dense["base_model.model.conv.lora_BA.weight"], inner.conv.get_delta_weight("default"), atol=1e-5
+        )
+        assert torch.allclose(
+            dense["base_model.model.emb.lora_embedding_BA"], inner.emb.get_delta_weight("default").T, atol=1e-5
+        )
         # exact aggregate of two clients loads back into peft with the right effective update
         other = {k: v + 0.1 * torch.randn_like(v) for k, v in state.items()}
         agg, report = product_space_mean([state, other], [1, 3], scaling)
@@ -138,7 +153,9 @@ def test_dense_form_matches_peft_get_delta_weight():
         want = dense_mean([state, other], [1, 3], scaling)["base_model.model.lin.lora_BA.weight"]
         peft.set_peft_model_state_dict(model, agg)
         got = inner.lin.get_delta_weight("default").detach()
-        assert rel(got.double(), want.double()) == pytest.approx(report.layers["base_model.model.lin"].residual, abs=1e-5)
+        assert rel(got.double(), want.double()) == pytest.approx(
+            report.layers["base_model.model.lin"].residual, abs=1e-5
+        )
 
 
 # --------------------------------------------------------------------------- exact vs naive
@@ -408,7 +425,10 @@ def test_hetero_round_matches_hand_computed_update_over_rounds():
         for _ in range(2):
             weights = [2.0, 1.0, 1.0]
             states = [
-                {k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in cut_to_rank(glob, r, SCALING).items()}
+                {
+                    k: v + 0.3 * torch.randn(v.shape, generator=gen, dtype=F64)
+                    for k, v in cut_to_rank(glob, r, SCALING).items()
+                }
                 for r in ranks
             ]
             new, report = aggregator.aggregate(states, weights, reference=glob)
@@ -438,7 +458,9 @@ def test_hetero_round_from_a_fresh_adapter():
         assert s[f"{Q}.lora_A.weight"].shape == (r, 5)
         assert torch.count_nonzero(s[f"{Q}.lora_B.weight"]) == 0
         assert torch.linalg.matrix_rank(s[f"{Q}.lora_A.weight"]) == r  # trainable from round one
-    trained = {r: {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in s.items()} for r, s in sent.items()}
+    trained = {
+        r: {k: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in s.items()} for r, s in sent.items()
+    }
     out, report = hetero_round(init, list(trained.values()), [1, 1], SCALING, 4)
     assert set(out) == set(init) and out[f"{Q}.lora_A.weight"].shape == (4, 5)
     assert report.layers[Q].numerical_rank == 5 and report.layers[Q].rank == 4  # 2 + 4 clipped at min(6, 5), cut to 4
@@ -485,7 +507,9 @@ def test_aggregators_and_bad_inputs():
     shared_a = [states[0], dict(states[1], **{k: v for k, v in states[0].items() if "lora_A" in k})]
     ffa, _ = FFALoRA().aggregate(shared_a, [1, 3])
     assert torch.equal(ffa[f"{Q}.lora_A.weight"], states[0][f"{Q}.lora_A.weight"])
-    assert torch.allclose(ffa[f"{Q}.lora_B.weight"], (states[0][f"{Q}.lora_B.weight"] + 3 * states[1][f"{Q}.lora_B.weight"]) / 4)
+    assert torch.allclose(
+        ffa[f"{Q}.lora_B.weight"], (states[0][f"{Q}.lora_B.weight"] + 3 * states[1][f"{Q}.lora_B.weight"]) / 4
+    )
     exact = ExactLoRA(SCALING, "lossless")
     out, _ = exact.aggregate(states, [1, 1], reference=states[0])
     assert out[f"{Q}.lora_A.weight"].shape == (4, 5)
@@ -510,7 +534,9 @@ def test_validate_update_accepts_a_good_update_and_rejects_each_defect():
 
     a_key = f"{Q}.lora_A.weight"
     cases = {
-        "non-finite": dict(good, **{a_key: good[a_key].clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan")))}),
+        "non-finite": dict(
+            good, **{a_key: good[a_key].clone().index_put_((torch.tensor([0]),), torch.tensor(float("nan")))}
+        ),
         "has shape": dict(good, **{a_key: torch.zeros(3, 5)}),
         "unexpected key": dict(good, extra=torch.zeros(1)),
         "missing key": {k: v for k, v in good.items() if k != HEAD},
@@ -579,7 +605,13 @@ def test_proximal_term_value_and_gradient():
 
 def test_config_defaults_follow_flower():
     c = AggregationConfig()
-    assert (c.lora_mode, c.robust, c.server_optimizer, c.trim_beta, c.num_malicious) == ("naive", "none", "fedavg", 0.2, 0)
+    assert (c.lora_mode, c.robust, c.server_optimizer, c.trim_beta, c.num_malicious) == (
+        "naive",
+        "none",
+        "fedavg",
+        0.2,
+        0,
+    )
     assert c.server_lr is None and c.proximal_mu is None
     adam = AggregationConfig(server_optimizer="fedadam")
     assert (adam.server_lr, adam.beta_1, adam.beta_2, adam.tau) == (0.1, 0.9, 0.99, 1e-3)
@@ -587,7 +619,15 @@ def test_config_defaults_follow_flower():
     m = AggregationConfig(server_optimizer="fedavgm", server_momentum=0.9)
     assert (m.server_lr, m.server_momentum, m.beta_1) == (1.0, 0.9, None)
     assert AggregationConfig(server_optimizer="fedprox").proximal_mu == 0.0
-    c = AggregationConfig.from_dict({"lora-mode": "exact", "rank": "lossless", "max_update_norm": 5.0, "server-optimizer": "fedadam", "server-lr": 0.01})
+    c = AggregationConfig.from_dict(
+        {
+            "lora-mode": "exact",
+            "rank": "lossless",
+            "max_update_norm": 5.0,
+            "server-optimizer": "fedadam",
+            "server-lr": 0.01,
+        }
+    )
     assert (c.lora_mode, c.rank, c.max_update_norm, c.server_lr) == ("exact", "lossless", 5.0, 0.01)
     k = AggregationConfig.from_dict({"robust": "krum", "num_malicious": 1})
     assert k.num_malicious == 1

@@ -56,31 +56,68 @@ def test_section_defaults_and_what_each_kind_reads(tiny_cfg):
     assert config.from_dict(__import__("tomllib").loads(text)).attack == cfg.attack
 
 
-@pytest.mark.parametrize("overrides, expected", [
-    ({"attack.kind": "sign-flip"}, ["attack.fraction: attack.kind = 'sign-flip' needs which clients attack"]),
-    ({"attack.kind": "sign-flip", "attack.fraction": 0.5, "attack.partition_ids": [0]}, ["not both"]),
-    ({"attack.fraction": 0.5}, ["attack.fraction: only used with an attack.kind, which is 'none'"]),
-    ({"attack.kind": "sign-flip", "attack.fraction": 0.5, "attack.factor": 3.0},
-     ["attack.factor: only used with attack.kind = 'scale', which is 'sign-flip'"]),
-    ({"attack.kind": "gaussian", "attack.fraction": 0.5}, ["attack.noise_norm: attack.kind = 'gaussian' needs"]),
-    ({"attack.kind": "scale", "attack.partition_ids": [0, 4]}, ["attack.partition_ids: [4] are not partitions",
-                                                                "federation.num_clients = 4"]),
-    ({"attack.kind": "nan", "attack.partition_ids": [0], "compression.codec": "sign"},
-     ["attack.kind: 'nan' cannot be combined with compression.codec = 'sign'"]),
-    ({"attack.kind": "wrong-layout", "attack.layout": "dtype", "attack.partition_ids": [0],
-      "compression.codec": "int8"}, ["attack.layout: 'dtype' cannot be combined with compression.codec = 'int8'"]),
-    ({"attack.kind": "scale", "attack.partition_ids": [0], "train.mode": "zo"},
-     ["attack.kind: 'scale' cannot be combined with train.mode = 'zo'"]),
-    ({"attack.kind": "replay", "attack.partition_ids": [0], "aggregation.secure": "secagg+"},
-     ["attack.kind: 'replay' cannot be combined with aggregation.secure = 'secagg+'"]),
-    ({"attack.kind": "alie", "attack.partition_ids": [0]}, ["'alie' estimates the per-coordinate std", "give 1"]),
-    ({"attack.kind": "alie", "attack.partition_ids": [0, 1], "privacy.mode": "client-local",
-      "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 1.0}, ["attack.kind: 'alie' cannot be combined with privacy.mode = 'client-local'"]),
-    ({"attack.kind": "alie", "attack.partition_ids": [0, 1, 2]},
-     ["attack.z: Baruch et al.'s z_max for federation.num_clients = 4 and 3 attackers"]),
-    ({"attack.kind": "label-flip", "attack.partition_ids": [0], "model.task": "causal-lm", "data.dataset": "chatterbot"},
-     ["attack.kind: 'label-flip' cannot be combined with model.task = 'causal-lm'"]),
-])
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        ({"attack.kind": "sign-flip"}, ["attack.fraction: attack.kind = 'sign-flip' needs which clients attack"]),
+        ({"attack.kind": "sign-flip", "attack.fraction": 0.5, "attack.partition_ids": [0]}, ["not both"]),
+        ({"attack.fraction": 0.5}, ["attack.fraction: only used with an attack.kind, which is 'none'"]),
+        (
+            {"attack.kind": "sign-flip", "attack.fraction": 0.5, "attack.factor": 3.0},
+            ["attack.factor: only used with attack.kind = 'scale', which is 'sign-flip'"],
+        ),
+        ({"attack.kind": "gaussian", "attack.fraction": 0.5}, ["attack.noise_norm: attack.kind = 'gaussian' needs"]),
+        (
+            {"attack.kind": "scale", "attack.partition_ids": [0, 4]},
+            ["attack.partition_ids: [4] are not partitions", "federation.num_clients = 4"],
+        ),
+        (
+            {"attack.kind": "nan", "attack.partition_ids": [0], "compression.codec": "sign"},
+            ["attack.kind: 'nan' cannot be combined with compression.codec = 'sign'"],
+        ),
+        (
+            {
+                "attack.kind": "wrong-layout",
+                "attack.layout": "dtype",
+                "attack.partition_ids": [0],
+                "compression.codec": "int8",
+            },
+            ["attack.layout: 'dtype' cannot be combined with compression.codec = 'int8'"],
+        ),
+        (
+            {"attack.kind": "scale", "attack.partition_ids": [0], "train.mode": "zo"},
+            ["attack.kind: 'scale' cannot be combined with train.mode = 'zo'"],
+        ),
+        (
+            {"attack.kind": "replay", "attack.partition_ids": [0], "aggregation.secure": "secagg+"},
+            ["attack.kind: 'replay' cannot be combined with aggregation.secure = 'secagg+'"],
+        ),
+        ({"attack.kind": "alie", "attack.partition_ids": [0]}, ["'alie' estimates the per-coordinate std", "give 1"]),
+        (
+            {
+                "attack.kind": "alie",
+                "attack.partition_ids": [0, 1],
+                "privacy.mode": "client-local",
+                "privacy.noise_multiplier": 0.5,
+                "privacy.clip_norm": 1.0,
+            },
+            ["attack.kind: 'alie' cannot be combined with privacy.mode = 'client-local'"],
+        ),
+        (
+            {"attack.kind": "alie", "attack.partition_ids": [0, 1, 2]},
+            ["attack.z: Baruch et al.'s z_max for federation.num_clients = 4 and 3 attackers"],
+        ),
+        (
+            {
+                "attack.kind": "label-flip",
+                "attack.partition_ids": [0],
+                "model.task": "causal-lm",
+                "data.dataset": "chatterbot",
+            },
+            ["attack.kind: 'label-flip' cannot be combined with model.task = 'causal-lm'"],
+        ),
+    ],
+)
 def test_what_does_not_compose_is_refused_naming_both_keys(tiny_cfg, overrides, expected):
     with pytest.raises(ConfigError) as err:
         tiny_cfg.replace(**overrides)
@@ -94,11 +131,19 @@ def test_what_composes_is_accepted(tiny_cfg):
     for overrides in (
         {"attack.kind": "scale", "attack.fraction": 0.25, "compression.codec": "sign"},
         {"attack.kind": "label-flip", "attack.fraction": 0.25, "train.mode": "zo"},
-        {"attack.kind": "wrong-layout", "attack.layout": "shape", "attack.partition_ids": [1],
-         "compression.codec": "topk+int8"},
+        {
+            "attack.kind": "wrong-layout",
+            "attack.layout": "shape",
+            "attack.partition_ids": [1],
+            "compression.codec": "topk+int8",
+        },
         {"attack.kind": "alie", "attack.partition_ids": [0, 1], "attack.z": 1.0, "aggregation.robust": "median"},
-        {"attack.kind": "sign-flip", "attack.fraction": 0.5, "aggregation.robust": "krum",
-         "aggregation.max_update_norm": 5.0},
+        {
+            "attack.kind": "sign-flip",
+            "attack.fraction": 0.5,
+            "aggregation.robust": "krum",
+            "aggregation.max_update_norm": 5.0,
+        },
     ):
         tiny_cfg.replace(**overrides)
 
@@ -138,8 +183,11 @@ def test_alie_z_max_golden_values():
 
 def _delta(seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"a.lora_A": torch.randn(2, 3, generator=g), "a.lora_B": torch.randn(3, 2, generator=g),
-            "head": torch.randn(4, generator=g)}
+    return {
+        "a.lora_A": torch.randn(2, 3, generator=g),
+        "a.lora_B": torch.randn(3, 2, generator=g),
+        "head": torch.randn(4, generator=g),
+    }
 
 
 def test_model_poisoning_by_hand():
@@ -149,7 +197,8 @@ def test_model_poisoning_by_hand():
         torch.testing.assert_close(attack.scale(d, 10.0)[k], d[k] * 10, rtol=0, atol=0)
     noise = attack.gaussian(d, 2.5, torch.Generator().manual_seed(1))
     assert _norm(noise) == pytest.approx(2.5, rel=1e-6) and {k: v.shape for k, v in noise.items()} == {
-        k: v.shape for k, v in d.items()}
+        k: v.shape for k, v in d.items()
+    }
     again = attack.gaussian(_delta(5), 2.5, torch.Generator().manual_seed(1))
     assert all(torch.equal(noise[k], again[k]) for k in d)  # noise, not a function of the update
     # ALIE by hand on one coordinate: values 1, 2, 6 -> mean 3, sample std sqrt(7), z = 0.5
@@ -177,8 +226,12 @@ def test_hostile_payloads_by_hand():
 
 
 def _train_msg(state, rnd, node):
-    content = RecordDict({"arrays": to_arrayrecord(state),
-                          "config": ConfigRecord({"server-round": rnd, "round-seed": 7, "version": rnd})})
+    content = RecordDict(
+        {
+            "arrays": to_arrayrecord(state),
+            "config": ConfigRecord({"server-round": rnd, "round-seed": 7, "version": rnd}),
+        }
+    )
     return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
 
@@ -192,8 +245,9 @@ def _sent(cfg, pid, rnd=1, node_config=None):
     return from_arrayrecord(reply.content["update"]), reply.content["metrics"]
 
 
-@pytest.mark.parametrize("kind, extra", [("sign-flip", {}), ("scale", {"attack.factor": 3.0}),
-                                         ("gaussian", {"attack.noise_norm": 0.7})])
+@pytest.mark.parametrize(
+    "kind, extra", [("sign-flip", {}), ("scale", {"attack.factor": 3.0}), ("gaussian", {"attack.noise_norm": 0.7})]
+)
 def test_an_attacker_sends_what_the_attack_says_of_its_benign_update(tiny_cfg, kind, extra):
     honest = tiny_cfg
     benign, _ = _sent(honest, 1)
@@ -278,10 +332,12 @@ HOSTILE = [
 ]
 
 
-@pytest.mark.parametrize("kind, extra, reason", HOSTILE, ids=[f"{k}-{'-'.join(map(str, e.values()))}"
-                                                              for k, e, _ in HOSTILE])
-def test_hostile_payloads_are_rejected_with_their_reason_and_the_round_completes(tiny_cfg, tmp_path, kind, extra,
-                                                                                 reason):
+@pytest.mark.parametrize(
+    "kind, extra, reason", HOSTILE, ids=[f"{k}-{'-'.join(map(str, e.values()))}" for k, e, _ in HOSTILE]
+)
+def test_hostile_payloads_are_rejected_with_their_reason_and_the_round_completes(
+    tiny_cfg, tmp_path, kind, extra, reason
+):
     cfg = tiny_cfg.replace(**{"federation.rounds": 2, "attack.kind": kind, "attack.partition_ids": [1], **extra})
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
     summary = ServerLoop(cfg, tmp_path, progress=lambda s: None).main(grid)
@@ -318,12 +374,22 @@ def _one_round(cfg, out):
 
 
 def test_median_and_krum_hold_against_a_scale_x100_attacker_where_fedavg_moves_far(tiny_cfg, tmp_path):
-    base = tiny_cfg.replace(**{"federation.num_clients": 5, "federation.rounds": 1, "data.partition": "iid",
-                               "attack.kind": "scale", "attack.factor": 100.0, "attack.partition_ids": [2]})
+    base = tiny_cfg.replace(
+        **{
+            "federation.num_clients": 5,
+            "federation.rounds": 1,
+            "data.partition": "iid",
+            "attack.kind": "scale",
+            "attack.factor": 100.0,
+            "attack.partition_ids": [2],
+        }
+    )
     start = workspace.get(base).initial_state()
     moved = {}
     for rule in ("none", "median", "krum"):
-        cfg = base.replace(**{"aggregation.robust": rule, **({"aggregation.num_malicious": 1} if rule == "krum" else {})})
+        cfg = base.replace(
+            **{"aggregation.robust": rule, **({"aggregation.num_malicious": 1} if rule == "krum" else {})}
+        )
         loop, sent = _one_round(cfg, tmp_path / rule)
         state = loop.protocol.state
         change = {k: state[k] - start[k] for k in start}
@@ -344,8 +410,16 @@ def test_median_and_krum_hold_against_a_scale_x100_attacker_where_fedavg_moves_f
 
 
 def test_a_robust_rule_sees_only_the_accepted_updates(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(**{"federation.num_clients": 5, "federation.rounds": 1, "data.partition": "iid",
-                              "aggregation.robust": "median", "attack.kind": "nan", "attack.partition_ids": [0]})
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.num_clients": 5,
+            "federation.rounds": 1,
+            "data.partition": "iid",
+            "aggregation.robust": "median",
+            "attack.kind": "nan",
+            "attack.partition_ids": [0],
+        }
+    )
     start = workspace.get(cfg).initial_state()
     loop, sent = _one_round(cfg, tmp_path)
     row = _rows(tmp_path)[1]

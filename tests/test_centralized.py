@@ -17,10 +17,14 @@ def _rows(path):
 
 def test_clients_per_round_is_what_the_server_samples(tiny_cfg):
     for n, frac, minimum in [(4, 1.0, 2), (10, 0.3, 2), (10, 0.05, 2), (1000, 0.01, 10), (5, 0.5, 5)]:
-        cfg = tiny_cfg.replace(**{
-            "federation.num_clients": n, "federation.fraction_train": frac, "federation.min_train_clients": minimum,
-            "federation.min_available_clients": min(2, n),
-        })
+        cfg = tiny_cfg.replace(
+            **{
+                "federation.num_clients": n,
+                "federation.fraction_train": frac,
+                "federation.min_train_clients": minimum,
+                "federation.min_available_clients": min(2, n),
+            }
+        )
         assert cfg.federation.clients_per_round == len(sample_nodes(range(n), frac, minimum, seed=0, rnd=1))
     assert steps_per_round(tiny_cfg) == 4 * tiny_cfg.train.local_steps
 
@@ -58,10 +62,18 @@ def test_centralized_run_dir_matches_the_federated_layout(tiny_cfg, tmp_path, ca
 
 
 def test_centralized_causal_lm_reports_rouge_and_forgetting(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(**LLM, **{
-        "federation.rounds": 1, "train.local_steps": 2, "train.lr": 3e-2, "output.save_adapter": False,
-        "eval.rouge_examples": 2, "eval.forgetting_examples": 6, "eval.max_new_tokens": 3,
-    })
+    cfg = tiny_cfg.replace(
+        **LLM,
+        **{
+            "federation.rounds": 1,
+            "train.local_steps": 2,
+            "train.lr": 3e-2,
+            "output.save_adapter": False,
+            "eval.rouge_examples": 2,
+            "eval.forgetting_examples": 6,
+            "eval.max_new_tokens": 3,
+        },
+    )
     summary = run_centralized(cfg, tmp_path)
     rows = _rows(tmp_path)
     for r in (rows[0], rows[-1]):

@@ -37,7 +37,9 @@ FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthChe
 
 def rand_delta(seed: int = 0, shapes=((3, 5), (1000,), (7,), (4, 64))) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {f"base_model.model.layer.{i}.lora_A.weight": torch.randn(s, generator=g) * 1e-3 for i, s in enumerate(shapes)}
+    return {
+        f"base_model.model.layer.{i}.lora_A.weight": torch.randn(s, generator=g) * 1e-3 for i, s in enumerate(shapes)
+    }
 
 
 def roundtrip(codec, delta, seed=0):
@@ -213,9 +215,7 @@ def test_topk_ties_and_zeros():
 def test_randk_same_indices_for_same_seed_across_calls_and_clients():
     a, b = rand_delta(1), rand_delta(2)  # two clients, different data
     codec = make_codec("randk", ratio=0.2)
-    supports = [
-        {k: v != 0 for k, v in roundtrip(codec, d, seed=7)[1].items()} for d in (a, b, a)
-    ]
+    supports = [{k: v != 0 for k, v in roundtrip(codec, d, seed=7)[1].items()} for d in (a, b, a)]
     for k in a:
         assert torch.equal(supports[0][k], supports[1][k]) and torch.equal(supports[0][k], supports[2][k])
     i1, i2 = randk_indices(10_000, 1000, 7, 0), randk_indices(10_000, 1000, 7, 0)
@@ -384,8 +384,14 @@ def test_topk_sizes_bitmap_and_varint_by_hand():
     assert len(payload) == HEADER + sum(5 + idx_bytes[t] + 4 + ceil_div(ks[t], 8) for t in delta)
     assert len(payload) == expected_size(codec, layout_of(delta), delta)
     # chains share the one index section: only the value bytes change
-    for name, vbytes in (("topk", lambda k: 4 * k), ("topk+int8", lambda k: 4 + k), ("topk+int4", lambda k: 4 + ceil_div(k, 2))):
-        assert len(make_codec(name, ratio=0.1).encode(delta)) == HEADER + sum(5 + idx_bytes[t] + vbytes(ks[t]) for t in delta)
+    for name, vbytes in (
+        ("topk", lambda k: 4 * k),
+        ("topk+int8", lambda k: 4 + k),
+        ("topk+int4", lambda k: 4 + ceil_div(k, 2)),
+    ):
+        assert len(make_codec(name, ratio=0.1).encode(delta)) == HEADER + sum(
+            5 + idx_bytes[t] + vbytes(ks[t]) for t in delta
+        )
 
 
 def test_topk_multibyte_varint_size_by_hand():
@@ -539,7 +545,9 @@ def test_index_out_of_range_and_bad_bitmaps():
     with pytest.raises(PayloadError, match="out of range"):
         codec.decode(patch(p, HEADER + 10, bytes([99])), layout)
     with pytest.raises(PayloadError, match="non-canonical"):  # 0x80 0x00 spells 0 in two bytes
-        codec.decode(patch(p, HEADER + 5, struct.pack("<I", 3)) [: HEADER + 9] + bytes([0x80, 0x00, 9]) + p[HEADER + 11 :], layout)
+        codec.decode(
+            patch(p, HEADER + 5, struct.pack("<I", 3))[: HEADER + 9] + bytes([0x80, 0x00, 9]) + p[HEADER + 11 :], layout
+        )
     # bitmap: n = 6 -> 2 padding bits must be zero; popcount must equal k
     codec, p, layout = single("topk", torch.tensor([1.0, 2, 3, 4, 5, 6]), ratio=0.5)
     assert p[HEADER] == wire.INDEX_BITMAP
@@ -610,7 +618,9 @@ def test_encode_rejects_bad_input():
 def test_config_defaults_and_build():
     c = CompressionConfig()
     assert build_codec(c).name == "none" and build_codec(c, "downlink").name == "none"
-    c = CompressionConfig.from_dict({"codec": "topk+ternary", "downlink": "randk+fp16", "ratio": 0.05, "randk_unbiased": True})
+    c = CompressionConfig.from_dict(
+        {"codec": "topk+ternary", "downlink": "randk+fp16", "ratio": 0.05, "randk_unbiased": True}
+    )
     up, down = build_codec(c), build_codec(c, "downlink")
     assert (up.name, down.name, up.rescale, down.rescale) == ("topk+ternary", "randk+fp16", False, True)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -678,8 +688,12 @@ def test_every_valid_codec_builds_from_config():
 
 def test_split_codec_sends_small_tensors_through_their_own_codec_by_hand():
     g = torch.Generator().manual_seed(0)
-    delta = {"lora_A": torch.randn(8, 384, generator=g), "head.weight": torch.randn(2, 384, generator=g),
-             "lora_B": torch.randn(384, 8, generator=g), "head.bias": torch.randn(2, generator=g)}
+    delta = {
+        "lora_A": torch.randn(8, 384, generator=g),
+        "head.weight": torch.randn(2, 384, generator=g),
+        "lora_B": torch.randn(384, 8, generator=g),
+        "head.bias": torch.randn(2, generator=g),
+    }
     split = build_codec(CompressionConfig(codec="sign", sign_scale="rms", small_codec="none"))
     payload, out = roundtrip(split, delta)
     big = {k: delta[k] for k in ("lora_A", "lora_B")}

@@ -24,12 +24,19 @@ def _run(cfg, out, client=None, **kw):
     return ServerLoop(cfg, out, progress=lambda s: None).main(grid), grid
 
 
-@pytest.mark.parametrize("comp", [
-    {"compression.codec": "topk+ternary", "compression.ratio": 0.1},
-    # LoRA matrices (256 values) 1-bit, the head (64 + 2) int8
-    {"compression.codec": "sign", "compression.small_codec": "int8", "compression.small_numel": 100,
-     "compression.error_feedback": True},
-])
+@pytest.mark.parametrize(
+    "comp",
+    [
+        {"compression.codec": "topk+ternary", "compression.ratio": 0.1},
+        # LoRA matrices (256 values) 1-bit, the head (64 + 2) int8
+        {
+            "compression.codec": "sign",
+            "compression.small_codec": "int8",
+            "compression.small_numel": 100,
+            "compression.error_feedback": True,
+        },
+    ],
+)
 def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path, comp):
     from flwr.app import RecordDict
 
@@ -43,7 +50,11 @@ def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path, comp):
         reply = handle_train(msg, ctx, cfg)
         upd = reply.content[P.UPDATE]
         # captured now: the server later swaps the content for the decoded arrays
-        replies[ctx.node_id] = (bytes(upd["payload"]), wire_bytes(reply.content), wire_bytes(RecordDict({P.UPDATE: upd})))
+        replies[ctx.node_id] = (
+            bytes(upd["payload"]),
+            wire_bytes(reply.content),
+            wire_bytes(RecordDict({P.UPDATE: upd})),
+        )
         return reply
 
     summary, _ = _run(cfg, tmp_path / "comp", client=client)
@@ -61,8 +72,14 @@ def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path, comp):
 
 
 def test_error_feedback_keeps_what_was_dropped(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(**{"federation.rounds": 1, "compression.codec": "topk", "compression.ratio": 0.05,
-                               "compression.error_feedback": True})
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 1,
+            "compression.codec": "topk",
+            "compression.ratio": 0.05,
+            "compression.error_feedback": True,
+        }
+    )
     seen = {}
 
     def client(msg, ctx):
@@ -112,12 +129,18 @@ def test_malformed_payload_is_dropped(tiny_cfg, tmp_path):
 
 @pytest.mark.parametrize("downlink", ["int8", "topk+int8"])
 def test_downlink_clients_track_the_public_adapter(tiny_cfg, tmp_path, downlink):
-    cfg = tiny_cfg.replace(**{"federation.rounds": 4, "federation.fraction_train": 0.5, "compression.downlink": downlink})
+    cfg = tiny_cfg.replace(
+        **{"federation.rounds": 4, "federation.fraction_train": 0.5, "compression.downlink": downlink}
+    )
     copies = {}
 
     def client(msg, ctx):
         reply = handle_train(msg, ctx, cfg)
-        copies[ctx.node_id] = (int(msg.content[P.CONFIG]["server-round"]), P.DOWNLINK in msg.content, from_arrayrecord(ctx.state[P.GLOBAL_COPY]))
+        copies[ctx.node_id] = (
+            int(msg.content[P.CONFIG]["server-round"]),
+            P.DOWNLINK in msg.content,
+            from_arrayrecord(ctx.state[P.GLOBAL_COPY]),
+        )
         return reply
 
     grid = LocalGrid(cfg.federation.num_clients, client)

@@ -61,7 +61,11 @@ def test_unknown_section_is_named():
         ("train.lr", "abc", "train.lr: expected a number, got 'abc'"),
         ("train.local_steps", 2.5, "train.local_steps: expected an integer, got 2.5"),
         ("adapter.method", "lorax", "adapter.method: must be one of lora, dora, prompt, head, lora-sb (got 'lorax')"),
-        ("data.partition", "random", "data.partition: must be one of iid, dirichlet, pathological, domain (got 'random')"),
+        (
+            "data.partition",
+            "random",
+            "data.partition: must be one of iid, dirichlet, pathological, domain (got 'random')",
+        ),
         ("federation.fraction_train", 1.5, "federation.fraction_train: must be in (0, 1] (got 1.5)"),
         ("model.quantization", "3bit", "model.quantization: must be one of none, 4bit (got '3bit')"),
         ("model.num_labels", 1, "model.num_labels: must be >= 2 (got 1)"),
@@ -78,36 +82,70 @@ def test_bad_values_name_the_key(key, value, needle):
 # Two bad keys per section: both must be reported, each as `section.key: why (got value)`
 # (a value of the wrong type as `section.key: expected <type>, got value`).
 TWO_BAD = {
-    "model": ({"max_length": 0, "device": "tpu"},
-              ["model.max_length: must be > 0 (got 0)", "model.device: must be one of auto, cpu, cuda (got 'tpu')"]),
-    "adapter": ({"r": 0, "dropout": 1.0},
-                ["adapter.r: must be > 0 (got 0)", "adapter.dropout: must be in [0, 1) (got 1.0)"]),
-    "data": ({"test_fraction": 1.0, "dirichlet_alpha": "high"},
-             ["data.test_fraction: must be in (0, 1) (got 1.0)", "data.dirichlet_alpha: expected a number, got 'high'"]),
-    "train": ({"lr": "abc", "batch_size": 0},
-              ["train.lr: expected a number, got 'abc'", "train.batch_size: must be > 0 (got 0)"]),
-    "federation": ({"rounds": 0, "fraction_train": 1.5},
-                   ["federation.rounds: must be > 0 (got 0)", "federation.fraction_train: must be in (0, 1] (got 1.5)"]),
-    "simulation": ({"backend": "dask", "cpus_per_client": 0},
-                   ["simulation.backend: must be one of ray (got 'dask')", "simulation.cpus_per_client: must be > 0 (got 0.0)"]),
-    "output": ({"name": 3, "save_adapter": "maybe"},
-               ["output.name: expected a string, got 3", "output.save_adapter: expected true or false, got 'maybe'"]),
-    "eval": ({"max_new_tokens": 0, "forgetting_source": "wiki"},
-             ["eval.max_new_tokens: must be > 0 (got 0)",
-              "eval.forgetting_source: must be one of auto, chatterbot, rotten_tomatoes (got 'wiki')"]),
-    "compression": ({"ratio": 2.0, "sign_scale": "max"},
-                    ["compression.ratio: must be in (0, 1] (got 2.0)",
-                     "compression.sign_scale: must be one of mean_abs, rms (got 'max')"]),
-    "privacy": ({"delta": 2.0, "budget_policy": "warn"},
-                ["privacy.delta: must be in (0, 1) (got 2.0)",
-                 "privacy.budget_policy: must be one of refuse, stop (got 'warn')"]),
-    "aggregation": ({"trim_beta": 0.7, "num_malicious": -1},
-                    ["aggregation.trim_beta: must be in [0, 0.5) (got 0.7)", "aggregation.num_malicious: must be >= 0 (got -1)"]),
-    "zo": ({"eps": 0, "scope": "lora"},
-           ["zo.eps: must be > 0 (got 0.0)", "zo.scope: must be one of adapter, full (got 'lora')"]),
-    "attack": ({"kind": "scale", "factor": -2.0, "partition_ids": [1, 1]},
-               ["attack.factor: must be > 0 (got -2.0)",
-                "attack.partition_ids: must be distinct partition ids >= 0, at least one (got [1, 1])"]),
+    "model": (
+        {"max_length": 0, "device": "tpu"},
+        ["model.max_length: must be > 0 (got 0)", "model.device: must be one of auto, cpu, cuda (got 'tpu')"],
+    ),
+    "adapter": (
+        {"r": 0, "dropout": 1.0},
+        ["adapter.r: must be > 0 (got 0)", "adapter.dropout: must be in [0, 1) (got 1.0)"],
+    ),
+    "data": (
+        {"test_fraction": 1.0, "dirichlet_alpha": "high"},
+        ["data.test_fraction: must be in (0, 1) (got 1.0)", "data.dirichlet_alpha: expected a number, got 'high'"],
+    ),
+    "train": (
+        {"lr": "abc", "batch_size": 0},
+        ["train.lr: expected a number, got 'abc'", "train.batch_size: must be > 0 (got 0)"],
+    ),
+    "federation": (
+        {"rounds": 0, "fraction_train": 1.5},
+        ["federation.rounds: must be > 0 (got 0)", "federation.fraction_train: must be in (0, 1] (got 1.5)"],
+    ),
+    "simulation": (
+        {"backend": "dask", "cpus_per_client": 0},
+        ["simulation.backend: must be one of ray (got 'dask')", "simulation.cpus_per_client: must be > 0 (got 0.0)"],
+    ),
+    "output": (
+        {"name": 3, "save_adapter": "maybe"},
+        ["output.name: expected a string, got 3", "output.save_adapter: expected true or false, got 'maybe'"],
+    ),
+    "eval": (
+        {"max_new_tokens": 0, "forgetting_source": "wiki"},
+        [
+            "eval.max_new_tokens: must be > 0 (got 0)",
+            "eval.forgetting_source: must be one of auto, chatterbot, rotten_tomatoes (got 'wiki')",
+        ],
+    ),
+    "compression": (
+        {"ratio": 2.0, "sign_scale": "max"},
+        [
+            "compression.ratio: must be in (0, 1] (got 2.0)",
+            "compression.sign_scale: must be one of mean_abs, rms (got 'max')",
+        ],
+    ),
+    "privacy": (
+        {"delta": 2.0, "budget_policy": "warn"},
+        [
+            "privacy.delta: must be in (0, 1) (got 2.0)",
+            "privacy.budget_policy: must be one of refuse, stop (got 'warn')",
+        ],
+    ),
+    "aggregation": (
+        {"trim_beta": 0.7, "num_malicious": -1},
+        ["aggregation.trim_beta: must be in [0, 0.5) (got 0.7)", "aggregation.num_malicious: must be >= 0 (got -1)"],
+    ),
+    "zo": (
+        {"eps": 0, "scope": "lora"},
+        ["zo.eps: must be > 0 (got 0.0)", "zo.scope: must be one of adapter, full (got 'lora')"],
+    ),
+    "attack": (
+        {"kind": "scale", "factor": -2.0, "partition_ids": [1, 1]},
+        [
+            "attack.factor: must be > 0 (got -2.0)",
+            "attack.partition_ids: must be distinct partition ids >= 0, at least one (got [1, 1])",
+        ],
+    ),
 }
 
 
@@ -145,18 +183,31 @@ def test_a_wrong_type_does_not_raise_checks_of_its_default():
 
 
 def test_flat_run_config_spellings_are_read():
-    cfg = config.from_run_config({
-        "config": "simulations/configs/tiny.toml", "output.save_adapter": "false", "train.local_steps": 4.0,
-        "train.lr": 1, "aggregation.lora-mode": "hetero", "aggregation.client_ranks": "2 4,8", "adapter.r": 8,
-    }, base_dir=ROOT)
+    cfg = config.from_run_config(
+        {
+            "config": "simulations/configs/tiny.toml",
+            "output.save_adapter": "false",
+            "train.local_steps": 4.0,
+            "train.lr": 1,
+            "aggregation.lora-mode": "hetero",
+            "aggregation.client_ranks": "2 4,8",
+            "adapter.r": 8,
+        },
+        base_dir=ROOT,
+    )
     assert cfg.output.save_adapter is False and cfg.aggregation.lora_mode == "hetero"
     assert (cfg.train.local_steps, cfg.train.lr, cfg.aggregation.client_ranks) == (4, 1.0, (2, 4, 8))
     assert isinstance(cfg.train.lr, float) and isinstance(cfg.train.local_steps, int)
-    assert "aggregation.lora_mode: given twice" in problems({"aggregation.lora-mode": "naive", "aggregation.lora_mode": "naive"})[0]
+    assert (
+        "aggregation.lora_mode: given twice"
+        in problems({"aggregation.lora-mode": "naive", "aggregation.lora_mode": "naive"})[0]
+    )
 
 
 def test_overrides_parse_toml_values():
-    over = config.parse_overrides(["train.lr=2e-3", "adapter.target_modules=[\"query\"]", "output.name=abc", "adapter.ffa=true"])
+    over = config.parse_overrides(
+        ["train.lr=2e-3", 'adapter.target_modules=["query"]', "output.name=abc", "adapter.ffa=true"]
+    )
     assert over == {"train.lr": 0.002, "adapter.target_modules": ["query"], "output.name": "abc", "adapter.ffa": True}
     with pytest.raises(ConfigError, match="SECTION.KEY=VALUE"):
         config.parse_overrides(["lr=1"])
@@ -191,26 +242,63 @@ FFA = {"adapter.ffa": True, "aggregation.lora_mode": "ffa"}
     [
         ({**FFA, "aggregation.robust": "krum"}, "aggregation.robust: 'krum'", "aggregation.lora_mode = 'ffa'"),
         ({**FFA, "aggregation.robust": "median"}, "aggregation.robust: 'median'", "aggregation.lora_mode = 'ffa'"),
-        ({**FFA, "aggregation.robust": "trimmed-mean"}, "aggregation.robust: 'trimmed-mean'", "aggregation.lora_mode = 'ffa'"),
-        ({**CENTRAL, "aggregation.robust": "median"}, "aggregation.robust: 'median'", "privacy.mode = 'client-central'"),
+        (
+            {**FFA, "aggregation.robust": "trimmed-mean"},
+            "aggregation.robust: 'trimmed-mean'",
+            "aggregation.lora_mode = 'ffa'",
+        ),
+        (
+            {**CENTRAL, "aggregation.robust": "median"},
+            "aggregation.robust: 'median'",
+            "privacy.mode = 'client-central'",
+        ),
         ({**CENTRAL, "aggregation.robust": "krum"}, "aggregation.robust: 'krum'", "privacy.mode = 'client-central'"),
-        ({"aggregation.lora_mode": "exact", "aggregation.robust": "krum"}, "aggregation.robust: 'krum'",
-         "aggregation.lora_mode = 'exact'"),
-        ({"aggregation.lora_mode": "hetero", "aggregation.robust": "median"}, "aggregation.robust: 'median'",
-         "aggregation.lora_mode = 'hetero'"),
-        ({**CENTRAL, "aggregation.server_optimizer": "fedadam"}, "aggregation.server_optimizer: 'fedadam'",
-         "privacy.mode = 'client-central'"),
-        ({**CENTRAL, "aggregation.server_optimizer": "fedavgm"}, "aggregation.server_optimizer: 'fedavgm'",
-         "privacy.mode = 'client-central'"),
-        ({**CENTRAL, "aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact'", "privacy.mode = 'client-central'"),
+        (
+            {"aggregation.lora_mode": "exact", "aggregation.robust": "krum"},
+            "aggregation.robust: 'krum'",
+            "aggregation.lora_mode = 'exact'",
+        ),
+        (
+            {"aggregation.lora_mode": "hetero", "aggregation.robust": "median"},
+            "aggregation.robust: 'median'",
+            "aggregation.lora_mode = 'hetero'",
+        ),
+        (
+            {**CENTRAL, "aggregation.server_optimizer": "fedadam"},
+            "aggregation.server_optimizer: 'fedadam'",
+            "privacy.mode = 'client-central'",
+        ),
+        (
+            {**CENTRAL, "aggregation.server_optimizer": "fedavgm"},
+            "aggregation.server_optimizer: 'fedavgm'",
+            "privacy.mode = 'client-central'",
+        ),
+        (
+            {**CENTRAL, "aggregation.lora_mode": "exact"},
+            "aggregation.lora_mode: 'exact'",
+            "privacy.mode = 'client-central'",
+        ),
         ({**CENTRAL, **FFA}, "aggregation.lora_mode: 'ffa'", "privacy.mode = 'client-central'"),
-        ({**CENTRAL, "aggregation.lora_mode": "hetero"}, "aggregation.lora_mode: 'hetero'", "privacy.mode = 'client-central'"),
-        ({**FFA, "aggregation.server_optimizer": "fedyogi"}, "aggregation.server_optimizer: 'fedyogi'",
-         "aggregation.lora_mode = 'ffa'"),
-        ({"aggregation.lora_mode": "exact", "aggregation.server_optimizer": "fedadam"},
-         "aggregation.server_optimizer: 'fedadam'", "aggregation.lora_mode = 'exact'"),
-        ({"adapter.method": "prompt", "aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact'",
-         "adapter.method = 'prompt'"),
+        (
+            {**CENTRAL, "aggregation.lora_mode": "hetero"},
+            "aggregation.lora_mode: 'hetero'",
+            "privacy.mode = 'client-central'",
+        ),
+        (
+            {**FFA, "aggregation.server_optimizer": "fedyogi"},
+            "aggregation.server_optimizer: 'fedyogi'",
+            "aggregation.lora_mode = 'ffa'",
+        ),
+        (
+            {"aggregation.lora_mode": "exact", "aggregation.server_optimizer": "fedadam"},
+            "aggregation.server_optimizer: 'fedadam'",
+            "aggregation.lora_mode = 'exact'",
+        ),
+        (
+            {"adapter.method": "prompt", "aggregation.lora_mode": "exact"},
+            "aggregation.lora_mode: 'exact'",
+            "adapter.method = 'prompt'",
+        ),
     ],
 )
 def test_aggregation_that_would_be_thrown_away_is_refused_naming_both_keys(overrides, first, second):
@@ -224,8 +312,12 @@ def test_aggregation_that_would_be_thrown_away_is_refused_naming_both_keys(overr
     [
         {**CENTRAL, "aggregation.server_optimizer": "fedprox"},  # FedProx's server step is the mean; mu acts on clients
         {"adapter.ffa": True, "aggregation.robust": "krum"},  # the fix the ffa refusal suggests: A frozen, Krum on B
-        {"privacy.mode": "client-local", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0,
-         "aggregation.robust": "median"},
+        {
+            "privacy.mode": "client-local",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.clip_norm": 1.0,
+            "aggregation.robust": "median",
+        },
         {"aggregation.lora_mode": "exact", "aggregation.server_optimizer": "fedprox"},
         {**FFA, "aggregation.server_optimizer": "fedprox"},
         {"aggregation.robust": "krum", "aggregation.server_optimizer": "fedprox"},
@@ -244,20 +336,40 @@ ZO = {"train.mode": "zo"}
 @pytest.mark.parametrize(
     "overrides,key",
     [
-        ({**ZO, "privacy.mode": "client-local", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0},
-         "privacy.mode: 'client-local' cannot be combined with train.mode = 'zo'"),
+        (
+            {**ZO, "privacy.mode": "client-local", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0},
+            "privacy.mode: 'client-local' cannot be combined with train.mode = 'zo'",
+        ),
         ({**ZO, **CENTRAL}, "privacy.mode: 'client-central' cannot be combined with train.mode = 'zo'"),
-        ({**ZO, "aggregation.robust": "median"}, "aggregation.robust: 'median' cannot be combined with train.mode = 'zo'"),
-        ({**ZO, "aggregation.server_optimizer": "fedprox"},
-         "aggregation.server_optimizer: 'fedprox' cannot be combined with train.mode = 'zo'"),
-        ({**ZO, "aggregation.max_update_norm": 5.0}, "aggregation.max_update_norm: cannot be combined with train.mode = 'zo'"),
-        ({**ZO, "compression.downlink": "int8"}, "compression.downlink: 'int8' cannot be combined with train.mode = 'zo'"),
+        (
+            {**ZO, "aggregation.robust": "median"},
+            "aggregation.robust: 'median' cannot be combined with train.mode = 'zo'",
+        ),
+        (
+            {**ZO, "aggregation.server_optimizer": "fedprox"},
+            "aggregation.server_optimizer: 'fedprox' cannot be combined with train.mode = 'zo'",
+        ),
+        (
+            {**ZO, "aggregation.max_update_norm": 5.0},
+            "aggregation.max_update_norm: cannot be combined with train.mode = 'zo'",
+        ),
+        (
+            {**ZO, "compression.downlink": "int8"},
+            "compression.downlink: 'int8' cannot be combined with train.mode = 'zo'",
+        ),
         ({**ZO, "compression.codec": "int8"}, "compression.codec: 'int8' cannot be combined with train.mode = 'zo'"),
-        ({**ZO, "zo.scope": "full", "model.quantization": "4bit"},
-         "zo.scope: 'full' cannot be combined with model.quantization = '4bit'"),
-        ({**ZO, "aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact' cannot be combined with train.mode = 'zo'"),
-        ({"eval.forgetting_examples": 5, "eval.forgetting_source": "chatterbot", "data.dataset": "chatterbot"},
-         "eval.forgetting_source: 'chatterbot' cannot be combined with data.dataset = 'chatterbot' and no data.domains"),
+        (
+            {**ZO, "zo.scope": "full", "model.quantization": "4bit"},
+            "zo.scope: 'full' cannot be combined with model.quantization = '4bit'",
+        ),
+        (
+            {**ZO, "aggregation.lora_mode": "exact"},
+            "aggregation.lora_mode: 'exact' cannot be combined with train.mode = 'zo'",
+        ),
+        (
+            {"eval.forgetting_examples": 5, "eval.forgetting_source": "chatterbot", "data.dataset": "chatterbot"},
+            "eval.forgetting_source: 'chatterbot' cannot be combined with data.dataset = 'chatterbot' and no data.domains",
+        ),
     ],
 )
 def test_run_time_refusals_are_made_by_validation(overrides, key):
@@ -281,8 +393,20 @@ def test_an_epsilon_budget_the_rounds_exceed_is_refused_at_validation_with_opacu
 
 
 def test_check_config_refuses_what_the_run_would(capsys):
-    assert cli.main(["check-config", "--set", "adapter.ffa=true", "--set", "aggregation.lora_mode=ffa",
-                     "--set", "aggregation.robust=krum"]) == 2
+    assert (
+        cli.main(
+            [
+                "check-config",
+                "--set",
+                "adapter.ffa=true",
+                "--set",
+                "aggregation.lora_mode=ffa",
+                "--set",
+                "aggregation.robust=krum",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "aggregation.robust: 'krum' cannot be combined with aggregation.lora_mode = 'ffa'" in err
 
@@ -293,7 +417,7 @@ def test_simulate_without_config_runs_the_documented_default_job(monkeypatch, tm
     ran = []
     monkeypatch.setattr(simulation, "simulate", lambda cfg, out, **kw: ran.append((cfg, out)))
     assert cli.main(["simulate", "--out", str(tmp_path / "run")]) == 0
-    (cfg, out), = ran
+    ((cfg, out),) = ran
     default = config.load(CONFIGS / "default.toml")
     assert cfg == default and cli.DEFAULT_CONFIG == CONFIGS / "default.toml"
     # what made the built-in dataclass defaults a different job

@@ -13,8 +13,11 @@ from fedtune.errors import ConfigError
 
 @settings(max_examples=30, deadline=None)
 @given(
-    n=st.integers(20, 400), clients=st.integers(1, 12), method=st.sampled_from(["iid", "dirichlet", "pathological"]),
-    seed=st.integers(0, 2**31), n_labels=st.integers(2, 5),
+    n=st.integers(20, 400),
+    clients=st.integers(1, 12),
+    method=st.sampled_from(["iid", "dirichlet", "pathological"]),
+    seed=st.integers(0, 2**31),
+    n_labels=st.integers(2, 5),
 )
 def test_partition_is_a_partition(n, clients, method, seed, n_labels):
     labels = np.random.default_rng(seed).integers(0, n_labels, n).tolist()
@@ -33,8 +36,15 @@ def test_pathological_gives_k_labels_per_client():
 
 def test_dirichlet_small_alpha_skews_labels():
     labels = [i % 2 for i in range(2000)]
+
     def skew(a):
-        return np.mean([abs(np.mean([labels[i] for i in p]) - 0.5) for p in data.partition(labels, 10, "dirichlet", seed=0, alpha=a, min_size=1)])
+        return np.mean(
+            [
+                abs(np.mean([labels[i] for i in p]) - 0.5)
+                for p in data.partition(labels, 10, "dirichlet", seed=0, alpha=a, min_size=1)
+            ]
+        )
+
     assert skew(0.1) > skew(100.0) + 0.2
 
 
@@ -90,8 +100,12 @@ def test_bad_data_input_is_named(tmp_path):
 
 # --- the label count comes from the data ---------------------------------------------------------
 
-FOUR = {"fruit": ["apple", "banana", "cherry"], "metal": ["iron", "copper", "silver"],
-        "animal": ["horse", "tiger", "rabbit"], "color": ["purple", "orange", "yellow"]}
+FOUR = {
+    "fruit": ["apple", "banana", "cherry"],
+    "metal": ["iron", "copper", "silver"],
+    "animal": ["horse", "tiger", "rabbit"],
+    "color": ["purple", "orange", "yellow"],
+}
 
 
 def four_label_csv(path, n=240):
@@ -133,11 +147,17 @@ def test_a_csv_with_four_string_labels_runs_federated_without_num_labels_and_lea
     from fedtune.flower.local import LocalGrid
     from fedtune.flower.server import ServerLoop
 
-    cfg = tiny_cfg.replace(**{
-        "data.dataset": str(four_label_csv(tmp_path / "four.csv")), "data.partition": "iid",
-        "data.max_train_examples": 0, "data.max_test_examples": 0,
-        "federation.rounds": 4, "train.local_steps": 15, "train.lr": 2e-2,
-    })
+    cfg = tiny_cfg.replace(
+        **{
+            "data.dataset": str(four_label_csv(tmp_path / "four.csv")),
+            "data.partition": "iid",
+            "data.max_train_examples": 0,
+            "data.max_test_examples": 0,
+            "federation.rounds": 4,
+            "train.local_steps": 15,
+            "train.lr": 2e-2,
+        }
+    )
     assert cfg.model.num_labels is None
     workspace.check_data(cfg)  # what simulate and check-config check first
     ws = workspace.get(cfg)
@@ -157,8 +177,15 @@ def test_a_conflicting_num_labels_is_refused_before_the_run(tmp_path, tiny_cfg, 
     cfg = tiny_cfg.replace(**{"data.dataset": str(csv_path), "model.num_labels": 2})
     with pytest.raises(ConfigError, match=r"model.num_labels: .* has 4 labels .* \(got 2\)"):
         workspace.check_data(cfg)
-    argv = ["check-config", "--config", "simulations/configs/tiny.toml", "--set", f"data.dataset={str(csv_path)!r}",
-            "--set", "model.num_labels=2"]
+    argv = [
+        "check-config",
+        "--config",
+        "simulations/configs/tiny.toml",
+        "--set",
+        f"data.dataset={str(csv_path)!r}",
+        "--set",
+        "model.num_labels=2",
+    ]
     assert cli.main(argv) == 2
     assert "model.num_labels: data.dataset" in capsys.readouterr().err
     assert cli.main([*argv[:-1], "model.num_labels=4"]) == 0

@@ -75,9 +75,7 @@ def test_server_cert_is_issued_by_ca(pki):
 @pytest.mark.parametrize("host", ["superlink.example.org", "localhost"])
 def test_chain_verifies_with_cryptography_policy(pki, host):
     ca, server = pki
-    verifier = (
-        PolicyBuilder().store(Store([_cert(ca.cert)])).build_server_verifier(x509.DNSName(host))
-    )
+    verifier = PolicyBuilder().store(Store([_cert(ca.cert)])).build_server_verifier(x509.DNSName(host))
     chain = verifier.verify(_cert(server.cert), [])
     assert chain[-1] == _cert(ca.cert)
 

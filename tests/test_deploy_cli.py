@@ -69,9 +69,18 @@ def test_superlink_argv_tls_and_auth_by_default():
     argv = dcli.superlink_argv("/pki", host="0.0.0.0", port=19000)
     assert argv == [
         "flower-superlink",
-        "--ssl-ca-certfile", "/pki/ca.crt", "--ssl-certfile", "/pki/server.pem", "--ssl-keyfile", "/pki/server.key",
+        "--ssl-ca-certfile",
+        "/pki/ca.crt",
+        "--ssl-certfile",
+        "/pki/server.pem",
+        "--ssl-keyfile",
+        "/pki/server.key",
         "--enable-supernode-auth",
-        "--host", "0.0.0.0", "--port", "19000", "--disable-runtime-dependency-installation",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "19000",
+        "--disable-runtime-dependency-installation",
     ]
 
 
@@ -90,8 +99,13 @@ def test_bad_port_is_rejected(port):
 
 def test_supernode_argv_and_node_config_as_flower_parses_it():
     argv = dcli.supernode_argv(
-        "sl.example.org:9092", ca_cert="/pki/ca.crt", private_key="/k/silo-1", partition_id=1,
-        num_partitions=3, port=29101, data_path="/data/silo 1.csv",
+        "sl.example.org:9092",
+        ca_cert="/pki/ca.crt",
+        private_key="/k/silo-1",
+        partition_id=1,
+        num_partitions=3,
+        port=29101,
+        data_path="/data/silo 1.csv",
     )
     assert argv[:3] == ["flower-supernode", "--superlink", "sl.example.org:9092"]
     assert argv[argv.index("--root-certificates") + 1] == "/pki/ca.crt"
@@ -103,10 +117,12 @@ def test_supernode_argv_and_node_config_as_flower_parses_it():
 
 def test_supernode_insecure_refuses_a_key():
     with pytest.raises(ConfigError, match="--key"):
-        dcli.supernode_argv("h:1", ca_cert=None, private_key="/k", partition_id=0, num_partitions=1, port=2,
-                            insecure=True)
-    argv = dcli.supernode_argv("h:1", ca_cert=None, private_key=None, partition_id=0, num_partitions=1, port=2,
-                               insecure=True)
+        dcli.supernode_argv(
+            "h:1", ca_cert=None, private_key="/k", partition_id=0, num_partitions=1, port=2, insecure=True
+        )
+    argv = dcli.supernode_argv(
+        "h:1", ca_cert=None, private_key=None, partition_id=0, num_partitions=1, port=2, insecure=True
+    )
     assert "--insecure" in argv and "--auth-supernode-private-key" not in argv
 
 
@@ -124,8 +140,10 @@ def test_bad_superlink_address(address):
 
 @pytest.mark.parametrize("address", ["127.0.0.1:19000", "sl.example.org:443", "[::1]:8000"])
 def test_good_superlink_address(address):
-    assert dcli.supernode_argv(address, ca_cert="c", private_key="k", partition_id=0, num_partitions=1,
-                               port=2)[2] == address
+    assert (
+        dcli.supernode_argv(address, ca_cert="c", private_key="k", partition_id=0, num_partitions=1, port=2)[2]
+        == address
+    )
 
 
 def test_register_argv():
@@ -168,8 +186,22 @@ def test_resume_travels_as_the_declared_run_config_key_and_reaches_the_server_ap
 def test_run_line_resume_needs_an_output_dir(capsys, tmp_path):
     assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), "--resume"]) == 2
     assert "output.dir" in capsys.readouterr().err
-    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), "--resume",
-                     "-s", f"output.dir={tmp_path}"]) == 0
+    assert (
+        cli.main(
+            [
+                "deploy",
+                "run-line",
+                "--connection",
+                "prod",
+                "--app",
+                str(ROOT),
+                "--resume",
+                "-s",
+                f"output.dir={tmp_path}",
+            ]
+        )
+        == 0
+    )
     assert "resume=true" in capsys.readouterr().out
 
 
@@ -229,9 +261,22 @@ def test_superlink_command_needs_certs_unless_insecure(tmp_path, execs, capsys):
 def test_supernode_command_supervises_supernode_and_worker(tmp_path, execs, monkeypatch):
     pki = _certs(tmp_path)
     assert cli.main(["deploy", "keys", "--out", str(tmp_path / "k"), "--name", "silo-1"]) == 0
-    argv_in = ["deploy", "supernode", "--superlink", "sl.example.org:8000", "--certs", str(pki),
-               "--key", str(tmp_path / "k" / "silo-1"), "--partition-id", "0", "--num-partitions", "2",
-               "--port", "29100"]
+    argv_in = [
+        "deploy",
+        "supernode",
+        "--superlink",
+        "sl.example.org:8000",
+        "--certs",
+        str(pki),
+        "--key",
+        str(tmp_path / "k" / "silo-1"),
+        "--partition-id",
+        "0",
+        "--num-partitions",
+        "2",
+        "--port",
+        "29100",
+    ]
     supervised = []
     monkeypatch.setattr(dcli, "supervise", lambda node, worker, **kw: supervised.append((node, worker)) or 0)
     assert cli.main(argv_in) == 0 and not execs
@@ -275,8 +320,13 @@ def test_flower_executables_come_from_fedtunes_environment_without_it_on_path(tm
     assert shutil.which("flower-superexec", path=env["PATH"]) == str(bin_dir / "flower-superexec")
 
     # a real child given that environment finds Flower's executables by name
-    found = subprocess.run(_py("import shutil; print(shutil.which('flwr-serverapp'))"), env=flower_env(),
-                           capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(
+        _py("import shutil; print(shutil.which('flwr-serverapp'))"),
+        env=flower_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert found == str(bin_dir / "flwr-serverapp")
     assert flower_executable("flwr") == str(bin_dir / "flwr")
     assert flower_env({"PATH": f"{bin_dir}{os.pathsep}/bin"})["PATH"] == f"{bin_dir}{os.pathsep}/bin"  # no duplicate
@@ -349,12 +399,12 @@ def test_register_command_runs_flwr_and_prints_the_run_line(tmp_path, monkeypatc
 
 
 def test_run_line_validates_the_config(capsys):
-    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT),
-                     "-s", "federation.rounds=3"]) == 0
+    assert (
+        cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), "-s", "federation.rounds=3"]) == 0
+    )
     line = capsys.readouterr().out.strip()
     assert shlex.split(line)[:4] == ["flwr", "run", str(ROOT), "prod"]
-    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT),
-                     "-s", "federation.bogus=3"]) == 2
+    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), "-s", "federation.bogus=3"]) == 2
     assert "bogus" in capsys.readouterr().err
 
 
@@ -362,8 +412,23 @@ def test_run_line_passes_secure_aggregation_but_not_resume(capsys):
     secure = ["-s", "aggregation.secure=secagg+", "-s", "federation.fraction_train=1.0"]
     assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), *secure]) == 0
     assert "aggregation.secure" in capsys.readouterr().out
-    assert cli.main(["deploy", "run-line", "--connection", "prod", "--app", str(ROOT), *secure,
-                     "-s", "output.dir=runs/x", "--resume"]) == 2
+    assert (
+        cli.main(
+            [
+                "deploy",
+                "run-line",
+                "--connection",
+                "prod",
+                "--app",
+                str(ROOT),
+                *secure,
+                "-s",
+                "output.dir=runs/x",
+                "--resume",
+            ]
+        )
+        == 2
+    )
     assert "secagg+" in capsys.readouterr().err
 
 
@@ -413,7 +478,8 @@ def test_install_wraps_the_loop_and_refuses_a_module_it_does_not_know():
 
     pulled, fetched = iter([None, 7]), []
     loop = types.SimpleNamespace(
-        time=time, _pull_and_store_message=lambda **kw: next(pulled),
+        time=time,
+        _pull_and_store_message=lambda **kw: next(pulled),
         pull_objects=lambda ids, pull_object_fn, **kw: fetched.append(kw) or {},
     )
     slept: list[float] = []
@@ -427,8 +493,9 @@ def test_install_wraps_the_loop_and_refuses_a_module_it_does_not_know():
     loop.time.sleep(3)
     assert slept == [0.02, 0.04, 0.02]
     loop.pull_objects(["a"], pull_object_fn=None)
-    assert fetched == [{"initial_backoff": launcher.OBJECT_FIRST_BACKOFF_S,
-                        "backoff_cap": launcher.OBJECT_BACKOFF_CAP_S}]
+    assert fetched == [
+        {"initial_backoff": launcher.OBJECT_FIRST_BACKOFF_S, "backoff_cap": launcher.OBJECT_BACKOFF_CAP_S}
+    ]
     assert not launcher.install(types.SimpleNamespace(time=time), launcher.PollClock())
 
 
@@ -441,8 +508,13 @@ def test_flowers_supernode_loop_is_the_one_the_launcher_expects():
     src = inspect.getsource(loop)
     assert loop.time is time and callable(loop._pull_and_store_message) and callable(loop.pull_objects)
     assert src.count("time.sleep(3)") == 1 and src.count("time.sleep(0.5)") == 2
-    res = subprocess.run([sys.executable, str(Path(dcli.__file__).with_name("supernode.py")), "--help"],
-                         capture_output=True, text=True, timeout=60, env=flower_env())
+    res = subprocess.run(
+        [sys.executable, str(Path(dcli.__file__).with_name("supernode.py")), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=flower_env(),
+    )
     assert res.returncode == 0 and "--superlink" in res.stdout and "fedtune: flwr" not in res.stderr
 
 
@@ -500,6 +572,7 @@ def test_an_unauthorized_heartbeat_is_one_line_not_a_traceback(capsys):
     threading_hook = threading.excepthook
     threading.excepthook = quiet_unauthorized(threading_hook)
     try:
+
         def heartbeat():
             raise err
 

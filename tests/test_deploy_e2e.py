@@ -118,7 +118,10 @@ class Procs:
             self.gone.append(self.procs.pop(name))
         log = (self.logdir / f"{name}.log").open("ab")
         proc = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {}), "FLWR_HOME": str(home)},
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {}), "FLWR_HOME": str(home)},
             start_new_session=True,
         )
         log.close()
@@ -184,8 +187,12 @@ class Deployment:
         logs = tmp / "logs"
         logs.mkdir()
         self.env = {
-            **os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            **os.environ,
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
         self.pki, self.keys = tmp / "pki", tmp / "keys"
@@ -199,10 +206,31 @@ class Deployment:
 
     def setup(self) -> None:
         t0 = time.monotonic()
-        subprocess.run([*FEDTUNE, "certs", "--out", str(self.pki), "--host", "localhost"], check=True, env=self.env,
-                       capture_output=True)
-        subprocess.run([*FEDTUNE, "keys", "--out", str(self.keys), "--name", "silo-1", "--name", "silo-2",
-                        "--name", "silo-3", "--name", "rogue"], check=True, env=self.env, capture_output=True)
+        subprocess.run(
+            [*FEDTUNE, "certs", "--out", str(self.pki), "--host", "localhost"],
+            check=True,
+            env=self.env,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *FEDTUNE,
+                "keys",
+                "--out",
+                str(self.keys),
+                "--name",
+                "silo-1",
+                "--name",
+                "silo-2",
+                "--name",
+                "silo-3",
+                "--name",
+                "rogue",
+            ],
+            check=True,
+            env=self.env,
+            capture_output=True,
+        )
         self.cli_home.mkdir()
         (self.cli_home / "config.toml").write_text(
             '[superlink]\ndefault = "e2e"\n\n' + connection_toml("e2e", f"127.0.0.1:{self.port}", self.pki / "ca.crt")
@@ -211,9 +239,16 @@ class Deployment:
         self.timings["superlink_ready"] = time.monotonic() - t0
         self.start_supernode("rogue", 0, isolation="subprocess")  # Flower's process model: no worker
 
-        regs = [subprocess.Popen([*FEDTUNE, "register", str(self.keys / f"silo-{i}.pub"), "--connection", "e2e"],
-                                 env=self.cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for i in (1, 2, 3)]
+        regs = [
+            subprocess.Popen(
+                [*FEDTUNE, "register", str(self.keys / f"silo-{i}.pub"), "--connection", "e2e"],
+                env=self.cli_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in (1, 2, 3)
+        ]
         for reg in regs:
             text, _ = reg.communicate(timeout=60)
             assert reg.returncode == 0 and "registered successfully" in text, text
@@ -244,35 +279,91 @@ class Deployment:
 
     def start_superlink(self, env: dict[str, str] | None = None) -> None:
         offset = _size(self.procs.log("superlink"))
-        self.procs.start("superlink", [
-            *FEDTUNE, "superlink", "--certs", str(self.pki), "--host", "127.0.0.1", "--port", str(self.port),
-            "--database", str(self.tmp / "superlink.db"),
-        ], self.tmp / "home-superlink", env)
-        _wait_for(lambda: b"Uvicorn running on https" in self.procs.log("superlink").read_bytes()[offset:],
-                  60, "the SuperLink", [self.procs.log("superlink")])
+        self.procs.start(
+            "superlink",
+            [
+                *FEDTUNE,
+                "superlink",
+                "--certs",
+                str(self.pki),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.tmp / "superlink.db"),
+            ],
+            self.tmp / "home-superlink",
+            env,
+        )
+        _wait_for(
+            lambda: b"Uvicorn running on https" in self.procs.log("superlink").read_bytes()[offset:],
+            60,
+            "the SuperLink",
+            [self.procs.log("superlink")],
+        )
 
     def start_supernode(self, name: str, partition: int, isolation: str | None = None) -> None:
-        self.procs.start(name, [
-            *FEDTUNE, "supernode", "--superlink", f"127.0.0.1:{self.port}", "--certs", str(self.pki),
-            "--key", str(self.keys / name), "--partition-id", str(partition), "--num-partitions", "3",
-            "--port", str(_free_port(29000, 29899)), *(["--isolation", isolation] if isolation else []),
-        ], self.tmp / f"home-{name}")
+        self.procs.start(
+            name,
+            [
+                *FEDTUNE,
+                "supernode",
+                "--superlink",
+                f"127.0.0.1:{self.port}",
+                "--certs",
+                str(self.pki),
+                "--key",
+                str(self.keys / name),
+                "--partition-id",
+                str(partition),
+                "--num-partitions",
+                "3",
+                "--port",
+                str(_free_port(29000, 29899)),
+                *(["--isolation", isolation] if isolation else []),
+            ],
+            self.tmp / f"home-{name}",
+        )
 
     def online(self) -> int:
-        listed = subprocess.run([str(BIN / "flwr"), "supernode", "list", "e2e", "--format", "json"],
-                                env=self.cli_env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "list", "e2e", "--format", "json"],
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return listed.stdout.count('"online"')
 
     @staticmethod
     def run_overrides(out: Path, overrides: tuple[str, ...] = (), round_timeout: float = ROUND_TIMEOUT) -> list[str]:
-        return [f"output.dir={out}", "federation.num_clients=3", "federation.min_train_clients=2",
-                f"federation.round_timeout={round_timeout}", "federation.rounds=2", *overrides]
+        return [
+            f"output.dir={out}",
+            "federation.num_clients=3",
+            "federation.min_train_clients=2",
+            f"federation.round_timeout={round_timeout}",
+            "federation.rounds=2",
+            *overrides,
+        ]
 
-    def start_run(self, name: str, out: Path, *, round_timeout: float = ROUND_TIMEOUT,
-                  overrides: tuple[str, ...] = (), resume: bool = False) -> subprocess.Popen:
-        argv = run_argv(self.app, "e2e", config="simulations/configs/tiny.toml",
-                        overrides=self.run_overrides(out, overrides, round_timeout), exe=str(BIN / "flwr"),
-                        resume=resume)
+    def start_run(
+        self,
+        name: str,
+        out: Path,
+        *,
+        round_timeout: float = ROUND_TIMEOUT,
+        overrides: tuple[str, ...] = (),
+        resume: bool = False,
+    ) -> subprocess.Popen:
+        argv = run_argv(
+            self.app,
+            "e2e",
+            config="simulations/configs/tiny.toml",
+            overrides=self.run_overrides(out, overrides, round_timeout),
+            exe=str(BIN / "flwr"),
+            resume=resume,
+        )
         return self.procs.start(name, argv, self.cli_home)
 
     def finish(self, name: str, timeout: float) -> None:
@@ -283,8 +374,13 @@ class Deployment:
         self.warm = True  # every live silo's worker has the model loaded
 
     def runs(self) -> str:
-        ls = subprocess.run([str(BIN / "flwr"), "ls", "e2e", "--format", "json"], env=self.cli_env,
-                            capture_output=True, text=True, timeout=60)
+        ls = subprocess.run(
+            [str(BIN / "flwr"), "ls", "e2e", "--format", "json"],
+            env=self.cli_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return ls.stdout
 
 
@@ -323,8 +419,12 @@ def test_deploy_server_killed_and_resumed(deployment):
     t0 = time.monotonic()
     dep.start_run("run-broken", broken, overrides=over)
     meta = broken / "checkpoint" / "meta.json"
-    _wait_for(lambda: meta.is_file() and json.loads(meta.read_text())["round"] >= 1, 300,
-              "round 1's checkpoint", [dep.procs.log("run-broken"), dep.procs.log("superlink")])
+    _wait_for(
+        lambda: meta.is_file() and json.loads(meta.read_text())["round"] >= 1,
+        300,
+        "round 1's checkpoint",
+        [dep.procs.log("run-broken"), dep.procs.log("superlink")],
+    )
     dep.procs.kill("superlink")  # SuperLink, its SuperExec and the flwr-serverapp process
     # a flwr-serverapp outside that process group would reconnect to the restarted SuperLink
     # and carry on with round 2: kill it too, as when the server machine dies
@@ -335,15 +435,20 @@ def test_deploy_server_killed_and_resumed(deployment):
     dep.timings["resume_killed_after"] = time.monotonic() - t0
 
     t1 = time.monotonic()
-    reconnects = {i: _tail(dep.procs.log(f"silo-{i}"), 1_000_000).count("Connection successful after")
-                  for i in (1, 2, 3)}
+    reconnects = {
+        i: _tail(dep.procs.log(f"silo-{i}"), 1_000_000).count("Connection successful after") for i in (1, 2, 3)
+    }
     dep.start_superlink()
     # the operator stops the dead run (the guide's recovery step): its round-2 messages, already
     # at the SuperLink, are then refused at once instead of holding the silos that pulled them
     # until the SuperLink gives up on the dead ServerApp (~20 s)
     dead_run = re.search(r"Successfully started run (\d+)", _tail(dep.procs.log("run-broken"), 100_000)).group(1)
-    stop = subprocess.Popen([str(BIN / "flwr"), "stop", dead_run, "e2e"], env=dep.cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop = subprocess.Popen(
+        [str(BIN / "flwr"), "stop", dead_run, "e2e"],
+        env=dep.cli_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # A, while the silos' back-off runs (up to ~30 s): it needs the CPU, the wait does not
     whole = dep.tmp / "run-whole"
     _uninterrupted_in_process(whole, dep.run_overrides(whole, over))
@@ -353,8 +458,10 @@ def test_deploy_server_killed_and_resumed(deployment):
     asked = [time.monotonic()]
 
     def back_online() -> bool:
-        logged = all(_tail(dep.procs.log(f"silo-{i}"), 1_000_000).count("Connection successful after") > n
-                     for i, n in reconnects.items())
+        logged = all(
+            _tail(dep.procs.log(f"silo-{i}"), 1_000_000).count("Connection successful after") > n
+            for i, n in reconnects.items()
+        )
         if logged or time.monotonic() - asked[0] > 10:
             asked[0] = time.monotonic()
             return dep.online() == 3
@@ -385,11 +492,16 @@ def test_deploy_server_killed_and_resumed(deployment):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=0)
-    print("deploy e2e resume:", json.dumps({
-        "round_seconds_whole": [round(r.get("seconds", 0.0), 1) for r in a[1:]],
-        "round_seconds_resumed": [round(r.get("seconds", 0.0), 1) for r in b[1:]],
-        "final": sb["final"],
-    }))
+    print(
+        "deploy e2e resume:",
+        json.dumps(
+            {
+                "round_seconds_whole": [round(r.get("seconds", 0.0), 1) for r in a[1:]],
+                "round_seconds_resumed": [round(r.get("seconds", 0.0), 1) for r in b[1:]],
+                "final": sb["final"],
+            }
+        ),
+    )
 
 
 def test_deploy_secure_aggregation(deployment):
@@ -410,8 +522,10 @@ def test_deploy_secure_aggregation(deployment):
     assert {c["node"] for c in rows[1]["clients"]} == set(dep.node_ids.values())
     seen = _tail(dep.procs.log("silo-1"), 1_000_000).count("Receiving: train message")
     assert seen - before >= 4, (seen, before)  # SecAgg+'s 4 stages: setup, share keys, masked vectors, unmask
-    print("deploy e2e secagg:", json.dumps({"round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]],
-                                            "final": summary["final"]}))
+    print(
+        "deploy e2e secagg:",
+        json.dumps({"round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]], "final": summary["final"]}),
+    )
 
 
 def test_deploy_tls_auth_dropout(deployment):
@@ -428,7 +542,9 @@ def test_deploy_tls_auth_dropout(deployment):
     def silo3_in_round1() -> bool:
         return b"Receiving: train message" in dep.procs.log("silo-3").read_bytes()[seen:]
 
-    _wait_for(silo3_in_round1, 120, "silo-3 to receive round 1", [dep.procs.log("run-dropout"), dep.procs.log("silo-3")])
+    _wait_for(
+        silo3_in_round1, 120, "silo-3 to receive round 1", [dep.procs.log("run-dropout"), dep.procs.log("silo-3")]
+    )
     dep.procs.kill("silo-3")
     dep.timings["dropout_killed_after_run_start"] = time.monotonic() - t_run
     dep.finish("run-dropout", 4 * timeout + 120)
@@ -459,16 +575,28 @@ def test_deploy_tls_auth_dropout(deployment):
     # the coordinator unregisters silo-2 while it is online: the silo stops, in one line saying
     # what to do, and its supervisor exits non-zero (it was not asked to stop)
     seen = _size(dep.procs.log("silo-2"))
-    res = subprocess.run([str(BIN / "flwr"), "supernode", "unregister", str(dep.node_ids["silo-2"]), "e2e"],
-                         env=dep.cli_env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "unregister", str(dep.node_ids["silo-2"]), "e2e"],
+        env=dep.cli_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0 and "unregistered successfully" in res.stdout, res.stdout + res.stderr
     assert dep.procs.procs["silo-2"].wait(timeout=90) == 1
     after = dep.procs.log("silo-2").read_bytes()[seen:].decode(errors="replace")
     assert "Traceback" not in after, after
     said = [line for line in after.splitlines() if line.startswith("fedtune: ") and "fedtune deploy register" in line]
     assert said and all("no longer accepts its key" in x or "refused this SuperNode's key" in x for x in said), after
-    print("deploy e2e dropout:", json.dumps({
-        "round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]],
-        "sampled": [r["sampled"] for r in rows[1:]], "accepted": [r["accepted"] for r in rows[1:]],
-        "rejected": [r["rejected"] for r in rows[1:]], "final": summary["final"],
-    }))
+    print(
+        "deploy e2e dropout:",
+        json.dumps(
+            {
+                "round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]],
+                "sampled": [r["sampled"] for r in rows[1:]],
+                "accepted": [r["accepted"] for r in rows[1:]],
+                "rejected": [r["rejected"] for r in rows[1:]],
+                "final": summary["final"],
+            }
+        ),
+    )

@@ -16,7 +16,8 @@ class FakeLinkState:
     def __init__(self, dsts):
         self.lock = threading.RLock()
         self.message_ins_store = {
-            f"m{i}": SimpleNamespace(metadata=SimpleNamespace(dst_node_id=d, delivered_at="")) for i, d in enumerate(dsts)
+            f"m{i}": SimpleNamespace(metadata=SimpleNamespace(dst_node_id=d, delivered_at=""))
+            for i, d in enumerate(dsts)
         }
         self.asked = []
 

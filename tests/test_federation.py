@@ -47,8 +47,11 @@ def test_client_sends_only_the_adapter(tiny_cfg, method):
     state = ws.initial_state()
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
     msg = Message(
-        RecordDict({"arrays": to_arrayrecord(state), "config": __import__("flwr").app.ConfigRecord({"server-round": 1})}),
-        dst_node_id=grid.node_ids[0], message_type=MessageType.TRAIN,
+        RecordDict(
+            {"arrays": to_arrayrecord(state), "config": __import__("flwr").app.ConfigRecord({"server-round": 1})}
+        ),
+        dst_node_id=grid.node_ids[0],
+        message_type=MessageType.TRAIN,
     )
     reply = grid.send_and_receive([msg])[0]
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
@@ -111,8 +114,18 @@ def test_fedavg_of_identical_updates_is_that_update(tiny_cfg, tmp_path):
     grid = LocalGrid(cfg.federation.num_clients, client)
     ServerLoop(cfg, tmp_path, progress=lambda s: None).main(grid)
     single = LocalGrid(cfg.federation.num_clients, client).send_and_receive(
-        [Message(RecordDict({"arrays": to_arrayrecord(start), "config": __import__("flwr").app.ConfigRecord({"server-round": 1})}),
-                 dst_node_id=1000, message_type=MessageType.TRAIN)]
+        [
+            Message(
+                RecordDict(
+                    {
+                        "arrays": to_arrayrecord(start),
+                        "config": __import__("flwr").app.ConfigRecord({"server-round": 1}),
+                    }
+                ),
+                dst_node_id=1000,
+                message_type=MessageType.TRAIN,
+            )
+        ]
     )[0]
     from peft import PeftModel  # noqa: F401  (peft loads the export below)
 
@@ -191,7 +204,9 @@ def test_server_optimizers_keep_every_round_accepted_and_float32(tiny_cfg, tmp_p
         from fedtune.flower.records import from_arrayrecord
 
         seen[(rnd, ctx.node_config["partition-id"])] = (
-            from_arrayrecord(reply.content["update"]), float(reply.content["metrics"]["num-examples"]))
+            from_arrayrecord(reply.content["update"]),
+            float(reply.content["metrics"]["num-examples"]),
+        )
         return reply
 
     ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, client))
@@ -226,7 +241,10 @@ def test_server_optimizers_keep_every_round_accepted_and_float32(tiny_cfg, tmp_p
 
     cfg2 = cfg.replace(**{"federation.rounds": 2})
     ServerLoop(cfg2, tmp_path / "again", progress=lambda s: None).main(
-        LocalGrid(cfg.federation.num_clients, lambda m, c: capture(m, c) if int(m.content["config"]["server-round"]) == 2
-                  else handle_train(m, c, cfg2)))
+        LocalGrid(
+            cfg.federation.num_clients,
+            lambda m, c: capture(m, c) if int(m.content["config"]["server-round"]) == 2 else handle_train(m, c, cfg2),
+        )
+    )
     for k, w in want.items():
         torch.testing.assert_close(got[k].double(), w, rtol=1e-5, atol=1e-7)

@@ -31,8 +31,11 @@ def _kill_tree_matching(needle: str) -> None:
 def test_flwr_run_local_simulation(tmp_path):
     app = tmp_path / "app"
     shutil.copytree(
-        ROOT, app,
-        ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache", "tests", "bench", "docs"),
+        ROOT,
+        app,
+        ignore=shutil.ignore_patterns(
+            ".venv", ".git", "runs", "__pycache__", "*.egg-info", ".pytest_cache", "tests", "bench", "docs"
+        ),
     )
     # the README's connection, added to the config.toml Flower writes on its first run
     from flwr.cli.constant import DEFAULT_FLOWER_CONFIG_TOML
@@ -51,16 +54,32 @@ def test_flwr_run_local_simulation(tmp_path):
     out = tmp_path / "run"
     # flwr starts flower-superlink (and it flower-superexec, ...) by name: this environment's come first
     env = {
-        **flower_env(), "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39391", "FLWR_LOCAL_CONTROL_API_PORT": "39393",
+        **flower_env(),
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "HF_HUB_OFFLINE": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": "39391",
+        "FLWR_LOCAL_CONTROL_API_PORT": "39393",
     }
     flwr = flower_executable("flwr")
     try:
         res = subprocess.run(
-            [flwr, "run", str(app), "fedtune-local", "--stream", "--federation-config", federation, "--run-config",
-             f'overrides="output.dir={out} federation.rounds=2"'],
-            capture_output=True, text=True, env=env, timeout=300,
+            [
+                flwr,
+                "run",
+                str(app),
+                "fedtune-local",
+                "--stream",
+                "--federation-config",
+                federation,
+                "--run-config",
+                f'overrides="output.dir={out} federation.rounds=2"',
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
         )
         # --stream exits 0 even when the ServerApp failed: the outputs are the evidence
         for _ in range(30):

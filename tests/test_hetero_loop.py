@@ -24,9 +24,14 @@ F64 = torch.float64
 
 
 def hetero_cfg(tiny_cfg, **over):
-    return tiny_cfg.replace(**{
-        "adapter.r": 16, "aggregation.lora_mode": "hetero", "aggregation.client_ranks": RANKS, **over,
-    })
+    return tiny_cfg.replace(
+        **{
+            "adapter.r": 16,
+            "aggregation.lora_mode": "hetero",
+            "aggregation.client_ranks": RANKS,
+            **over,
+        }
+    )
 
 
 class Recorder:
@@ -96,7 +101,10 @@ def test_hetero_ranks_round_trip_through_the_loop(tiny_cfg, tmp_path):
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 16
 
     # round 2 as the server should have done it: the clients' trained factors are what they were sent + their delta
-    fulls = [{k: v + rec.seen[(2, pid)]["delta"].get(k, 0) for k, v in rec.seen[(2, pid)]["received"].items()} for pid in range(4)]
+    fulls = [
+        {k: v + rec.seen[(2, pid)]["delta"].get(k, 0) for k, v in rec.seen[(2, pid)]["received"].items()}
+        for pid in range(4)
+    ]
     weights = [rec.seen[(2, pid)]["n"] for pid in range(4)]
     w = [x / sum(weights) for x in weights]
     want = hetero_update(g1, fulls, weights, scaling, max_rank=16)
@@ -112,7 +120,9 @@ def test_hetero_ranks_round_trip_through_the_loop(tiny_cfg, tmp_path):
     head = [k for k in g2 if "classifier" in k]
     assert head
     for k in head:
-        torch.testing.assert_close(g2[k].to(F64), sum(wi * f[k].to(F64) for wi, f in zip(w, fulls)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            g2[k].to(F64), sum(wi * f[k].to(F64) for wi, f in zip(w, fulls)), rtol=1e-5, atol=1e-6
+        )
     assert rows[2]["lora_truncation_residual"] >= 0.0
 
 
@@ -122,7 +132,9 @@ def test_equal_ranks_match_exact_lora_aggregation(tiny_cfg, tmp_path):
     exact = base.replace(**{"aggregation.lora_mode": "exact"})
     rec = Recorder(hetero)
     ServerLoop(hetero, tmp_path / "hetero", progress=lambda s: None).main(LocalGrid(4, rec))
-    ServerLoop(exact, tmp_path / "exact", progress=lambda s: None).main(LocalGrid(4, lambda m, c: handle_train(m, c, exact)))
+    ServerLoop(exact, tmp_path / "exact", progress=lambda s: None).main(
+        LocalGrid(4, lambda m, c: handle_train(m, c, exact))
+    )
     h = load_file(str(tmp_path / "hetero" / "checkpoint" / "adapter_state.safetensors"))
     e = load_file(str(tmp_path / "exact" / "checkpoint" / "adapter_state.safetensors"))
     scaling = LoraScaling(base.adapter.alpha)
@@ -131,7 +143,9 @@ def test_equal_ranks_match_exact_lora_aggregation(tiny_cfg, tmp_path):
     for k in dh:
         torch.testing.assert_close(dh[k], de[k], rtol=1e-5, atol=1e-6)
     # the same clients' factors through the library's exact mean, too
-    fulls = [{k: v + rec.seen[(1, p)]["delta"].get(k, 0) for k, v in rec.seen[(1, p)]["received"].items()} for p in range(4)]
+    fulls = [
+        {k: v + rec.seen[(1, p)]["delta"].get(k, 0) for k, v in rec.seen[(1, p)]["received"].items()} for p in range(4)
+    ]
     ref, _ = product_space_mean(fulls, [rec.seen[(1, p)]["n"] for p in range(4)], scaling)
     for k, v in to_dense(ref, scaling).items():
         torch.testing.assert_close(dh[k], v, rtol=1e-5, atol=1e-6)
@@ -188,8 +202,12 @@ def test_a_bad_rank_report_is_dropped_and_the_round_goes_on(tiny_cfg, tmp_path):
     [
         {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0},
         {"privacy.mode": "client-local", "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 1.0},
-        {"adapter.method": "dora", "aggregation.server_optimizer": "fedprox", "aggregation.proximal_mu": 0.1,
-         "aggregation.max_update_norm": 100.0},
+        {
+            "adapter.method": "dora",
+            "aggregation.server_optimizer": "fedprox",
+            "aggregation.proximal_mu": 0.1,
+            "aggregation.max_update_norm": 100.0,
+        },
         {"compression.codec": "topk+int8", "compression.error_feedback": True},
     ],
     ids=["dp-sgd", "local-dp", "dora-fedprox", "topk-ef"],
@@ -218,7 +236,10 @@ def test_hetero_runs_with_the_settings_it_allows(tiny_cfg, tmp_path, over):
         ({"adapter.ffa": True}, ["adapter.ffa"]),
         ({"train.mode": "zo"}, ["train.mode"]),
         ({"compression.downlink": "fp16"}, ["compression.downlink"]),
-        ({"privacy.mode": "client-central", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0}, ["privacy.mode", "client-central"]),
+        (
+            {"privacy.mode": "client-central", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0},
+            ["privacy.mode", "client-central"],
+        ),
         ({"aggregation.server_optimizer": "fedadam"}, ["hetero", "fedadam"]),
         ({"aggregation.robust": "median"}, ["robust"]),
     ],
@@ -238,8 +259,12 @@ def test_config_reads_client_ranks_in_every_form(tiny_cfg, tmp_path):
     plain = tiny_cfg.replace(**{"aggregation.lora_mode": "hetero"})  # no client_ranks: everyone at adapter.r
     assert plain.aggregation.client_ranks is None and plain.aggregation.client_rank(3, 8) == 8
     # Flower's flat run_config and the TOML written to the run directory give the same config back
-    flat = config.from_run_config({"config": str(ROOT / "simulations/configs/tiny.toml"),
-                                   "overrides": "adapter.r=16 aggregation.lora_mode=hetero aggregation.client_ranks=[2,4,8,16]"})
+    flat = config.from_run_config(
+        {
+            "config": str(ROOT / "simulations/configs/tiny.toml"),
+            "overrides": "adapter.r=16 aggregation.lora_mode=hetero aggregation.client_ranks=[2,4,8,16]",
+        }
+    )
     assert flat.to_dict() == cfg.to_dict()
     (tmp_path / "c.toml").write_text(config.to_toml(cfg))
     assert config.load(tmp_path / "c.toml").to_dict() == cfg.to_dict()
@@ -249,7 +274,9 @@ def test_bench_table_rows_may_hold_lists():
     spec = importlib.util.spec_from_file_location("bench_table", ROOT / "bench" / "table.py")
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    name, overrides = table.parse_row("het:adapter.r=16,aggregation.lora_mode=hetero,aggregation.client_ranks=[2,4,8,16]")
+    name, overrides = table.parse_row(
+        "het:adapter.r=16,aggregation.lora_mode=hetero,aggregation.client_ranks=[2,4,8,16]"
+    )
     assert name == "het"
     assert overrides == ["adapter.r=16", "aggregation.lora_mode=hetero", "aggregation.client_ranks=[2,4,8,16]"]
     assert table.parse_row("none:") == ("none", [])

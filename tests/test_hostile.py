@@ -42,8 +42,12 @@ LAYOUT = layout_of(DELTA)
 
 
 def _codec(name):
-    return make_codec(name, ratio=0.3, block_size=8 if "int" in name or "sign" in name else None,
-                      randk_unbiased=name.startswith("randk"))
+    return make_codec(
+        name,
+        ratio=0.3,
+        block_size=8 if "int" in name or "sign" in name else None,
+        randk_unbiased=name.startswith("randk"),
+    )
 
 
 CODECS = {name: _codec(name) for name in VALID_CODECS}
@@ -131,11 +135,14 @@ def test_codec_decoders_refuse_what_is_not_bytes():
 # --- FedKSeed payloads -----------------------------------------------------------------------
 
 POOL = SeedPool(num_seeds=300, pool_seed=4)
-HISTORY = SeedHistory(POOL, [
-    RoundEntry(np.array([1, 5, 299], dtype=np.uint32), np.array([0.5, -1.0, 2.0], dtype=np.float32)),
-    RoundEntry.from_dense(np.linspace(-1, 1, 300).astype(np.float32)),
-    RoundEntry.empty(),
-])
+HISTORY = SeedHistory(
+    POOL,
+    [
+        RoundEntry(np.array([1, 5, 299], dtype=np.uint32), np.array([0.5, -1.0, 2.0], dtype=np.float32)),
+        RoundEntry.from_dense(np.linspace(-1, 1, 300).astype(np.float32)),
+        RoundEntry.empty(),
+    ],
+)
 ZO = {
     "uplink": (encode_uplink([(3, 0.25), (299, -1.5), (3, 2.0)], POOL), lambda b: decode_uplink(b, POOL, 8)),
     "downlink": (encode_downlink(HISTORY, 0), lambda b: decode_downlink(b, POOL)),
@@ -170,10 +177,20 @@ def test_zo_decoders_raise_only_payload_error_on_random_bytes(which, blob, with_
 def test_seed_history_arrays_raise_only_payload_error(data):
     arrays = dict(HISTORY.to_arrays())
     key = data.draw(st.sampled_from(sorted(arrays)))
-    arrays[key] = data.draw(st.sampled_from([
-        np.array([]), np.array([-1, 7]), np.array(["x"]), np.array([[1, 2], [3, 4]]), np.array([2**40]),
-        np.array([0, 9, 2]), np.array([np.nan]), np.zeros(0, dtype=np.uint32),
-    ]))
+    arrays[key] = data.draw(
+        st.sampled_from(
+            [
+                np.array([]),
+                np.array([-1, 7]),
+                np.array(["x"]),
+                np.array([[1, 2], [3, 4]]),
+                np.array([2**40]),
+                np.array([0, 9, 2]),
+                np.array([np.nan]),
+                np.zeros(0, dtype=np.uint32),
+            ]
+        )
+    )
     if data.draw(st.booleans()):
         arrays.pop(data.draw(st.sampled_from(sorted(arrays))))
     _decode_or_payload_error(lambda a: SeedHistory.from_arrays(a, POOL), arrays)
@@ -204,20 +221,23 @@ def test_from_arrayrecord_reads_what_to_arrayrecord_writes():
     assert got.dtype == torch.float32 and torch.equal(got, torch.arange(12.0).reshape(3, 4))
 
 
-@pytest.mark.parametrize("record, why", [
-    (_record(GOOD[:-1]), "needs 48 bytes of data, the array has 47"),
-    (_record(GOOD + b"\0"), "the array has 49"),
-    (_record(GOOD[:130]), "needs 48 bytes of data, the array has 2"),
-    (_record(GOOD[:50]), "malformed .npy header"),
-    (_record(GOOD[:10]), "malformed .npy header"),
-    (_record(b"not an npy file at all"), "malformed .npy header"),
-    (_record(GOOD, shape=(4, 3)), "the array fields float32 (4, 3)"),
-    (_record(GOOD, dtype="float64"), "the array fields float64"),
-    (_record(GOOD, stype="torch.Tensor"), "serialization type"),
-    (_record(_npy(np.array(["a", "b"]))), "not a numeric dtype"),
-    (_record(_npy(np.zeros(2, dtype=[("x", "<f4")]))), "not a numeric dtype"),
-    (_record(_npy(np.zeros(2, dtype=np.longdouble)), dtype="float128", shape=(2,)), "could not be decoded"),
-])
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        (_record(GOOD[:-1]), "needs 48 bytes of data, the array has 47"),
+        (_record(GOOD + b"\0"), "the array has 49"),
+        (_record(GOOD[:130]), "needs 48 bytes of data, the array has 2"),
+        (_record(GOOD[:50]), "malformed .npy header"),
+        (_record(GOOD[:10]), "malformed .npy header"),
+        (_record(b"not an npy file at all"), "malformed .npy header"),
+        (_record(GOOD, shape=(4, 3)), "the array fields float32 (4, 3)"),
+        (_record(GOOD, dtype="float64"), "the array fields float64"),
+        (_record(GOOD, stype="torch.Tensor"), "serialization type"),
+        (_record(_npy(np.array(["a", "b"]))), "not a numeric dtype"),
+        (_record(_npy(np.zeros(2, dtype=[("x", "<f4")]))), "not a numeric dtype"),
+        (_record(_npy(np.zeros(2, dtype=np.longdouble)), dtype="float128", shape=(2,)), "could not be decoded"),
+    ],
+)
 def test_from_arrayrecord_refuses_malformed_arrays(record, why):
     with pytest.raises(PayloadError, match=re.escape(why)):
         from_arrayrecord(record)
@@ -249,13 +269,16 @@ def test_from_arrayrecord_raises_only_payload_error_on_mutated_arrays(data):
 def test_a_config_file_with_wrong_types_reports_every_one(tmp_path):
     (tmp_path / "bad.toml").write_text(
         '[federation]\nrounds = "five"\n[train]\nlr = true\n[attack]\nkind = "scale"\nfactor = [1]\n'
-        'partition_ids = [0]\n'
+        "partition_ids = [0]\n"
     )
     with pytest.raises(ConfigError) as err:
         config.load(tmp_path / "bad.toml")
     text = str(err.value)
-    for expected in ("federation.rounds: expected an integer, got 'five'", "train.lr: expected a number, got True",
-                     "attack.factor: expected a number, got [1]"):
+    for expected in (
+        "federation.rounds: expected an integer, got 'five'",
+        "train.lr: expected a number, got True",
+        "attack.factor: expected a number, got [1]",
+    ):
         assert expected in text, text
 
 
@@ -267,16 +290,24 @@ def _data_cfg(tmp_path, text, name="bad.csv"):
     return config.DataConfig(dataset=str(tmp_path / name))
 
 
-@pytest.mark.parametrize("rows, why", [
-    ("text,label\ngood one,1\n,0\nfine,1\n", "1 bad row(s) (rows count from 1 after the header): row 2: empty text "
-                                           "(column 'text')"),
-    ("text,label\ngood one,1\nbad label,positive\nfine,0\n", "row 2: label 'positive' is not an integer"),
-    ("text,label\ngood one,1\nno label\nfine,0\n", "row 2: no label (column 'label')"),
-    ("text,label\ngood one,1\nminus,-1\nfine,0\n", "row 2: label '-1' is negative"),
-    ("text,label\ngood one,1\nblank,\nfine,0\n,\n", "2 bad row(s) (rows count from 1 after the header): row 2: no "
-                                                      "label (column 'label'); row 4: empty text (column 'text'); "
-                                                      "row 4: no label"),
-])
+@pytest.mark.parametrize(
+    "rows, why",
+    [
+        (
+            "text,label\ngood one,1\n,0\nfine,1\n",
+            "1 bad row(s) (rows count from 1 after the header): row 2: empty text (column 'text')",
+        ),
+        ("text,label\ngood one,1\nbad label,positive\nfine,0\n", "row 2: label 'positive' is not an integer"),
+        ("text,label\ngood one,1\nno label\nfine,0\n", "row 2: no label (column 'label')"),
+        ("text,label\ngood one,1\nminus,-1\nfine,0\n", "row 2: label '-1' is negative"),
+        (
+            "text,label\ngood one,1\nblank,\nfine,0\n,\n",
+            "2 bad row(s) (rows count from 1 after the header): row 2: no "
+            "label (column 'label'); row 4: empty text (column 'text'); "
+            "row 4: no label",
+        ),
+    ],
+)
 def test_a_data_file_with_a_bad_row_names_the_row(tmp_path, rows, why):
     from fedtune import data
 
@@ -287,8 +318,11 @@ def test_a_data_file_with_a_bad_row_names_the_row(tmp_path, rows, why):
 def test_a_jsonl_data_file_with_a_bad_row_names_the_row(tmp_path):
     from fedtune import data
 
-    lines = [json.dumps({"text": "ok", "label": 0}), json.dumps({"text": "ok", "label": 1}),
-             json.dumps({"text": None, "label": 1})]
+    lines = [
+        json.dumps({"text": "ok", "label": 0}),
+        json.dumps({"text": "ok", "label": 1}),
+        json.dumps({"text": None, "label": 1}),
+    ]
     with pytest.raises(ConfigError, match="row 3: empty text"):
         data.load_examples(_data_cfg(tmp_path, "\n".join(lines) + "\n", "bad.jsonl"), "classification")
 
@@ -331,8 +365,9 @@ class ImpostorGrid(LocalGrid):
 
 def test_a_node_replying_for_another_is_rejected_and_counted_once(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(**{"federation.rounds": 1})
-    grid = ImpostorGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg),
-                        impostor=1001, victim=1002, twice=1003)
+    grid = ImpostorGrid(
+        cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg), impostor=1001, victim=1002, twice=1003
+    )
     summary = ServerLoop(cfg, tmp_path, progress=lambda s: None).main(grid)
     row = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][1]
     assert summary["rounds_completed"] == 1
@@ -355,9 +390,17 @@ def test_a_reply_from_a_node_that_was_not_sampled_goes_to_the_node_the_message_w
                 m.metadata.__dict__["_message_id"] = f"m{i}"
             replies = super().send_and_receive(messages[1:], timeout=timeout)
             self.unreachable = messages[0].metadata.dst_node_id
-            meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=0,
-                            reply_to_message_id=messages[0].metadata.message_id, group_id="",
-                            created_at=time.time(), ttl=60.0, message_type=MessageType.TRAIN)
+            meta = Metadata(
+                run_id=1,
+                message_id="",
+                src_node_id=0,
+                dst_node_id=0,
+                reply_to_message_id=messages[0].metadata.message_id,
+                group_id="",
+                created_at=time.time(),
+                ttl=60.0,
+                message_type=MessageType.TRAIN,
+            )
             from flwr.app import Error
 
             return [Message(Error(code=3, reason="node unavailable"), metadata=meta), *replies]

@@ -28,8 +28,12 @@ from .conftest import CONFIGS
 TEMPLATE = "Review: {text}\nSentiment:"
 # class 0 has a single-token word and a two-token one (MiniLM's WordPiece: "awful", "##ness")
 WORDS = [[" negative", " awfulness"], [" positive"]]
-LW = {"model.name": "tiny-llama", "model.task": "label-words", "label_words.template": TEMPLATE,
-      "label_words.words": WORDS}
+LW = {
+    "model.name": "tiny-llama",
+    "model.task": "label-words",
+    "label_words.template": TEMPLATE,
+    "label_words.words": WORDS,
+}
 
 
 def lw_cfg(**overrides):
@@ -56,7 +60,7 @@ def hand_scores(model, prompts: list[list[int]], words) -> torch.Tensor:
             word_scores = []
             for w in class_words:
                 ids = torch.tensor([p + list(w)])
-                logits = model(input_ids=ids).logits[0, -ids.shape[1]:].double()  # drop virtual tokens, if any
+                logits = model(input_ids=ids).logits[0, -ids.shape[1] :].double()  # drop virtual tokens, if any
                 logp = torch.log_softmax(logits, -1)
                 word_scores.append(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(w)))
             per_class.append(torch.logsumexp(torch.stack(word_scores), 0))
@@ -147,8 +151,15 @@ def test_training_lowers_the_loss():
     data = ws.client_data(0)[:16]
     before = evaluate(ws.model, data, task=ws.task, pad_id=ws.pad_id, device=ws.device)["loss"]
     cfg = dataclasses.replace(ws.cfg.train, local_steps=15, batch_size=8, lr=2e-2)
-    train_local(ws.model, data, cfg, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-                generator=torch.Generator().manual_seed(0))
+    train_local(
+        ws.model,
+        data,
+        cfg,
+        task=ws.task,
+        pad_id=ws.pad_id,
+        device=ws.device,
+        generator=torch.Generator().manual_seed(0),
+    )
     after = evaluate(ws.model, data, task=ws.task, pad_id=ws.pad_id, device=ws.device)["loss"]
     adapters.set_state_(ws.model, ws.initial_state())
     assert after < before - 0.05
@@ -166,7 +177,7 @@ def test_only_the_text_is_truncated():
     head = tok("Review:", add_special_tokens=False)["input_ids"]
     tail = tok("\nSentiment:", add_special_tokens=False)["input_ids"]
     assert len(ids) == 16
-    assert ids[: len(head)] == head and ids[-len(tail):] == tail
+    assert ids[: len(head)] == head and ids[-len(tail) :] == tail
     text_ids = tok(long_text, add_special_tokens=False)["input_ids"]
     assert ids[len(head) : -len(tail)] == text_ids[: 16 - len(head) - len(tail)]  # the text's start is kept
     short = ws.tokenize([{"text": "good", "label": 1}])[0]["input_ids"]
@@ -184,24 +195,28 @@ def test_config_round_trips_through_toml():
 # --- refusals ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"label_words.template": "Review: {txt}\nSentiment:"}, "label_words.template"),
-    ({"label_words.template": "{text} and {text}"}, "label_words.template"),
-    ({"label_words.words": [[" negative"], []]}, "label_words.words"),
-    ({"label_words.words": [[" negative"], [""]]}, "label_words.words"),
-    ({"label_words.words": [[" good"], [" good"]]}, "label_words.words"),
-    ({"label_words.words": "negative"}, "label_words.words"),
-    ({"label_words.template": ""}, "label_words.template"),
-    ({"model.task": "auto"}, "label_words"),
-    ({"adapter.method": "head"}, "adapter.method"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"label_words.template": "Review: {txt}\nSentiment:"}, "label_words.template"),
+        ({"label_words.template": "{text} and {text}"}, "label_words.template"),
+        ({"label_words.words": [[" negative"], []]}, "label_words.words"),
+        ({"label_words.words": [[" negative"], [""]]}, "label_words.words"),
+        ({"label_words.words": [[" good"], [" good"]]}, "label_words.words"),
+        ({"label_words.words": "negative"}, "label_words.words"),
+        ({"label_words.template": ""}, "label_words.template"),
+        ({"model.task": "auto"}, "label_words"),
+        ({"adapter.method": "head"}, "adapter.method"),
+    ],
+)
 def test_bad_label_words_are_refused_naming_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         lw_cfg(**overrides)
 
 
-@pytest.mark.parametrize("word, why", [(" 😀", "unknown token"), (" é", "decodes back"),
-                                       (" Negative", "the tokens of ' negative'")])  # MiniLM's vocabulary is uncased
+@pytest.mark.parametrize(
+    "word, why", [(" 😀", "unknown token"), (" é", "decodes back"), (" Negative", "the tokens of ' negative'")]
+)  # MiniLM's vocabulary is uncased
 def test_a_word_the_tokenizer_cannot_encode_is_refused_before_training(word, why):
     cfg = lw_cfg(**{"label_words.words": [[" negative"], [" positive", word]]})
     with pytest.raises(ConfigError, match=rf"label_words\.words: .*{why}"):
@@ -221,13 +236,27 @@ def test_a_class_count_other_than_the_datas_is_refused():
 
 def test_check_config_runs_the_set_up_checks(tmp_path, capsys):
     path = tmp_path / "bad.toml"
-    path.write_text((CONFIGS / "tiny.toml").read_text() + "\n[label_words]\n"
-                    'template = "Review: {text}\\nSentiment:"\nwords = [[" negative"], [" 😀"]]\n')
+    path.write_text(
+        (CONFIGS / "tiny.toml").read_text() + "\n[label_words]\n"
+        'template = "Review: {text}\\nSentiment:"\nwords = [[" negative"], [" 😀"]]\n'
+    )
     args = ["check-config", "--config", str(path), "--set", "model.name=tiny-llama", "--set", "model.task=label-words"]
     assert cli_main(args) == 2
     assert "label_words.words" in capsys.readouterr().err
-    assert cli_main([*args[:-4], "--set", "model.name=tiny-llama", "--set", "model.task=label-words",
-                     "--set", 'label_words.words=[[" negative"], [" positive"]]']) == 0
+    assert (
+        cli_main(
+            [
+                *args[:-4],
+                "--set",
+                "model.name=tiny-llama",
+                "--set",
+                "model.task=label-words",
+                "--set",
+                'label_words.words=[[" negative"], [" positive"]]',
+            ]
+        )
+        == 0
+    )
 
 
 def test_template_that_leaves_no_room_for_text_is_refused():
@@ -266,8 +295,11 @@ def test_exported_adapter_reloads_with_peft_and_predicts_the_same(tmp_path):
     word_ids = spec["word_token_ids"]
     assert word_ids == [[tok(w, add_special_tokens=False)["input_ids"] for w in ws_] for ws_ in spec["words"]]
     texts = [e["text"] for e in ws.test_examples()[:24]]
-    prompts = [spec["prompt_prefix_token_ids"]
-               + tok(spec["template"].replace("{text}", t), add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [
+        spec["prompt_prefix_token_ids"]
+        + tok(spec["template"].replace("{text}", t), add_special_tokens=False)["input_ids"]
+        for t in texts
+    ]
     assert [e["input_ids"] for e in ex] == prompts
     theirs = hand_scores(reloaded, prompts, word_ids)
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
@@ -298,16 +330,21 @@ def test_per_sample_gradients_through_the_label_word_loss(tmp_path):
         loss = batch_loss(model, collate([e], ws.pad_id, ws.task), None)
         want.append(torch.autograd.grad(loss, [p for _, p in named]))
     loader = DataLoader(ex, batch_size=len(ex), collate_fn=lambda b: collate(b, ws.pad_id, ws.task))
-    pt = make_private(model, make_optimizer(model, ws.cfg.train), loader,
-                      PrivacyConfig(mode="sample", noise_multiplier=1.0, max_grad_norm=1.0),
-                      generator=torch.Generator().manual_seed(0))
+    pt = make_private(
+        model,
+        make_optimizer(model, ws.cfg.train),
+        loader,
+        PrivacyConfig(mode="sample", noise_multiplier=1.0, max_grad_norm=1.0),
+        generator=torch.Generator().manual_seed(0),
+    )
     try:
         batch = collate(ex, ws.pad_id, ws.task)
         batch_loss(pt.model, batch, None).backward()
         for i, grads in enumerate(want):
             for (name, p), g in zip(named, grads):
-                torch.testing.assert_close(p.grad_sample[i], g, atol=1e-6, rtol=1e-4,
-                                           msg=lambda m, name=name, i=i: f"{name}, example {i}: {m}")
+                torch.testing.assert_close(
+                    p.grad_sample[i], g, atol=1e-6, rtol=1e-4, msg=lambda m, name=name, i=i: f"{name}, example {i}: {m}"
+                )
         assert all(g.abs().max() > 0 for grads in want for g in grads[1::2])  # LoRA B: every gradient is live
     finally:
         pt.close()
@@ -316,15 +353,23 @@ def test_per_sample_gradients_through_the_label_word_loss(tmp_path):
 # --- the federated loop, centralized, zero-shot ---------------------------------------------------
 
 
-@pytest.mark.parametrize("overrides", [
-    {},
-    {"adapter.method": "dora"},
-    {"adapter.method": "prompt"},
-    {"compression.codec": "int8"},
-    {"privacy.mode": "sample", "privacy.noise_multiplier": 0.5, "privacy.max_grad_norm": 1.0,
-     "train.logit_adjustment": 1.0},
-    {"train.mode": "zo", "zo.local_steps": 4, "zo.lr": 1e-3},
-], ids=["lora", "dora", "prompt", "int8", "dp-sgd", "zo"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"adapter.method": "dora"},
+        {"adapter.method": "prompt"},
+        {"compression.codec": "int8"},
+        {
+            "privacy.mode": "sample",
+            "privacy.noise_multiplier": 0.5,
+            "privacy.max_grad_norm": 1.0,
+            "train.logit_adjustment": 1.0,
+        },
+        {"train.mode": "zo", "zo.local_steps": 4, "zo.lr": 1e-3},
+    ],
+    ids=["lora", "dora", "prompt", "int8", "dp-sgd", "zo"],
+)
 def test_federated_run_completes(tmp_path, overrides):
     cfg = lw_cfg(**{"federation.rounds": 2, "train.local_steps": 2, "data.max_test_examples": 64, **overrides})
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
@@ -344,9 +389,11 @@ def test_a_client_round_trains_on_label_words(tmp_path):
     cfg = lw_cfg()
     ws = workspace.get(cfg)
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
-    msg = Message(RecordDict({"arrays": to_arrayrecord(ws.initial_state()),
-                              "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=grid.node_ids[0], message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": to_arrayrecord(ws.initial_state()), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=grid.node_ids[0],
+        message_type=MessageType.TRAIN,
+    )
     reply = grid.send_and_receive([msg])[0]
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     assert 0 < reply.content["metrics"]["train_loss"] < 10

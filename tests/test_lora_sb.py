@@ -36,15 +36,22 @@ def _tiny_bert():
 
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
+        vocab_size=1000,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
     )
     return BertForSequenceClassification(cfg).eval()
 
 
 def _sb(base, r: int = 4, seed: int = 0):
-    return adapters.wrap(base, AdapterConfig(method="lora-sb", r=r, alpha=8.0, target_modules=TARGETS, init_seed=seed),
-                         CLASSIFICATION)
+    return adapters.wrap(
+        base, AdapterConfig(method="lora-sb", r=r, alpha=8.0, target_modules=TARGETS, init_seed=seed), CLASSIFICATION
+    )
 
 
 def _sb_layers(model):
@@ -136,8 +143,15 @@ def test_local_training_moves_only_the_cores_and_head(tiny_cfg):
     ws = workspace.get(cfg)
     adapters.set_state_(ws.model, ws.initial_state())
     before = {n: p.detach().clone() for n, p in ws.model.named_parameters()}
-    train_local(ws.model, ws.client_data(0), cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-                generator=torch.Generator().manual_seed(0))
+    train_local(
+        ws.model,
+        ws.client_data(0),
+        cfg.train,
+        task=ws.task,
+        pad_id=ws.pad_id,
+        device=ws.device,
+        generator=torch.Generator().manual_seed(0),
+    )
     for n, p in ws.model.named_parameters():
         assert torch.equal(p, before[n]) == (not p.requires_grad), n
     adapters.set_state_(ws.model, ws.initial_state())
@@ -161,9 +175,13 @@ def test_opacus_per_example_gradients_of_the_cores_match_autograd():
         reference.append({n: p.grad.clone() for n, p in trainable.items()})
     model.zero_grad()
     loader = DataLoader(TensorDataset(ids, y), batch_size=3)
-    pt = make_private(model, torch.optim.SGD(list(trainable.values()), lr=0.1), loader,
-                      PrivacyConfig(mode="sample", noise_multiplier=1.0, max_grad_norm=1.0),
-                      generator=torch.Generator().manual_seed(0))
+    pt = make_private(
+        model,
+        torch.optim.SGD(list(trainable.values()), lr=0.1),
+        loader,
+        PrivacyConfig(mode="sample", noise_multiplier=1.0, max_grad_norm=1.0),
+        generator=torch.Generator().manual_seed(0),
+    )
     pt.model(input_ids=ids, labels=y).loss.backward()
     for n, p in trainable.items():
         assert p.grad_sample.shape == (3, *p.shape), n
@@ -176,8 +194,13 @@ def test_opacus_per_example_gradients_of_the_cores_match_autograd():
 # ---------------------------------------------------------------- export: a plain LoRA for peft's loader
 
 
-LLM = {"model.name": "tiny-llama", "data.dataset": "chatterbot", "data.partition": "domain",
-       "data.domains": ["science", "history", "sports", "ai"], "data.max_test_examples": 24}
+LLM = {
+    "model.name": "tiny-llama",
+    "data.dataset": "chatterbot",
+    "data.partition": "domain",
+    "data.domains": ["science", "history", "sports", "ai"],
+    "data.max_test_examples": 24,
+}
 
 
 @pytest.mark.parametrize("model", [{}, LLM], ids=["tiny-bert", "tiny-llama"])
@@ -226,8 +249,11 @@ def test_only_the_cores_and_head_go_on_the_wire(tiny_cfg):
     cfg = tiny_cfg.replace(**SB)
     ws = workspace.get(cfg)
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
-    msg = Message(RecordDict({"arrays": to_arrayrecord(ws.initial_state()), "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=grid.node_ids[0], message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": to_arrayrecord(ws.initial_state()), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=grid.node_ids[0],
+        message_type=MessageType.TRAIN,
+    )
     reply = grid.send_and_receive([msg])[0]
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     update = reply.content["update"]
@@ -251,8 +277,13 @@ def test_fedavg_of_identical_updates_is_that_update_and_the_export_folds_it(tiny
     summary = ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, client))
     assert summary["final"]["accuracy"] >= 0
     single = LocalGrid(cfg.federation.num_clients, client).send_and_receive(
-        [Message(RecordDict({"arrays": to_arrayrecord(start), "config": ConfigRecord({"server-round": 1})}),
-                 dst_node_id=1000, message_type=MessageType.TRAIN)]
+        [
+            Message(
+                RecordDict({"arrays": to_arrayrecord(start), "config": ConfigRecord({"server-round": 1})}),
+                dst_node_id=1000,
+                message_type=MessageType.TRAIN,
+            )
+        ]
     )[0]
     delta = from_arrayrecord(single.content["update"])
     row = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()][1]
@@ -286,8 +317,13 @@ def test_mean_of_cores_is_the_mean_of_the_updates():
     [
         {"compression.codec": "int8"},
         {"privacy.mode": "client-central", "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 1.0},
-        {"privacy.mode": "sample", "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0,
-         "train.batch_size": 16, "train.physical_batch_size": 4},
+        {
+            "privacy.mode": "sample",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.max_grad_norm": 1.0,
+            "train.batch_size": 16,
+            "train.physical_batch_size": 4,
+        },
         {"train.mode": "zo"},
     ],
     ids=["int8-codec", "client-central-dp", "dp-sgd-physical-batches", "zeroth-order"],
@@ -315,9 +351,18 @@ def test_short_federated_runs_compose(tiny_cfg, tmp_path, overrides):
 @pytest.mark.parametrize(
     "overrides,needle",
     [
-        ({"aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact' cannot be combined with adapter.method = 'lora-sb'"),
-        ({"aggregation.lora_mode": "ffa", "adapter.ffa": False}, "aggregation.lora_mode: 'ffa' cannot be combined with adapter.method = 'lora-sb'"),
-        ({"aggregation.lora_mode": "hetero", "aggregation.client_ranks": [4, 8]}, "aggregation.lora_mode: 'hetero' re-factors A and B"),
+        (
+            {"aggregation.lora_mode": "exact"},
+            "aggregation.lora_mode: 'exact' cannot be combined with adapter.method = 'lora-sb'",
+        ),
+        (
+            {"aggregation.lora_mode": "ffa", "adapter.ffa": False},
+            "aggregation.lora_mode: 'ffa' cannot be combined with adapter.method = 'lora-sb'",
+        ),
+        (
+            {"aggregation.lora_mode": "hetero", "aggregation.client_ranks": [4, 8]},
+            "aggregation.lora_mode: 'hetero' re-factors A and B",
+        ),
         ({"adapter.ffa": True}, "adapter.ffa: FFA-LoRA trains B"),
     ],
 )
@@ -335,8 +380,12 @@ def test_all_problems_at_once_and_what_composes(tiny_cfg):
     assert "train.physical_batch_size: cannot be combined with train.mode = 'zo'" in msg
     for ok in (
         {"aggregation.secure": "secagg+"},
-        {"aggregation.secure": "secagg+", "privacy.mode": "sample", "privacy.noise_multiplier": 1.0,
-         "privacy.max_grad_norm": 1.0},
+        {
+            "aggregation.secure": "secagg+",
+            "privacy.mode": "sample",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.max_grad_norm": 1.0,
+        },
         {"compression.codec": "sign", "compression.downlink": "int8"},
         {"aggregation.robust": "median"},
     ):

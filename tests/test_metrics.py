@@ -14,8 +14,11 @@ from fedtune.errors import ConfigError
 from tests.conftest import CONFIGS
 
 LLM = {
-    "model.name": "tiny-llama", "data.dataset": "chatterbot", "data.partition": "domain",
-    "data.domains": ["science", "history", "sports", "ai"], "data.max_test_examples": 24,
+    "model.name": "tiny-llama",
+    "data.dataset": "chatterbot",
+    "data.partition": "domain",
+    "data.domains": ["science", "history", "sports", "ai"],
+    "data.max_test_examples": 24,
 }
 
 
@@ -64,10 +67,19 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time():
     tok = models.load_tokenizer(models.resolve(config.ModelConfig(name="tiny-llama")))
     torch.manual_seed(0)
     # untied output layer: the random model then says something other than its last token
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-    )).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     prompts = ["hi", "what is the speed of light in a vacuum", "who are you?"]
     kw = {"max_length": 32, "max_new_tokens": 6, "device": torch.device("cpu")}
     batched = metrics.generate_greedy_ids(model, tok, prompts, batch_size=3, **kw)
@@ -139,8 +151,9 @@ def test_causal_lm_held_out_metrics_per_domain(tiny_cfg, tmp_path):
     from fedtune.metrics import held_out_metrics
     from fedtune.train import evaluate
 
-    cfg = tiny_cfg.replace(**LLM, **{"federation.rounds": 1, "train.local_steps": 2, "train.lr": 3e-2,
-                                     "output.save_adapter": False})
+    cfg = tiny_cfg.replace(
+        **LLM, **{"federation.rounds": 1, "train.local_steps": 2, "train.lr": 3e-2, "output.save_adapter": False}
+    )
     ws = workspace.get(cfg)
     adapters.set_state_(ws.model, ws.initial_state())
     got = held_out_metrics(ws, cfg, final=True)

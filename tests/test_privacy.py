@@ -170,7 +170,9 @@ def test_budget_policies():
     assert next_round_within_budget(cfg, acc)
     acc.step()
     assert not next_round_within_budget(cfg, acc)
-    stop = PrivacyConfig(mode="client-central", noise_multiplier=1.1, clip_norm=1.0, epsilon_budget=1.0, budget_policy="stop")
+    stop = PrivacyConfig(
+        mode="client-central", noise_multiplier=1.1, clip_norm=1.0, epsilon_budget=1.0, budget_policy="stop"
+    )
     check_budget_at_start(stop, acc, 10 * n)  # "stop" never refuses to start
     with pytest.raises(ConfigError, match="sample_rate"):
         ClientLevelAccountant.from_config(cfg)
@@ -317,8 +319,14 @@ def _tiny_bert():
 
     torch.manual_seed(0)
     cfg = BertConfig(
-        vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2,
+        vocab_size=1000,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
     )
     return BertForSequenceClassification(cfg)
 
@@ -330,8 +338,12 @@ def _peft(kind: str):
         config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4)
     else:
         config = LoraConfig(
-            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query", "value"],
-            modules_to_save=["classifier"], use_dora=(kind == "dora"),
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            use_dora=(kind == "dora"),
         )
     model = get_peft_model(_tiny_bert(), config)
     if kind != "prompt":  # peft zero-inits B; make it non-zero so A gets a gradient too
@@ -347,7 +359,9 @@ def _loader(n: int = 32, batch_size: int = 8):
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (n, 8), generator=g)
-    return DataLoader(TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (n,), generator=g)), batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(ids, torch.ones_like(ids), torch.randint(0, 2, (n,), generator=g)), batch_size=batch_size
+    )
 
 
 def _train(pt, batches: int = 4) -> int:
@@ -493,8 +507,9 @@ def test_calibration_matches_opacus_and_covers_other_releases(q, steps, target):
     from opacus.accountants.utils import get_noise_multiplier
 
     z = calibrate_noise_multiplier(target, sample_rate=q, steps=steps, delta=1e-5)
-    z_opacus = get_noise_multiplier(target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps,
-                                    accountant="rdp")
+    z_opacus = get_noise_multiplier(
+        target_epsilon=target, target_delta=1e-5, sample_rate=q, steps=steps, accountant="rdp"
+    )
     assert z == pytest.approx(z_opacus, rel=0.02)
     assert target - 0.01 <= opacus_epsilon(z, q, steps, 1e-5) <= target
     # a Gaussian release on the same data (the noisy label counts) must fit in the same target
@@ -516,7 +531,8 @@ def test_noisy_label_counts_are_the_gaussian_mechanism():
     assert np.allclose(unclipped.std(0), 10.0, rtol=0.05)
     assert (draws[:, 2] >= 0).all() and (draws[:, 2] == 0).mean() == pytest.approx(0.5, abs=0.05)
     assert noisy_label_counts(labels, 2, 10.0, torch.Generator().manual_seed(1)) == noisy_label_counts(
-        labels, 2, 10.0, torch.Generator().manual_seed(1))
+        labels, 2, 10.0, torch.Generator().manual_seed(1)
+    )
 
 
 # ---------------------------------------------------------------- logical batches in physical pieces
@@ -526,8 +542,10 @@ def _examples(n: int, seed: int = 0) -> list[dict]:
     """Tokenized classification examples of varied lengths (as `fedtune.data.tokenize` gives them)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 10, (n,), generator=g).tolist()
-    return [{"input_ids": torch.randint(1, 1000, (k,), generator=g).tolist(), "label": int(i % 2)}
-            for i, k in enumerate(lengths)]
+    return [
+        {"input_ids": torch.randint(1, 1000, (k,), generator=g).tolist(), "label": int(i % 2)}
+        for i, k in enumerate(lengths)
+    ]
 
 
 def _rows_seen(model) -> list[int]:
@@ -553,15 +571,30 @@ def _dp_round(physical: int, noise: float, *, n: int = 64, logical: int = 16, st
     loader = DataLoader(data, batch_size=logical, collate_fn=partial(collate, pad_id=0, task=CLASSIFICATION))
     cfg = TrainConfig(batch_size=logical, physical_batch_size=physical, local_steps=steps, optimizer="sgd", lr=0.5)
     gen = torch.Generator().manual_seed(3)
-    pt = make_private(model, make_optimizer(model, cfg), loader,
-                      PrivacyConfig(mode="sample", noise_multiplier=noise, max_grad_norm=0.1), generator=gen)
+    pt = make_private(
+        model,
+        make_optimizer(model, cfg),
+        loader,
+        PrivacyConfig(mode="sample", noise_multiplier=noise, max_grad_norm=0.1),
+        generator=gen,
+    )
 
     def cycle():
         while True:
             yield from pt.data_loader
 
-    metrics = train_local(pt.model, data, cfg, task=CLASSIFICATION, pad_id=0, device=torch.device("cpu"),
-                          generator=gen, optimizer=pt.optimizer, batches=cycle(), clip=False)
+    metrics = train_local(
+        pt.model,
+        data,
+        cfg,
+        task=CLASSIFICATION,
+        pad_id=0,
+        device=torch.device("cpu"),
+        generator=gen,
+        optimizer=pt.optimizer,
+        batches=cycle(),
+        clip=False,
+    )
     pt.close()
     trained = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
     return trained, pt, metrics, rows
@@ -594,10 +627,18 @@ def test_physical_batches_without_dp_accumulate_the_same_gradient():
     for physical in (0, 3):
         model = _peft("lora")
         rows = _rows_seen(model)
-        cfg = TrainConfig(batch_size=8, physical_batch_size=physical, local_steps=3, optimizer="adamw", lr=1e-2,
-                          max_grad_norm=1.0)
-        train_local(model, _examples(40), cfg, task=CLASSIFICATION, pad_id=0, device=torch.device("cpu"),
-                    generator=torch.Generator().manual_seed(0))
+        cfg = TrainConfig(
+            batch_size=8, physical_batch_size=physical, local_steps=3, optimizer="adamw", lr=1e-2, max_grad_norm=1.0
+        )
+        train_local(
+            model,
+            _examples(40),
+            cfg,
+            task=CLASSIFICATION,
+            pad_id=0,
+            device=torch.device("cpu"),
+            generator=torch.Generator().manual_seed(0),
+        )
         assert max(rows) == (8 if physical == 0 else 3)
         out.append({k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad})
     for k in out[0]:
@@ -613,12 +654,23 @@ def test_client_reports_the_logical_batch_epsilon(tiny_cfg):
     from fedtune.flower.local import LocalGrid
     from fedtune.flower.records import to_arrayrecord
 
-    cfg = tiny_cfg.replace(**{"privacy.mode": "sample", "privacy.noise_multiplier": 0.8, "privacy.max_grad_norm": 1.0,
-                              "train.batch_size": 16, "train.physical_batch_size": 4, "train.local_steps": 5})
+    cfg = tiny_cfg.replace(
+        **{
+            "privacy.mode": "sample",
+            "privacy.noise_multiplier": 0.8,
+            "privacy.max_grad_norm": 1.0,
+            "train.batch_size": 16,
+            "train.physical_batch_size": 4,
+            "train.local_steps": 5,
+        }
+    )
     ws = workspace.get(cfg)
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
-    msg = Message(RecordDict({"arrays": to_arrayrecord(ws.initial_state()), "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=grid.node_ids[0], message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict({"arrays": to_arrayrecord(ws.initial_state()), "config": ConfigRecord({"server-round": 1})}),
+        dst_node_id=grid.node_ids[0],
+        message_type=MessageType.TRAIN,
+    )
     reply = grid.send_and_receive([msg])[0]
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     m = reply.content["metrics"]

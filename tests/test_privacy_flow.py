@@ -18,10 +18,16 @@ def _run(cfg, out):
 
 
 def test_client_central_epsilon_is_opacus_rdp(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(**{
-        "federation.rounds": 3, "federation.fraction_train": 0.5, "privacy.mode": "client-central",
-        "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.2, "privacy.delta": 1e-5,
-    })
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 3,
+            "federation.fraction_train": 0.5,
+            "privacy.mode": "client-central",
+            "privacy.clip_norm": 0.5,
+            "privacy.noise_multiplier": 1.2,
+            "privacy.delta": 1e-5,
+        }
+    )
     summary = _run(cfg, tmp_path)
     ref = RDPAccountant()
     q = 2 / 4  # 2 of 4 clients sampled per round
@@ -34,8 +40,14 @@ def test_client_central_epsilon_is_opacus_rdp(tiny_cfg, tmp_path):
 
 
 def test_client_central_is_reproducible(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(**{"federation.rounds": 1, "privacy.mode": "client-central",
-                               "privacy.clip_norm": 0.1, "privacy.noise_multiplier": 1.0})
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 1,
+            "privacy.mode": "client-central",
+            "privacy.clip_norm": 0.1,
+            "privacy.noise_multiplier": 1.0,
+        }
+    )
     a = _run(cfg, tmp_path / "a")
     b = _run(cfg, tmp_path / "b")
     assert a["final"] == b["final"]
@@ -43,18 +55,29 @@ def test_client_central_is_reproducible(tiny_cfg, tmp_path):
 
 def test_budget_refuses_to_start(tiny_cfg, tmp_path):
     with pytest.raises(ConfigError, match="privacy.epsilon_budget: federation.rounds = 50 would spend epsilon"):
-        tiny_cfg.replace(**{  # refused by the config's validation, so by check-config too
-            "federation.rounds": 50, "privacy.mode": "client-central", "privacy.clip_norm": 0.5,
-            "privacy.noise_multiplier": 0.5, "privacy.epsilon_budget": 1.0,
-        })
+        tiny_cfg.replace(
+            **{  # refused by the config's validation, so by check-config too
+                "federation.rounds": 50,
+                "privacy.mode": "client-central",
+                "privacy.clip_norm": 0.5,
+                "privacy.noise_multiplier": 0.5,
+                "privacy.epsilon_budget": 1.0,
+            }
+        )
 
 
 def test_budget_stop_policy_stops_before_exceeding(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(**{
-        "federation.rounds": 50, "privacy.mode": "client-central", "privacy.clip_norm": 0.5,
-        "privacy.noise_multiplier": 1.5, "privacy.epsilon_budget": 6.0, "privacy.budget_policy": "stop",
-        "train.local_steps": 1,
-    })
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 50,
+            "privacy.mode": "client-central",
+            "privacy.clip_norm": 0.5,
+            "privacy.noise_multiplier": 1.5,
+            "privacy.epsilon_budget": 6.0,
+            "privacy.budget_policy": "stop",
+            "train.local_steps": 1,
+        }
+    )
     summary = _run(cfg, tmp_path)
     assert summary["stopped_early"] and "privacy budget" in summary["stopped_early"]
     assert summary["privacy"]["epsilon"] <= 6.0
@@ -62,10 +85,15 @@ def test_budget_stop_policy_stops_before_exceeding(tiny_cfg, tmp_path):
 
 
 def test_sample_level_dp_sgd_reports_opacus_epsilon(tiny_cfg, tmp_path):
-    cfg = tiny_cfg.replace(**{
-        "federation.rounds": 2, "privacy.mode": "sample", "privacy.noise_multiplier": 1.0,
-        "privacy.max_grad_norm": 1.0, "train.local_steps": 4,
-    })
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 2,
+            "privacy.mode": "sample",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.max_grad_norm": 1.0,
+            "train.local_steps": 4,
+        }
+    )
     summary = _run(cfg, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     client = rows[2]["clients"][0]
@@ -79,18 +107,31 @@ def test_sample_level_dp_sgd_reports_opacus_epsilon(tiny_cfg, tmp_path):
 
 def test_dora_with_dp_sgd_is_refused(tiny_cfg):
     with pytest.raises(ConfigError, match="DoRA"):
-        tiny_cfg.replace(**{"adapter.method": "dora", "privacy.mode": "sample", "privacy.noise_multiplier": 1.0,
-                            "privacy.max_grad_norm": 1.0})
+        tiny_cfg.replace(
+            **{
+                "adapter.method": "dora",
+                "privacy.mode": "sample",
+                "privacy.noise_multiplier": 1.0,
+                "privacy.max_grad_norm": 1.0,
+            }
+        )
 
 
 def test_dp_sgd_logit_adjustment_uses_noisy_label_counts_released_once(tiny_cfg, tmp_path):
     # the label prior is a statistic of the private data: one Gaussian release per client
     # (std privacy.label_noise, sensitivity 1), accounted beside the DP-SGD steps
-    cfg = tiny_cfg.replace(**{
-        "federation.rounds": 3, "federation.num_clients": 2, "privacy.mode": "sample",
-        "privacy.noise_multiplier": 1.0, "privacy.max_grad_norm": 1.0, "privacy.label_noise": 5.0,
-        "train.local_steps": 2, "train.logit_adjustment": 1.0,
-    })
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 3,
+            "federation.num_clients": 2,
+            "privacy.mode": "sample",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.max_grad_norm": 1.0,
+            "privacy.label_noise": 5.0,
+            "train.local_steps": 2,
+            "train.logit_adjustment": 1.0,
+        }
+    )
     _run(cfg, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for rnd in (1, 3):

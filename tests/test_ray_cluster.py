@@ -39,8 +39,11 @@ from fedtune.flower.simulation import backend_config, simulate
 from .conftest import CONFIGS
 
 TRAIN = {
-    "federation.num_clients": 4, "federation.fraction_train": 0.5, "federation.min_train_clients": 2,
-    "federation.rounds": 2, "simulation.cpus_per_client": 1.0,
+    "federation.num_clients": 4,
+    "federation.fraction_train": 0.5,
+    "federation.min_train_clients": 2,
+    "federation.rounds": 2,
+    "simulation.cpus_per_client": 1.0,
 }
 
 
@@ -78,19 +81,26 @@ def _rows(out) -> list[dict]:
 
 def test_backend_config_joins_a_cluster_without_resource_arguments():
     local = config.load(CONFIGS / "tiny.toml", {"simulation.cpus": 3})
-    joined = config.load(CONFIGS / "tiny.toml", {"simulation.ray_address": "10.0.0.5:6379",
-                                                 "simulation.gpus_per_client": 0.5})
+    joined = config.load(
+        CONFIGS / "tiny.toml", {"simulation.ray_address": "10.0.0.5:6379", "simulation.gpus_per_client": 0.5}
+    )
     assert backend_config(local)["init_args"]["num_cpus"] == 3 and "address" not in backend_config(local)["init_args"]
     init = backend_config(joined)["init_args"]
     assert init["address"] == "10.0.0.5:6379" and "num_cpus" not in init  # Ray refuses num_cpus when joining
     assert backend_config(joined)["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.5}
 
 
-@pytest.mark.parametrize("over,needle", [
-    ({"simulation.ray_address": "ray.example.org"}, "simulation.ray_address: expected HOST:PORT"),
-    ({"simulation.ray_address": "http://h:6379"}, "simulation.ray_address"),
-    ({"simulation.ray_address": "h:6379", "simulation.cpus": 4}, "simulation.cpus: must be 0 with simulation.ray_address"),
-])
+@pytest.mark.parametrize(
+    "over,needle",
+    [
+        ({"simulation.ray_address": "ray.example.org"}, "simulation.ray_address: expected HOST:PORT"),
+        ({"simulation.ray_address": "http://h:6379"}, "simulation.ray_address"),
+        (
+            {"simulation.ray_address": "h:6379", "simulation.cpus": 4},
+            "simulation.cpus: must be 0 with simulation.ray_address",
+        ),
+    ],
+)
 def test_bad_ray_address_settings_are_refused(over, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         config.load(CONFIGS / "tiny.toml", over)
@@ -137,8 +147,9 @@ def test_simulation_on_a_two_node_ray_cluster_matches_a_one_node_run(tmp_path):
     rows, ref = _rows(out), _rows(one)
     trained_on = [c["ray-node"] for r in rows[1:] for c in r["clients"]]
     assert len(trained_on) == 4 and set(trained_on) == nodes, (trained_on, nodes)  # both nodes trained clients
-    assert [sorted(c["partition-id"] for c in r["clients"]) for r in rows[1:]] == \
-           [sorted(c["partition-id"] for c in r["clients"]) for r in ref[1:]]
+    assert [sorted(c["partition-id"] for c in r["clients"]) for r in rows[1:]] == [
+        sorted(c["partition-id"] for c in r["clients"]) for r in ref[1:]
+    ]
     assert "accuracy" in rows[-1]["eval"]
     assert [r.get("eval") for r in rows] == [r.get("eval") for r in ref]
     a = load_file(str(out / "adapter" / "adapter_model.safetensors"))

@@ -30,19 +30,28 @@ def _fake_run(path, finals, *, bytes_per_round=1000, summary=True, epsilon=None,
     for rnd, acc in enumerate(finals):
         row = {"round": rnd, "eval": {"accuracy": acc, "loss": 1 - acc}, "bytes_up": 0, "bytes_down": 0}
         if rnd:
-            row.update(bytes_up=bytes_per_round, bytes_down=2 * bytes_per_round, seconds=1.5,
-                       train={"train_loss": 1.0 / rnd})
+            row.update(
+                bytes_up=bytes_per_round, bytes_down=2 * bytes_per_round, seconds=1.5, train={"train_loss": 1.0 / rnd}
+            )
             if clients:
                 row["clients"] = [{"node": 11, "train_loss": 1.2 / rnd}, {"node": 7, "train_loss": 0.8 / rnd}]
         rows.append(row)
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if summary:
         priv = {"settings": {"mode": "client-central" if epsilon else "none"}, "epsilon": epsilon}
-        (path / "summary.json").write_text(json.dumps({
-            "final": rows[-1]["eval"], "rounds": len(finals) - 1, "rounds_completed": len(finals) - 1,
-            "total_bytes_up": bytes_per_round * (len(finals) - 1),
-            "total_bytes_down": 2 * bytes_per_round * (len(finals) - 1), "seconds": 10.0, "privacy": priv,
-        }))
+        (path / "summary.json").write_text(
+            json.dumps(
+                {
+                    "final": rows[-1]["eval"],
+                    "rounds": len(finals) - 1,
+                    "rounds_completed": len(finals) - 1,
+                    "total_bytes_up": bytes_per_round * (len(finals) - 1),
+                    "total_bytes_down": 2 * bytes_per_round * (len(finals) - 1),
+                    "seconds": 10.0,
+                    "privacy": priv,
+                }
+            )
+        )
     return path
 
 

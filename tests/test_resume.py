@@ -30,8 +30,11 @@ class CrashingGrid(LocalGrid):
 
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedavgm", "fedavg+swa"])
 def test_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path, optimizer):
-    over = {"federation.rounds": 3, "federation.fraction_train": 0.5,
-            "aggregation.server_optimizer": optimizer.removesuffix("+swa")}
+    over = {
+        "federation.rounds": 3,
+        "federation.fraction_train": 0.5,
+        "aggregation.server_optimizer": optimizer.removesuffix("+swa"),
+    }
     if optimizer == "fedavgm":
         over["aggregation.server_momentum"] = 0.9
     if optimizer.endswith("+swa"):  # the average so far is part of the checkpoint
@@ -62,7 +65,9 @@ def test_resume_refuses_a_different_config(tiny_cfg, tmp_path):
     ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(4, lambda m, c: handle_train(m, c, cfg)))
     other = cfg.replace(**{"train.lr": 0.5})
     with pytest.raises(FedtuneError, match="config differs"):
-        ServerLoop(other, tmp_path, progress=lambda s: None, resume=True).main(LocalGrid(4, lambda m, c: handle_train(m, c, other)))
+        ServerLoop(other, tmp_path, progress=lambda s: None, resume=True).main(
+            LocalGrid(4, lambda m, c: handle_train(m, c, other))
+        )
 
 
 def test_a_fresh_run_refuses_a_directory_holding_an_unfinished_run(tiny_cfg, tmp_path):
@@ -70,11 +75,15 @@ def test_a_fresh_run_refuses_a_directory_holding_an_unfinished_run(tiny_cfg, tmp
     cfg = tiny_cfg.replace(**{"federation.rounds": 3})
     fn = lambda m, c: handle_train(m, c, cfg)  # noqa: E731
     with pytest.raises(_Crash):
-        ServerLoop(cfg, tmp_path, progress=lambda s: None).main(CrashingGrid(cfg.federation.num_clients, fn, crash_round=2))
+        ServerLoop(cfg, tmp_path, progress=lambda s: None).main(
+            CrashingGrid(cfg.federation.num_clients, fn, crash_round=2)
+        )
     before = (tmp_path / "checkpoint" / "adapter_state.safetensors").read_bytes()
     with pytest.raises(FedtuneError, match="unfinished run.*round 1"):
         ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, fn))
     assert (tmp_path / "checkpoint" / "adapter_state.safetensors").read_bytes() == before
     ServerLoop(cfg, tmp_path, progress=lambda s: None, resume=True).main(LocalGrid(cfg.federation.num_clients, fn))
     assert (tmp_path / "summary.json").is_file()
-    ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, fn))  # finished: may rerun
+    ServerLoop(cfg, tmp_path, progress=lambda s: None).main(
+        LocalGrid(cfg.federation.num_clients, fn)
+    )  # finished: may rerun

@@ -14,11 +14,38 @@ from fedtune.flower.local import LocalGrid
 from fedtune.flower.server import ServerLoop
 
 # the fields every metrics.jsonl row after round 0 and every summary.json carry, whatever trained
-ROW_FIELDS = {"round", "sampled", "accepted", "rejected", "train", "bytes_up", "bytes_down",
-              "bytes_up_per_client", "bytes_down_per_client", "clients", "seconds"}
-SUMMARY_FIELDS = {"final", "rounds", "rounds_completed", "total_bytes_up", "total_bytes_down", "trainable_params",
-                  "adapter_bytes_fp32", "seconds", "model", "task", "adapter", "aggregation", "num_clients",
-                  "compression", "privacy", "stopped_early", "mode"}
+ROW_FIELDS = {
+    "round",
+    "sampled",
+    "accepted",
+    "rejected",
+    "train",
+    "bytes_up",
+    "bytes_down",
+    "bytes_up_per_client",
+    "bytes_down_per_client",
+    "clients",
+    "seconds",
+}
+SUMMARY_FIELDS = {
+    "final",
+    "rounds",
+    "rounds_completed",
+    "total_bytes_up",
+    "total_bytes_down",
+    "trainable_params",
+    "adapter_bytes_fp32",
+    "seconds",
+    "model",
+    "task",
+    "adapter",
+    "aggregation",
+    "num_clients",
+    "compression",
+    "privacy",
+    "stopped_early",
+    "mode",
+}
 
 
 def _rows(out):
@@ -44,11 +71,13 @@ def _check_run(out, mode):
 def test_every_mode_writes_the_same_round_and_summary_fields(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(**{"federation.rounds": 2})
     ServerLoop(cfg, tmp_path / "fed", progress=lambda s: None).main(
-        LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg)))
+        LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
+    )
     _check_run(tmp_path / "fed", "federated")
     zcfg = zo_cfg(cfg)
     ServerLoop(zcfg, tmp_path / "zo", progress=lambda s: None).main(
-        LocalGrid(zcfg.federation.num_clients, lambda m, c: handle_train(m, c, zcfg)))
+        LocalGrid(zcfg.federation.num_clients, lambda m, c: handle_train(m, c, zcfg))
+    )
     rows, summary = _check_run(tmp_path / "zo", "zeroth-order")
     assert rows[1]["zo"]["history_rounds"] == 1 and summary["zo_history"]["rounds"] == 2
     run_centralized(cfg, tmp_path / "central")
@@ -70,9 +99,17 @@ class SilentGrid(LocalGrid):
         replies = super().send_and_receive(keep, timeout=timeout)
         for m in messages:
             if m.metadata.dst_node_id == self.unavailable:
-                meta = Metadata(run_id=1, message_id="", src_node_id=0, dst_node_id=0,
-                                reply_to_message_id=m.metadata.message_id, group_id="", created_at=time.time(),
-                                ttl=60.0, message_type=MessageType.TRAIN)
+                meta = Metadata(
+                    run_id=1,
+                    message_id="",
+                    src_node_id=0,
+                    dst_node_id=0,
+                    reply_to_message_id=m.metadata.message_id,
+                    group_id="",
+                    created_at=time.time(),
+                    ttl=60.0,
+                    message_type=MessageType.TRAIN,
+                )
                 replies.append(Message(Error(code=3, reason="node unavailable"), metadata=meta))
         return replies
 

@@ -19,8 +19,13 @@ def _load(**overrides):
 
 def test_defaults_are_flowers_and_unset_without_secure():
     agg = _load().aggregation
-    assert (agg.num_shares, agg.reconstruction_threshold, agg.clipping_range, agg.quantization_range,
-            agg.max_weight) == (3, 2, 8.0, 2**22, 1000.0)
+    assert (
+        agg.num_shares,
+        agg.reconstruction_threshold,
+        agg.clipping_range,
+        agg.quantization_range,
+        agg.max_weight,
+    ) == (3, 2, 8.0, 2**22, 1000.0)
     plain = config.load(CONFIGS / "tiny.toml").aggregation
     assert plain.secure == "none" and plain.num_shares is None
     # round-trips through the run directory's config.toml
@@ -31,20 +36,36 @@ def test_defaults_are_flowers_and_unset_without_secure():
     "overrides,needle",
     [
         ({"aggregation.secure": "secagg"}, "aggregation.secure: must be one of none, secagg+"),
-        ({"aggregation.secure": "none", "aggregation.num_shares": 3}, "aggregation.num_shares: only used with aggregation.secure = 'secagg+'"),
+        (
+            {"aggregation.secure": "none", "aggregation.num_shares": 3},
+            "aggregation.num_shares: only used with aggregation.secure = 'secagg+'",
+        ),
         ({"aggregation.num_shares": 2}, "aggregation.num_shares: must be an integer (> 2"),
-        ({"aggregation.num_shares": 3, "aggregation.reconstruction_threshold": 3}, "aggregation.reconstruction_threshold: must be less than aggregation.num_shares = 3"),
+        (
+            {"aggregation.num_shares": 3, "aggregation.reconstruction_threshold": 3},
+            "aggregation.reconstruction_threshold: must be less than aggregation.num_shares = 3",
+        ),
         ({"aggregation.clipping_range": 0.0}, "aggregation.clipping_range: must be > 0"),
         ({"aggregation.quantization_range": 2**32}, "aggregation.quantization_range: must be in [2, "),
         ({"aggregation.robust": "median"}, "aggregation.robust: 'median' cannot be combined with aggregation.secure"),
-        ({"aggregation.lora_mode": "exact"}, "aggregation.lora_mode: 'exact' cannot be combined with aggregation.secure"),
-        ({"aggregation.server_optimizer": "fedadam"}, "aggregation.server_optimizer: 'fedadam' cannot be combined with aggregation.secure"),
+        (
+            {"aggregation.lora_mode": "exact"},
+            "aggregation.lora_mode: 'exact' cannot be combined with aggregation.secure",
+        ),
+        (
+            {"aggregation.server_optimizer": "fedadam"},
+            "aggregation.server_optimizer: 'fedadam' cannot be combined with aggregation.secure",
+        ),
         ({"aggregation.max_update_norm": 1.0}, "max_update_norm: the server cannot measure"),
         ({"compression.codec": "topk", "compression.ratio": 0.1}, "compression.codec: SecAgg+ quantizes"),
-        ({"privacy.mode": "client-central", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0},
-         "privacy.mode: 'client-central' clips each update on the server"),
-        ({"federation.num_clients": 1, "federation.min_train_clients": 1, "federation.min_available_clients": 1},
-         "federation.min_train_clients: SecAgg+ needs at least 2"),
+        (
+            {"privacy.mode": "client-central", "privacy.noise_multiplier": 1.0, "privacy.clip_norm": 1.0},
+            "privacy.mode: 'client-central' clips each update on the server",
+        ),
+        (
+            {"federation.num_clients": 1, "federation.min_train_clients": 1, "federation.min_available_clients": 1},
+            "federation.min_train_clients: SecAgg+ needs at least 2",
+        ),
     ],
 )
 def test_refuses_what_does_not_compose(overrides, needle):
@@ -73,8 +94,13 @@ def _reference_mean(cfg, start, rnd, num_clients):
 
     deltas, weights = [], []
     for pid in range(num_clients):
-        ctx = Context(run_id=0, node_id=pid + 1, node_config={"partition-id": pid, "num-partitions": num_clients},
-                      state=RecordDict(), run_config={})
+        ctx = Context(
+            run_id=0,
+            node_id=pid + 1,
+            node_config={"partition-id": pid, "num-partitions": num_clients},
+            state=RecordDict(),
+            run_config={},
+        )
         delta, metrics = train_delta(start, fit_config(cfg, rnd), ctx, cfg)
         deltas.append(delta)
         weights.append(float(metrics["num-examples"]))
@@ -99,12 +125,21 @@ def test_secagg_simulation_equals_fedavg_up_to_quantization(tmp_path):
 
     @server_app.main()
     def main(grid, context):
-        result.update(run_secagg(grid, context, cfg, tmp_path, lambda s: None,
-                                 on_aggregate=lambda r, before, mean: steps.append((r, before, mean))))
+        result.update(
+            run_secagg(
+                grid,
+                context,
+                cfg,
+                tmp_path,
+                lambda s: None,
+                on_aggregate=lambda r, before, mean: steps.append((r, before, mean)),
+            )
+        )
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(server_app=server_app, client_app=make_client_app(cfg), num_supernodes=n,
-                   backend_config=backend_config(cfg))
+    run_simulation(
+        server_app=server_app, client_app=make_client_app(cfg), num_supernodes=n, backend_config=backend_config(cfg)
+    )
 
     assert result["rounds_completed"] == 2
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -159,8 +194,14 @@ def test_secagg_samples_with_the_seeded_sampler():
     def sample(rnd, ids):
         return sample_nodes(ids, 0.3, 2, seed=7, rnd=rnd)
 
-    strategy = MeanDeltaFedAvg({"w": torch.zeros(2)}, ["w"], sample=sample, fraction_fit=0.3, min_fit_clients=2,
-                               on_fit_config_fn=lambda rnd: {"server-round": rnd})
+    strategy = MeanDeltaFedAvg(
+        {"w": torch.zeros(2)},
+        ["w"],
+        sample=sample,
+        fraction_fit=0.3,
+        min_fit_clients=2,
+        on_fit_config_fn=lambda rnd: {"server-round": rnd},
+    )
     for rnd in (1, 2, 3):
         picked = [p.node_id for p, _ in strategy.configure_fit(rnd, strategy.initial_parameters, Manager())]
         assert picked == sample_nodes(list(range(100, 110)), 0.3, 2, seed=7, rnd=rnd)

@@ -16,11 +16,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_one_hundred_virtual_clients(tmp_path):
-    cfg = config.load(CONFIGS / "tiny.toml", {
-        "federation.num_clients": 100, "federation.fraction_train": 0.1, "federation.rounds": 2,
-        "data.partition": "iid", "data.max_train_examples": 2000, "train.local_steps": 1,
-        "federation.min_available_clients": 100,
-    })
+    cfg = config.load(
+        CONFIGS / "tiny.toml",
+        {
+            "federation.num_clients": 100,
+            "federation.fraction_train": 0.1,
+            "federation.rounds": 2,
+            "data.partition": "iid",
+            "data.max_train_examples": 2000,
+            "train.local_steps": 1,
+            "federation.min_available_clients": 100,
+        },
+    )
     lines = []
     summary = simulate(cfg, tmp_path, progress=lines.append)
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -34,8 +41,9 @@ def test_one_hundred_virtual_clients(tmp_path):
 
 def _cli(*args, cwd=ROOT, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def test_cli_simulate_writes_a_run(tmp_path):
@@ -55,7 +63,7 @@ def test_cli_simulate_writes_a_run(tmp_path):
         (["--set", "data.text_column=review"], "no column(s) data.text_column = 'review'"),
         (["--set", "model.name=/nonexistent/model"], "not a model directory"),
         (["--config", "/nonexistent.toml"], "config file not found"),
-        (["--set", "model.quantization=\"4bit\""], "needs a CUDA device"),
+        (["--set", 'model.quantization="4bit"'], "needs a CUDA device"),
     ],
 )
 def test_cli_bad_input_gives_one_clear_message(tmp_path, args, needle):

@@ -10,27 +10,40 @@ from fedtune.train import bf16_is_fast, evaluate, train_local
 
 def _linear_output_dtypes(model):
     seen = []
-    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(o.dtype)) for m in model.modules()
-             if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: seen.append(o.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     return seen, hooks
 
 
-@pytest.mark.parametrize("mode,dtype", [
-    ("no", torch.float32), ("bf16", torch.bfloat16),
-    ("auto", torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else torch.float32),
-])
+@pytest.mark.parametrize(
+    "mode,dtype",
+    [
+        ("no", torch.float32),
+        ("bf16", torch.bfloat16),
+        ("auto", torch.bfloat16 if bf16_is_fast(torch.device("cpu")) else torch.float32),
+    ],
+)
 def test_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(tiny_cfg, mode, dtype):
     cfg = tiny_cfg.replace(**{"train.mixed_precision": mode, "train.local_steps": 2})
     ws = workspace.get(cfg)
     adapters.set_state_(ws.model, ws.initial_state())
     seen, hooks = _linear_output_dtypes(ws.model)
     try:
-        out = train_local(ws.model, ws.client_data(0), cfg.train, task=ws.task, pad_id=ws.pad_id,
-                          device=ws.device, generator=torch.Generator().manual_seed(0))
+        out = train_local(
+            ws.model,
+            ws.client_data(0),
+            cfg.train,
+            task=ws.task,
+            pad_id=ws.pad_id,
+            device=ws.device,
+            generator=torch.Generator().manual_seed(0),
+        )
         assert seen and set(seen) == {dtype}
         seen.clear()
-        evaluate(ws.model, ws.test_data()[:8], task=ws.task, pad_id=ws.pad_id, device=ws.device,
-                 mixed_precision=mode)
+        evaluate(ws.model, ws.test_data()[:8], task=ws.task, pad_id=ws.pad_id, device=ws.device, mixed_precision=mode)
         assert seen and set(seen) == {dtype}
     finally:
         for h in hooks:
@@ -63,12 +76,14 @@ def test_clients_train_at_the_round_lr(tiny_cfg, tmp_path):
     from fedtune.flower.local import LocalGrid
     from fedtune.flower.server import ServerLoop
 
-    cfg = tiny_cfg.replace(**{"federation.rounds": 2, "train.lr_schedule": "cosine", "train.lr_min_ratio": 0.0,
-                              "train.local_steps": 2})
+    cfg = tiny_cfg.replace(
+        **{"federation.rounds": 2, "train.lr_schedule": "cosine", "train.lr_min_ratio": 0.0, "train.local_steps": 2}
+    )
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
     loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
     loop.main(grid)
     import json
+
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["eval"]["loss"] != rows[0]["eval"]["loss"]  # round 1 learned at lr
     assert rows[2]["eval"]["loss"] == pytest.approx(rows[1]["eval"]["loss"], abs=1e-7)  # round 2: lr 0
@@ -106,8 +121,16 @@ def test_head_only_trains_only_the_classifier_and_the_frozen_lora_stays_an_ident
     assert keys and all(".classifier." in k for k in keys), keys
     before = adapters.get_state(ws.model)
     assert any(".lora_B." in k for k in before) and all(not before[k].any() for k in before if ".lora_B." in k)
-    train_local(ws.model, ws.client_data(0), ws.cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device,
-                generator=torch.Generator().manual_seed(0), steps=3)
+    train_local(
+        ws.model,
+        ws.client_data(0),
+        ws.cfg.train,
+        task=ws.task,
+        pad_id=ws.pad_id,
+        device=ws.device,
+        generator=torch.Generator().manual_seed(0),
+        steps=3,
+    )
     after = adapters.get_state(ws.model)
     for k in before:
         assert torch.equal(before[k], after[k]) != (k in keys), k  # exactly the trainable keys moved

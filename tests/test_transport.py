@@ -20,8 +20,11 @@ class FakeGrid:
     def pull_messages(self, ids):
         self.pulls += 1
         now = time.monotonic() - self.t0
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), node=self.sent[i])
-                for i in ids if self.delay[self.sent[i]] is not None and self.delay[self.sent[i]] <= now]
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), node=self.sent[i])
+            for i in ids
+            if self.delay[self.sent[i]] is not None and self.delay[self.sent[i]] <= now
+        ]
 
     def send_and_receive(self, messages, *, timeout=None):  # never used when push/pull exist
         raise AssertionError("fell back to Grid.send_and_receive")

@@ -92,11 +92,23 @@ def test_config_defaults_and_round_trip():
 @pytest.mark.parametrize(
     "field,value",
     [
-        ("num_seeds", 0), ("num_seeds", 2**31 + 1), ("num_seeds", True), ("num_seeds", 4.0),
-        ("eps", 0.0), ("eps", float("nan")), ("lr", -1.0), ("lr", float("inf")),
-        ("scope", "lora"), ("local_steps", -1), ("pro", 1), ("pro_clip", 0.0),
-        ("pro_temperature", -2.0), ("pool_seed", -1), ("pool_seed", 2**63),
-        ("distribution", "normal"), ("grad_clip", -0.1),
+        ("num_seeds", 0),
+        ("num_seeds", 2**31 + 1),
+        ("num_seeds", True),
+        ("num_seeds", 4.0),
+        ("eps", 0.0),
+        ("eps", float("nan")),
+        ("lr", -1.0),
+        ("lr", float("inf")),
+        ("scope", "lora"),
+        ("local_steps", -1),
+        ("pro", 1),
+        ("pro_clip", 0.0),
+        ("pro_temperature", -2.0),
+        ("pool_seed", -1),
+        ("pool_seed", 2**63),
+        ("distribution", "normal"),
+        ("grad_clip", -0.1),
     ],
 )
 def test_config_rejects_bad_value_naming_field(field, value):
@@ -108,7 +120,9 @@ def test_config_rejects_bad_value_naming_field(field, value):
 def test_config_reports_all_errors_and_unknown_keys():
     with pytest.raises(ConfigError) as e:
         ZOConfig(eps=-1.0, scope="x")
-    assert "zo.eps: must be > 0 (got -1.0)" in str(e.value) and "zo.scope: must be one of adapter, full (got 'x')" in str(e.value)
+    assert "zo.eps: must be > 0 (got -1.0)" in str(
+        e.value
+    ) and "zo.scope: must be one of adapter, full (got 'x')" in str(e.value)
     with pytest.raises(ConfigError, match="num_seed"):
         ZOConfig.from_dict({"num_seed": 4096})
     assert ZOConfig.from_dict({"lr": 0, "pro": True}).lr == 0
@@ -140,7 +154,7 @@ def test_perturbation_is_per_name_and_order_free():
     assert torch.equal(alone["b"], both["b"])
     assert not torch.equal(both["b"].flatten()[:9], both["a"])
     t = torch.zeros(5, 4, dtype=torch.float64)
-    (_, z64), = perturbation([("b", t)], seed)
+    ((_, z64),) = perturbation([("b", t)], seed)
     assert z64.dtype == torch.float64 and torch.equal(z64.float(), alone["b"])
 
 
@@ -181,7 +195,7 @@ def test_perturb_equals_theta_plus_scaled_z(distribution):
     half = torch.randn(3, 11).to(torch.bfloat16)
     out = half.clone()
     perturb_({"h": out}, 99, 3e-4, distribution)
-    (_, z), = perturbation([("h", (3, 11))], 99, distribution)
+    ((_, z),) = perturbation([("h", (3, 11))], 99, distribution)
     assert torch.equal(out, half + (z * s).to(torch.bfloat16))
 
 
@@ -214,7 +228,7 @@ def test_estimator_equals_directional_derivative_on_quadratic(distribution):
         theta = theta0.clone()
         params = {"theta": theta}
         g = zo_step_(params, lambda theta=theta: 0.5 * theta @ a @ theta + b @ theta, idx, pool, eps=1e-3, lr=0.0)
-        (_, z), = perturbation(params, pool.seed(idx), distribution)
+        ((_, z),) = perturbation(params, pool.seed(idx), distribution)
         exact = float(z @ (a @ theta0 + b))
         assert g == pytest.approx(exact, rel=1e-6, abs=1e-6)  # central difference is exact on a quadratic
         assert torch.equal(theta, theta0)  # lr=0: restored bit for bit
@@ -224,7 +238,7 @@ def test_estimator_error_is_order_eps_squared():
     a, b, theta0 = quadratic()
     c = torch.linspace(-1, 1, theta0.numel(), dtype=torch.float64)
     pool = SeedPool(16)
-    (_, z), = perturbation({"theta": theta0}, pool.seed(0))
+    ((_, z),) = perturbation({"theta": theta0}, pool.seed(0))
     exact = float(z @ (a @ theta0 + b + 3 * c * theta0**2))
     third = float(c @ z**3)  # central-difference error is eps^2/6 * f'''[z,z,z] = eps^2 * sum c z^3
     for eps in (2e-2, 1e-2):
@@ -303,7 +317,8 @@ def test_aggregate_pairs_hand_computed():
 @given(
     st.lists(
         st.lists(st.tuples(st.integers(0, 31), st.floats(-1e3, 1e3, width=32)), max_size=12),
-        min_size=1, max_size=5,
+        min_size=1,
+        max_size=5,
     ),
     st.randoms(use_true_random=False),
 )
@@ -321,8 +336,12 @@ def test_aggregate_is_order_free_and_mean_of_identical_is_identity(clients, rnd)
 @pytest.mark.parametrize(
     "pairs,match",
     [
-        ([(8, 1.0)], "unknown seed index 8"), ([(-1, 1.0)], "unknown seed index"), ([(1, float("nan"))], "non-finite"),
-        ([(1, float("inf"))], "non-finite"), ([(1.5, 1.0)], "not an integer"), ([(1,)], "pair"),
+        ([(8, 1.0)], "unknown seed index 8"),
+        ([(-1, 1.0)], "unknown seed index"),
+        ([(1, float("nan"))], "non-finite"),
+        ([(1, float("inf"))], "non-finite"),
+        ([(1.5, 1.0)], "not an integer"),
+        ([(1,)], "pair"),
         ([(True, 1.0)], "integer"),
     ],
 )
@@ -497,8 +516,9 @@ def test_uplink_round_trip(k, raw):
 @given(st.lists(st.dictionaries(st.integers(0, 99), st.floats(-10, 10, width=32), max_size=60), max_size=5))
 def test_downlink_and_history_round_trip(rounds):
     pool = SeedPool(100, 4)
-    hist = SeedHistory(pool, [RoundEntry(np.array(sorted(d), dtype=np.int64), np.array([d[i] for i in sorted(d)]))
-                              for d in rounds])
+    hist = SeedHistory(
+        pool, [RoundEntry(np.array(sorted(d), dtype=np.int64), np.array([d[i] for i in sorted(d)])) for d in rounds]
+    )
     for since in range(len(hist) + 1):
         first, entries = decode_downlink(encode_downlink(hist, since), pool)
         assert first == since + 1 and entries == list(hist.since(since))
@@ -613,15 +633,24 @@ def replay_workers(request, tmp_path_factory):
     (tmp / "h.bin").write_bytes(hist.to_bytes())
     params = init_params(3)
     np.savez(tmp / "p.npz", **{k: v.numpy() for k, v in params.items()})
-    worker = [sys.executable, str(HERE / "zo_replay_worker.py"), str(tmp / "h.bin"), str(tmp / "p.npz"),
-              "1e-3", "4096", "21", "rademacher"]
+    worker = [
+        sys.executable,
+        str(HERE / "zo_replay_worker.py"),
+        str(tmp / "h.bin"),
+        str(tmp / "p.npz"),
+        "1e-3",
+        "4096",
+        "21",
+        "rademacher",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # the second process replays round by round and runs torch's portable (non-vectorized)
     # CPU kernels, standing in for "another machine"
     procs = [
         subprocess.Popen(worker, env=env, stdout=subprocess.PIPE, text=True),
-        subprocess.Popen([*worker, "--by-round"], env={**env, "ATEN_CPU_CAPABILITY": "default"},
-                         stdout=subprocess.PIPE, text=True),
+        subprocess.Popen(
+            [*worker, "--by-round"], env={**env, "ATEN_CPU_CAPABILITY": "default"}, stdout=subprocess.PIPE, text=True
+        ),
     ]
     replay_(params, hist, lr=1e-3)
     yield procs, digest(params)

@@ -121,8 +121,20 @@ def test_run_completes_and_writes_backprop_fields(run3):
     cfg, out, summary, rows, grid = run3
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [r["accepted"] for r in rows[1:]] == [4, 3, 4]
-    backprop_fields = {"round", "sampled", "accepted", "rejected", "train", "bytes_up", "bytes_down",
-                       "bytes_up_per_client", "bytes_down_per_client", "clients", "eval", "seconds"}
+    backprop_fields = {
+        "round",
+        "sampled",
+        "accepted",
+        "rejected",
+        "train",
+        "bytes_up",
+        "bytes_down",
+        "bytes_up_per_client",
+        "bytes_down_per_client",
+        "clients",
+        "eval",
+        "seconds",
+    }
     for r in rows[1:]:
         assert backprop_fields <= set(r)
         assert r["bytes_up"] == sum(r["bytes_up_per_client"].values())
@@ -165,8 +177,10 @@ def test_bytes_per_client_round_at_paper_settings(tmp_path):
     down = [v for row in rows[1:] for v in row["bytes_down_per_client"].values()]
     assert len(up) == 11 and max(up) <= 2_000
     assert max(down) <= 18_000
-    print(f"\nper client-round: up {min(up)}-{max(up)} B, down {min(down)}-{max(down)} B "
-          f"(round 3, node 1001: {rows[3]['bytes_down_per_client']['1001']} B)")
+    print(
+        f"\nper client-round: up {min(up)}-{max(up)} B, down {min(down)}-{max(down)} B "
+        f"(round 3, node 1001: {rows[3]['bytes_down_per_client']['1001']} B)"
+    )
 
 
 def test_server_model_equals_a_fresh_clients_replay_bit_for_bit(run3, monkeypatch):
@@ -176,12 +190,18 @@ def test_server_model_equals_a_fresh_clients_replay_bit_for_bit(run3, monkeypatc
     fresh = zo_cfg(**{"zo.local_steps": 0})  # replay only; local_steps does not enter replay
     ws = workspace.get(fresh)
     msg = Message(
-        RecordDict({P.CONFIG: ConfigRecord({"server-round": len(history) + 1}),
-                    P.ZO: ConfigRecord({zc.DOWNLINK_KEY: encode_downlink(history, 0)})}),
-        dst_node_id=1000, message_type=MessageType.TRAIN,
+        RecordDict(
+            {
+                P.CONFIG: ConfigRecord({"server-round": len(history) + 1}),
+                P.ZO: ConfigRecord({zc.DOWNLINK_KEY: encode_downlink(history, 0)}),
+            }
+        ),
+        dst_node_id=1000,
+        message_type=MessageType.TRAIN,
     )
-    ctx = Context(run_id=1, node_id=1000, node_config={"partition-id": 0, "num-partitions": 4},
-                  state=RecordDict(), run_config={})
+    ctx = Context(
+        run_id=1, node_id=1000, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(), run_config={}
+    )
     assert not zc.handle_train_zo(msg, ctx, fresh).has_error()
     replayed = cached_params(ctx)
     from safetensors.torch import load_file
@@ -196,8 +216,9 @@ def test_client_that_skipped_a_round_catches_up_bit_for_bit(run3):
     cfg, out, _, _, grid = run3
     pool = cfg.zo.pool()
     # round 3: node 1001 (offline in round 2) gets rounds 1-2, the others round 2 only
-    firsts = {m.metadata.dst_node_id: decode_downlink(bytes(m.content[P.ZO][zc.DOWNLINK_KEY]), pool)
-              for m in grid.sent[2]}
+    firsts = {
+        m.metadata.dst_node_id: decode_downlink(bytes(m.content[P.ZO][zc.DOWNLINK_KEY]), pool) for m in grid.sent[2]
+    }
     assert firsts[1001][0] == 1 and len(firsts[1001][1]) == 2
     assert all(firsts[n][0] == 2 and len(firsts[n][1]) == 1 for n in (1000, 1002, 1003))
     states = {n: grid.contexts[n].state for n in grid.node_ids}
@@ -261,7 +282,8 @@ def test_malformed_uplinks_are_dropped_and_the_round_goes_on(tmp_path):
     good = [r for r in grid.replies[0] if r.metadata.src_node_id in (1002, 1003)]
     expect = aggregate_pairs(
         [decode_uplink(bytes(r.content[P.ZO][zc.UPLINK_KEY]), pool) for r in good],
-        [float(r.content[P.METRICS]["num-examples"]) for r in good], pool.num_seeds,
+        [float(r.content[P.METRICS]["num-examples"]) for r in good],
+        pool.num_seeds,
     )
     assert history_of(cfg, tmp_path).entry(1) == expect
 
@@ -272,8 +294,11 @@ def test_seed_indices_come_from_the_configured_sampler(tmp_path, pro):
     _, _, grid = run(cfg, tmp_path)
     pool = cfg.zo.pool()
     after_round_1 = SeedHistory(pool, history_of(cfg, tmp_path).entries[:1])
-    sampler = ProSampler.from_history(after_round_1, cfg.zo.pro_clip, cfg.zo.pro_temperature) if pro \
+    sampler = (
+        ProSampler.from_history(after_round_1, cfg.zo.pro_clip, cfg.zo.pro_temperature)
+        if pro
         else UniformSampler(pool.num_seeds)
+    )
     if pro:
         assert sampler.probabilities.max() > 1.5 / pool.num_seeds  # round 1's seeds are favoured
     for reply in grid.replies[1]:
@@ -399,4 +424,3 @@ def test_resumed_run_continues_to_the_same_history(tmp_path):
 def test_zo_refuses_settings_it_would_ignore_at_validation():
     with pytest.raises(ConfigError, match="robust"):
         zo_cfg(**{"aggregation.robust": "median"})
-

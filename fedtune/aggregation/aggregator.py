@@ -37,7 +37,9 @@ class Aggregator(Protocol):
 class NaiveLoRA:
     """A and B averaged separately (`naive_mean`)."""
 
-    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(
+        self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None
+    ) -> tuple[Delta, AggregationReport]:
         return naive_mean(states, weights)
 
 
@@ -47,7 +49,9 @@ class FFALoRA:
 
     atol: float = 0.0
 
-    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(
+        self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None
+    ) -> tuple[Delta, AggregationReport]:
         return ffa_mean(states, weights, atol=self.atol, reference=reference)
 
 
@@ -58,7 +62,9 @@ class ExactLoRA:
     scaling: ScalingSpec
     rank: RankSpec | str | None = None
 
-    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(
+        self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None
+    ) -> tuple[Delta, AggregationReport]:
         return product_space_mean(states, weights, self.scaling, self.rank, reference=reference)
 
 
@@ -73,8 +79,9 @@ class FactoredHeteroLoRA:
     scaling: ScalingSpec
     rank: int
 
-    def aggregate(self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None) -> tuple[Delta, AggregationReport]:
+    def aggregate(
+        self, states: Sequence[Delta], weights: Sequence[float], *, reference: Delta | None = None
+    ) -> tuple[Delta, AggregationReport]:
         if reference is None:
             raise ValueError("FactoredHeteroLoRA needs reference=: the global state the clients' factors were cut from")
         return hetero_round(reference, states, weights, self.scaling, self.rank)
-

@@ -25,8 +25,11 @@ SERVER_MEAN_OPTIMIZERS = ("fedavg", "fedprox")
 # Flower's SecAggPlusWorkflow parameters (flwr.server.workflow, flwr 1.41); the
 # share counts are Flower's secaggplus example's, the ranges Flower's defaults.
 _SECAGG_DEFAULTS = {
-    "num_shares": 3, "reconstruction_threshold": 2, "clipping_range": 8.0,
-    "quantization_range": 2**22, "max_weight": 1000.0,
+    "num_shares": 3,
+    "reconstruction_threshold": 2,
+    "clipping_range": 8.0,
+    "quantization_range": 2**22,
+    "max_weight": 1000.0,
 }
 
 # Flower's defaults (flwr.serverapp.strategy, flwr 1.41): FedAdam eta=0.1,
@@ -147,8 +150,12 @@ class AggregationConfig(Section):
         choice(e, "aggregation.secure", self.secure, SECURE_MODES)
         if self.client_ranks is not None:
             if not self.client_ranks or any(r < 1 for r in self.client_ranks):
-                e.append(f"aggregation.client_ranks: must be a non-empty list of positive integers (got {list(self.client_ranks)!r})")
-            only_with(e, "aggregation.client_ranks", self.client_ranks, "aggregation.lora_mode", self.lora_mode, ("hetero",))
+                e.append(
+                    f"aggregation.client_ranks: must be a non-empty list of positive integers (got {list(self.client_ranks)!r})"
+                )
+            only_with(
+                e, "aggregation.client_ranks", self.client_ranks, "aggregation.lora_mode", self.lora_mode, ("hetero",)
+            )
         if self.rank is not None:
             if self.rank != "lossless" and (isinstance(self.rank, str) or self.rank < 1):
                 e.append(f"aggregation.rank: must be a positive integer, 'lossless' or unset (got {self.rank!r})")
@@ -187,7 +194,9 @@ class AggregationConfig(Section):
         if robust != "none" and mode != "naive":
             hint = (
                 "use lora_mode = 'naive' with adapter.ffa = true (A stays frozen and untrained, the robust rule "
-                "aggregates B)" if mode == "ffa" else "use lora_mode = 'naive', or robust = 'none'"
+                "aggregates B)"
+                if mode == "ffa"
+                else "use lora_mode = 'naive', or robust = 'none'"
             )
             e.append(
                 f"aggregation.robust: {robust!r} cannot be combined with aggregation.lora_mode = {mode!r} (the "
@@ -213,7 +222,9 @@ class AggregationConfig(Section):
         e: list[str] = []
         if self.secure != "secagg+":
             for name in _SECAGG_DEFAULTS:
-                only_with(e, f"aggregation.{name}", getattr(self, name), "aggregation.secure", self.secure, ("secagg+",))
+                only_with(
+                    e, f"aggregation.{name}", getattr(self, name), "aggregation.secure", self.secure, ("secagg+",)
+                )
             return e
         # SecAgg+ hands the server one sum: every rule that must see individual updates is out
         if self.lora_mode not in ("naive", "ffa"):

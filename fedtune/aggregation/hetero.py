@@ -157,7 +157,9 @@ def _hetero_step(
         for i, (st, wi) in enumerate(zip(states, w)):
             a2, b2, dense_shape = _factors(st, a_key, b_key, f"client {i}")
             if shape is not None and dense_shape != shape:
-                raise PayloadError(f"client {i}: layer {prefix!r} has effective shape {dense_shape}, client 0 has {shape}")
+                raise PayloadError(
+                    f"client {i}: layer {prefix!r} has effective shape {dense_shape}, client 0 has {shape}"
+                )
             shape = dense_shape
             bs.append(b2 * (wi * _scaling(scaling, prefix, a2.shape[0])))
             as_.append(a2)

@@ -205,7 +205,9 @@ def _plain_mean(states: Sequence[Delta], w: Sequence[float], key: str) -> torch.
     for i, (st, wi) in enumerate(zip(states, w)):
         v = st[key]
         if v.shape != ref.shape:
-            raise PayloadError(f"client {i} sends {key!r} with shape {tuple(v.shape)}, client 0 with {tuple(ref.shape)}")
+            raise PayloadError(
+                f"client {i} sends {key!r} with shape {tuple(v.shape)}, client 0 with {tuple(ref.shape)}"
+            )
         acc += v.detach().to(_F64) * wi
     return acc.to(ref.dtype)
 
@@ -242,15 +244,21 @@ def _factors(state: Delta, a_key: str, b_key: str, who: str) -> tuple[torch.Tens
     """2-D float64 views ``(A: r x in, B: out x r)`` and the dense shape ``(out, *A.shape[1:])``."""
     a, b = state[a_key], state[b_key]
     if a.ndim < 2 or b.ndim < 2:
-        raise PayloadError(f"{who}: {a_key!r} and {b_key!r} must have >= 2 dims, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise PayloadError(
+            f"{who}: {a_key!r} and {b_key!r} must have >= 2 dims, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
     r = a.shape[0]
     if b.shape[1] != r or any(d != 1 for d in b.shape[2:]) or b.ndim != a.ndim:
-        raise PayloadError(f"{who}: {b_key!r} has shape {tuple(b.shape)}, which does not match {a_key!r} of shape {tuple(a.shape)}")
+        raise PayloadError(
+            f"{who}: {b_key!r} has shape {tuple(b.shape)}, which does not match {a_key!r} of shape {tuple(a.shape)}"
+        )
     dense_shape = (b.shape[0], *a.shape[1:])
     return a.detach().reshape(r, -1).to(_F64), b.detach().reshape(b.shape[0], r).to(_F64), dense_shape
 
 
-def _unflatten(b2: torch.Tensor, a2: torch.Tensor, dense_shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _unflatten(
+    b2: torch.Tensor, a2: torch.Tensor, dense_shape: tuple[int, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     r = a2.shape[0]
     a = a2.reshape(r, *dense_shape[1:]).to(dtype)
     b = b2.reshape(dense_shape[0], r, *([1] * (len(dense_shape) - 2))).to(dtype)
@@ -422,7 +430,11 @@ def naive_mean(states: Sequence[Delta], weights: Sequence[float]) -> tuple[Delta
         _, s_diff, _ = _svd_of_product(torch.cat([b_mean, *(-b for b in bs)], dim=1), torch.cat([a_mean, *as_]))
         diff_sq, total_sq = float(s_diff.square().sum()), float(s_exact.square().sum())
         res = math.sqrt(diff_sq / total_sq) if total_sq > 0 else (0.0 if diff_sq == 0 else math.inf)
-        parts[prefix] = (LayerReport(a_mean.shape[0], _numerical_rank(s_exact, b_mean.shape[0], a_mean.shape[1]), res), diff_sq, total_sq)
+        parts[prefix] = (
+            LayerReport(a_mean.shape[0], _numerical_rank(s_exact, b_mean.shape[0], a_mean.shape[1]), res),
+            diff_sq,
+            total_sq,
+        )
     return out, AggregationReport.from_parts(parts)
 
 
@@ -449,12 +461,16 @@ def ffa_mean(
         for i, st in enumerate(states):
             a = st[a_key]
             if a.shape != base.shape:
-                raise PayloadError(f"client {i}: {a_key!r} has shape {tuple(a.shape)}, expected {tuple(base.shape)} (FFA-LoRA keeps A frozen)")
+                raise PayloadError(
+                    f"client {i}: {a_key!r} has shape {tuple(a.shape)}, expected {tuple(base.shape)} (FFA-LoRA keeps A frozen)"
+                )
             same = torch.equal(a, base) if atol == 0 else bool(((a.to(_F64) - base.to(_F64)).abs() <= atol).all())
             if not same:
                 gap = float((a.to(_F64) - base.to(_F64)).abs().max())
                 against = "the global A" if reference is not None else "client 0"
-                raise PayloadError(f"client {i}: {a_key!r} differs from {against} by up to {gap:.3g} (> atol={atol}); FFA-LoRA needs A frozen")
+                raise PayloadError(
+                    f"client {i}: {a_key!r} differs from {against} by up to {gap:.3g} (> atol={atol}); FFA-LoRA needs A frozen"
+                )
     a_keys = {a for a, _ in layers.values()}
     out = {k: states[0][k].detach().clone() if k in a_keys else _plain_mean(states, w, k) for k in states[0]}
     parts = {}
@@ -517,7 +533,9 @@ def product_space_mean(
             if shape is None:
                 shape = dense_shape
             elif dense_shape != shape:
-                raise PayloadError(f"client {i}: layer {prefix!r} has effective shape {dense_shape}, client 0 has {shape}")
+                raise PayloadError(
+                    f"client {i}: layer {prefix!r} has effective shape {dense_shape}, client 0 has {shape}"
+                )
             r = a2.shape[0]
             ranks.append(r)
             bs.append(b2 * (wi * _scaling(scaling, prefix, r)))
@@ -559,7 +577,9 @@ def dense_mean(states: Sequence[Delta], weights: Sequence[float], scaling: Scali
         for i, (st, wi) in enumerate(zip(states, w)):
             a2, b2, dense_shape = _factors(st, a_key, b_key, f"client {i}")
             if shape is not None and dense_shape != shape:
-                raise PayloadError(f"client {i}: layer {prefix!r} has effective shape {dense_shape}, client 0 has {shape}")
+                raise PayloadError(
+                    f"client {i}: layer {prefix!r} has effective shape {dense_shape}, client 0 has {shape}"
+                )
             shape = dense_shape
             term = (b2 * (wi * _scaling(scaling, prefix, a2.shape[0]))) @ a2
             acc = term if acc is None else acc + term
@@ -623,7 +643,9 @@ def refactor(
             continue
         r_out = _target_rank(rank, prefix, [1], 1)
         ref_a = _ref_rows(reference, a_key, vh.shape[1])
-        b2, a2, rep, dropped, total = _factorize(u, s, vh, r_out, _scaling(scaling, prefix, r_out), cands=cands, ref_a=ref_a)
+        b2, a2, rep, dropped, total = _factorize(
+            u, s, vh, r_out, _scaling(scaling, prefix, r_out), cands=cands, ref_a=ref_a
+        )
         out[a_key], out[b_key] = _unflatten(b2, a2, shape, value.dtype)
         parts[prefix] = (rep, dropped, total)
     return out, AggregationReport.from_parts(parts)

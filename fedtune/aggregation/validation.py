@@ -89,7 +89,12 @@ def validate_update(
         ConfigError: ``max_norm`` is not a finite number > 0.
         ValueError: ``reference`` does not fit ``expected`` (a server bug).
     """
-    if max_norm is not None and (isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not math.isfinite(max_norm) or max_norm <= 0):
+    if max_norm is not None and (
+        isinstance(max_norm, bool)
+        or not isinstance(max_norm, (int, float))
+        or not math.isfinite(max_norm)
+        or max_norm <= 0
+    ):
         raise ConfigError(f"max_norm must be a finite number > 0, got {max_norm!r}")
     if not isinstance(state, Mapping):
         raise PayloadError(f"update must be a mapping of tensors, got {type(state).__name__}")

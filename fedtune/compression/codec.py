@@ -164,13 +164,17 @@ class ChainCodec:
         head = r.take(wire.HEADER_SIZE, "header")
         magic, version, codec_id, flags, count, crc, block, tag = wire.HEADER.unpack(head.tobytes())
         if magic != wire.MAGIC:
-            raise PayloadError(f"not a fedtune compressed payload (magic byte 0x{magic:02x}, expected 0x{wire.MAGIC:02x})")
+            raise PayloadError(
+                f"not a fedtune compressed payload (magic byte 0x{magic:02x}, expected 0x{wire.MAGIC:02x})"
+            )
         if version != wire.VERSION:
             raise PayloadError(f"unsupported wire version {version} (this build reads {wire.VERSION})")
         if codec_id not in _NAME_BY_ID:
             raise PayloadError(f"unknown codec id 0x{codec_id:02x}")
         if codec_id != self.codec_id:
-            raise PayloadError(f"payload was encoded with codec {_NAME_BY_ID[codec_id]!r}, this decoder is {self.name!r}")
+            raise PayloadError(
+                f"payload was encoded with codec {_NAME_BY_ID[codec_id]!r}, this decoder is {self.name!r}"
+            )
         want_flags = _FLAG_RESCALE if self.rescale else 0
         if flags != want_flags:
             raise PayloadError(f"header flags 0x{flags:02x} do not match this decoder (0x{want_flags:02x})")
@@ -262,7 +266,9 @@ def make_codec(
     return ChainCodec(sparsifier, values, rescale=randk_unbiased)
 
 
-def build_codec(config: CompressionConfig, direction: Literal["uplink", "downlink"] = "uplink") -> ChainCodec | SplitCodec:
+def build_codec(
+    config: CompressionConfig, direction: Literal["uplink", "downlink"] = "uplink"
+) -> ChainCodec | SplitCodec:
     """The client->server (``config.codec``, split by ``small_codec``) or server->client (``config.downlink``) codec."""
     if direction not in ("uplink", "downlink"):
         raise ConfigError(f"direction: must be 'uplink' or 'downlink', got {direction!r}")

@@ -60,7 +60,9 @@ class CompressionConfig(Section):
         for name in ("codec", "downlink"):
             value = getattr(self, name)
             if value not in VALID_CODECS:
-                e.append(f"compression.{name}: unknown codec; valid codecs are {', '.join(VALID_CODECS)} (got {value!r})")
+                e.append(
+                    f"compression.{name}: unknown codec; valid codecs are {', '.join(VALID_CODECS)} (got {value!r})"
+                )
         choice(e, "compression.small_codec", self.small_codec, ("same", *VALID_CODECS))
         if self.small_codec != "same" and self.codec == "none":
             e.append(

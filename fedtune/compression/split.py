@@ -66,7 +66,9 @@ class SplitCodec:
         for part, codec, sub, what in ((head, self.large, big, "large"), (tail, self.small, small, "small")):
             if not sub:
                 if part:
-                    raise PayloadError(f"{what}-tensor payload has {len(part)} bytes but the layout has no {what} tensors")
+                    raise PayloadError(
+                        f"{what}-tensor payload has {len(part)} bytes but the layout has no {what} tensors"
+                    )
                 continue
             parts.update(codec.decode(part, sub, seed=seed))
         return {k: parts[k] for k in layout}

@@ -240,9 +240,7 @@ def create_supernode_keys(
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     _write_all(
         [
             (files.private_key, private, 0o600),
@@ -260,8 +258,7 @@ def _check_days(days: int) -> None:
 def _check_name(field: str, value: str) -> None:
     if not isinstance(value, str) or not _NAME_RE.match(value):
         raise ConfigError(
-            f"{field}: expected a file name of letters, digits, '.', '_' or '-' "
-            f"(no path separators), got {value!r}"
+            f"{field}: expected a file name of letters, digits, '.', '_' or '-' (no path separators), got {value!r}"
         )
 
 
@@ -305,14 +302,11 @@ def _load_ca(ca: CAFiles) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
         raise FedtuneError(f"cannot read CA file: {err}") from err
     except (ValueError, TypeError) as err:
         raise FedtuneError(
-            f"CA files {cert_path} / {key_path} are not an unencrypted PEM certificate "
-            f"and private key: {err}"
+            f"CA files {cert_path} / {key_path} are not an unencrypted PEM certificate and private key: {err}"
         ) from err
     if cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ) != key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    ) != key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo):
         raise FedtuneError(f"CA key {key_path} does not belong to CA certificate {cert_path}")
     try:
         is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -343,8 +337,7 @@ def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if os.path.lexists(p)]
     if existing:
         raise FedtuneError(
-            f"refusing to overwrite existing file(s): {', '.join(existing)} "
-            "(pass overwrite=True to replace them)"
+            f"refusing to overwrite existing file(s): {', '.join(existing)} (pass overwrite=True to replace them)"
         )
 
 

@@ -105,9 +105,12 @@ def superlink_argv(
     else:
         d = Path(certs_dir)
         argv += [
-            "--ssl-ca-certfile", str(d / CA_CERT),
-            "--ssl-certfile", str(d / SERVER_CERT),
-            "--ssl-keyfile", str(d / SERVER_KEY),
+            "--ssl-ca-certfile",
+            str(d / CA_CERT),
+            "--ssl-certfile",
+            str(d / SERVER_CERT),
+            "--ssl-keyfile",
+            str(d / SERVER_KEY),
             "--enable-supernode-auth",
         ]
     argv += ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
@@ -181,8 +184,12 @@ def worker_argv(port: int, *, parent_pid: int | None = None, python: str | None 
     """The long-lived ClientApp process for the SuperNode whose Runtime API is on
     ``127.0.0.1:port`` (its ``--port``); it exits when ``parent_pid`` is gone."""
     _check_port("--port", port)
-    argv = [python or sys.executable, str(Path(__file__).with_name("worker.py")),
-            "--runtime-api-address", f"{LOOPBACK}:{port}"]
+    argv = [
+        python or sys.executable,
+        str(Path(__file__).with_name("worker.py")),
+        "--runtime-api-address",
+        f"{LOOPBACK}:{port}",
+    ]
     if parent_pid is not None:
         argv += ["--parent-pid", str(parent_pid)]
     return argv
@@ -355,15 +362,20 @@ def node_exit_message(rc: int, key: str | None = None) -> str:
     """One line on a SuperNode that ended without being asked to, saying what to do."""
     pub = f"{key}.pub" if key else "this silo's .pub key"
     if rc == 0:  # Flower's SuperNode stops itself, "gracefully", when the SuperLink answers 401
-        return (f"fedtune: the SuperNode stopped: the SuperLink no longer accepts its key (unregistered, or a "
-                f"SuperLink restarted without --database); have the coordinator run `fedtune deploy register "
-                f"{pub}`, then start this SuperNode again")
-    return (f"fedtune: the SuperNode exited with status {rc} (its messages are above); if it says 'Failed to "
-            f"activate SuperNode' (code 2004), the coordinator has not registered {pub} (`fedtune deploy register`)")
+        return (
+            f"fedtune: the SuperNode stopped: the SuperLink no longer accepts its key (unregistered, or a "
+            f"SuperLink restarted without --database); have the coordinator run `fedtune deploy register "
+            f"{pub}`, then start this SuperNode again"
+        )
+    return (
+        f"fedtune: the SuperNode exited with status {rc} (its messages are above); if it says 'Failed to "
+        f"activate SuperNode' (code 2004), the coordinator has not registered {pub} (`fedtune deploy register`)"
+    )
 
 
-def supervise(node_argv: list[str], worker: list[str], *, max_restarts: int = 3, poll: float = 0.2,
-              key: str | None = None) -> int:
+def supervise(
+    node_argv: list[str], worker: list[str], *, max_restarts: int = 3, poll: float = 0.2, key: str | None = None
+) -> int:
     """Run the SuperNode and its ClientApp worker until the SuperNode ends or a
     signal arrives; restart a worker that dies (a crash in training code), at most
     ``max_restarts`` times a minute. Returns 0 when stopped by SIGINT/SIGTERM/SIGHUP,
@@ -395,12 +407,19 @@ def supervise(node_argv: list[str], worker: list[str], *, max_restarts: int = 3,
                 now = time.monotonic()
                 restarts = [t for t in restarts if now - t < 60] + [now]
                 if len(restarts) > max_restarts:
-                    print(f"fedtune: the ClientApp worker exited {len(restarts)} times within a minute "
-                          f"(last status {procs[1].returncode}); stopping the SuperNode", file=sys.stderr, flush=True)
+                    print(
+                        f"fedtune: the ClientApp worker exited {len(restarts)} times within a minute "
+                        f"(last status {procs[1].returncode}); stopping the SuperNode",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     rc = 1
                     break
-                print(f"fedtune: the ClientApp worker exited with status {procs[1].returncode}; restarting it",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"fedtune: the ClientApp worker exited with status {procs[1].returncode}; restarting it",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 procs[1] = _start(worker)
             time.sleep(poll)
         else:
@@ -437,8 +456,11 @@ def cmd_keys(args) -> int:
 
     for name in args.name:
         files = create_supernode_keys(args.out, name, overwrite=args.overwrite)
-        print(f"fedtune: SuperNode key {files.private_key} (keep it in the silo), "
-              f"public key {files.public_key} (send it to the coordinator)", flush=True)
+        print(
+            f"fedtune: SuperNode key {files.private_key} (keep it in the silo), "
+            f"public key {files.public_key} (send it to the coordinator)",
+            flush=True,
+        )
     return 0
 
 
@@ -448,13 +470,19 @@ def cmd_superlink(args) -> int:
     if not args.insecure:
         if certs is None:
             raise ConfigError("--certs: required unless --insecure (create it with `fedtune deploy certs`)")
-        _need_files(certs / CA_CERT, certs / SERVER_CERT, certs / SERVER_KEY,
-                    hint="create them with `fedtune deploy certs --out DIR --host NAME`")
+        _need_files(
+            certs / CA_CERT,
+            certs / SERVER_CERT,
+            certs / SERVER_KEY,
+            hint="create them with `fedtune deploy certs --out DIR --host NAME`",
+        )
     else:
         print("fedtune: WARNING: --insecure: plain-text traffic and no SuperNode authentication", file=sys.stderr)
     if args.database is not None:
         _check_database(args.database)
-    return _exec(superlink_argv(certs or ".", host=host, port=args.port, insecure=args.insecure, database=args.database))
+    return _exec(
+        superlink_argv(certs or ".", host=host, port=args.port, insecure=args.insecure, database=args.database)
+    )
 
 
 def _check_database(database: str) -> None:
@@ -463,8 +491,10 @@ def _check_database(database: str) -> None:
         return
     folder = Path(database).expanduser().absolute().parent
     if not folder.is_dir():
-        raise FedtuneError(f"--database: folder {folder} does not exist; create it (mkdir -p {folder}) "
-                           "or give a file in an existing folder")
+        raise FedtuneError(
+            f"--database: folder {folder} does not exist; create it (mkdir -p {folder}) "
+            "or give a file in an existing folder"
+        )
     if not os.access(folder, os.W_OK):
         raise FedtuneError(f"--database: folder {folder} is not writable by this user; choose another folder")
 
@@ -485,9 +515,15 @@ def cmd_supernode(args) -> int:
         if not Path(args.data_path).exists():
             raise FedtuneError(f"--data-path: {args.data_path} does not exist on this machine")
     argv = supernode_argv(
-        args.superlink, ca_cert=ca, private_key=key if not args.insecure else args.key,
-        partition_id=args.partition_id, num_partitions=args.num_partitions, port=args.port,
-        data_path=args.data_path, insecure=args.insecure, isolation=args.isolation,
+        args.superlink,
+        ca_cert=ca,
+        private_key=key if not args.insecure else args.key,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        port=args.port,
+        data_path=args.data_path,
+        insecure=args.insecure,
+        isolation=args.isolation,
     )
     argv = [flower_executable(argv[0]), *argv[1:]] if args.flower_polling else fast_polling_argv(argv)
     if args.isolation == "subprocess":
@@ -509,10 +545,23 @@ def cmd_register(args) -> int:
 
 def register_hint(connection: str) -> str:
     """What to do once a silo is registered: step 6 of docs/run-across-organizations.md."""
-    run_line = ["fedtune", "deploy", "run-line", "--connection", connection, "--config", "CONFIG.toml",
-                "-s", "federation.num_clients=N", "-s", "output.dir=DIR"]
-    return (f"fedtune: when every silo is online (`flwr supernode list {connection}`), validate the run and "
-            f"print its `flwr run` line (docs/run-across-organizations.md, step 6):\n  {shlex.join(run_line)}")
+    run_line = [
+        "fedtune",
+        "deploy",
+        "run-line",
+        "--connection",
+        connection,
+        "--config",
+        "CONFIG.toml",
+        "-s",
+        "federation.num_clients=N",
+        "-s",
+        "output.dir=DIR",
+    ]
+    return (
+        f"fedtune: when every silo is online (`flwr supernode list {connection}`), validate the run and "
+        f"print its `flwr run` line (docs/run-across-organizations.md, step 6):\n  {shlex.join(run_line)}"
+    )
 
 
 def cmd_run_line(args) -> int:
@@ -521,9 +570,21 @@ def cmd_run_line(args) -> int:
     if args.resume and cfg.aggregation.secure != "none":
         raise ConfigError("--resume: not supported with aggregation.secure = 'secagg+'")
     if args.resume and not cfg.output.dir:
-        raise ConfigError("--resume: set output.dir (the run directory holding the checkpoint), e.g. --set output.dir=runs/x")
-    print(shlex.join(run_argv(args.app, args.connection, config=args.config, overrides=args.overrides,
-                              stream=not args.no_stream, resume=args.resume)))
+        raise ConfigError(
+            "--resume: set output.dir (the run directory holding the checkpoint), e.g. --set output.dir=runs/x"
+        )
+    print(
+        shlex.join(
+            run_argv(
+                args.app,
+                args.connection,
+                config=args.config,
+                overrides=args.overrides,
+                stream=not args.no_stream,
+                resume=args.resume,
+            )
+        )
+    )
     return 0
 
 
@@ -550,8 +611,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = dsub.add_parser("certs", help="create a CA and the SuperLink's TLS certificate (coordinator)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--host", action="append", required=True, metavar="NAME_OR_IP",
-                   help="DNS name or IP the silos dial (repeatable); 127.0.0.1 is always added")
+    p.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME_OR_IP",
+        help="DNS name or IP the silos dial (repeatable); 127.0.0.1 is always added",
+    )
     p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     p.add_argument("--ca-name", default="fedtune-ca", help="CA common name")
     p.add_argument("--port", type=int, default=SUPERLINK_PORT, help="port for the printed connection (default 8000)")
@@ -567,7 +633,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = dsub.add_parser("superlink", help="start the SuperLink with TLS and SuperNode authentication (coordinator)")
     p.add_argument("--certs", help="directory with ca.crt, server.pem, server.key")
     p.add_argument("--host", help="listen address (default 0.0.0.0; 127.0.0.1 with --insecure)")
-    p.add_argument("--port", type=int, default=SUPERLINK_PORT, help="HTTPS port for silos and the flwr CLI (default 8000)")
+    p.add_argument(
+        "--port", type=int, default=SUPERLINK_PORT, help="HTTPS port for silos and the flwr CLI (default 8000)"
+    )
     p.add_argument("--database", help="SQLite file: registrations and runs survive a restart")
     p.add_argument("--insecure", action="store_true", help="plain text, no SuperNode authentication (testing only)")
     p.set_defaults(func=cmd_superlink)
@@ -580,13 +648,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-partitions", type=int, required=True, help="number of silos (= federation.num_clients)")
     p.add_argument("--data-path", help="local data for this silo (passed as node_config data-path)")
     p.add_argument("--port", type=int, required=True, help="local Runtime API port; unique per SuperNode on a host")
-    p.add_argument("--isolation", choices=ISOLATION_MODES, default="process",
-                   help="process (default): one long-lived ClientApp process keeps the model loaded across "
-                        "rounds; subprocess: Flower's default, a fresh flwr-clientapp process per message")
-    p.add_argument("--flower-polling", action="store_true",
-                   help="run flower-supernode unmodified: 3 s between pulls when idle, also between the rounds "
-                        "of a run (default: fedtune's launcher pulls again within 20 ms after a message, "
-                        "slowing to 3 s while none comes)")
+    p.add_argument(
+        "--isolation",
+        choices=ISOLATION_MODES,
+        default="process",
+        help="process (default): one long-lived ClientApp process keeps the model loaded across "
+        "rounds; subprocess: Flower's default, a fresh flwr-clientapp process per message",
+    )
+    p.add_argument(
+        "--flower-polling",
+        action="store_true",
+        help="run flower-supernode unmodified: 3 s between pulls when idle, also between the rounds "
+        "of a run (default: fedtune's launcher pulls again within 20 ms after a message, "
+        "slowing to 3 s while none comes)",
+    )
     p.add_argument("--insecure", action="store_true", help="plain text, no authentication (testing only)")
     p.set_defaults(func=cmd_supernode)
 
@@ -600,9 +675,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--connection", required=True, help="connection name in $FLWR_HOME/config.toml")
     p.add_argument("--app", default=".", help="fedtune app directory (default: .)")
     p.add_argument("--config", "-c", help="fedtune TOML config, relative to the app directory")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="fedtune override (repeatable)")
+    p.add_argument(
+        "--set",
+        "-s",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="fedtune override (repeatable)",
+    )
     p.add_argument("--no-stream", action="store_true", help="return once the run is submitted")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in output.dir from its last complete round (after a server crash)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output.dir from its last complete round (after a server crash)",
+    )
     p.set_defaults(func=cmd_run_line)

@@ -38,7 +38,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
-    "PollClock", "install", "main", "FIRST_IDLE_S", "BUSY_CAP_S", "BUSY_WINDOW_S", "MAX_IDLE_S", "REPLY_CHECK_S",
+    "PollClock",
+    "install",
+    "main",
+    "FIRST_IDLE_S",
+    "BUSY_CAP_S",
+    "BUSY_WINDOW_S",
+    "MAX_IDLE_S",
+    "REPLY_CHECK_S",
 ]
 
 # Flower's fixed sleeps in flwr 1.41's SuperNode loop: after an empty pull; while waiting for
@@ -68,12 +75,21 @@ class PollClock:
     every other attribute, are ``time``'s.
     """
 
-    def __init__(self, *, first: float = FIRST_IDLE_S, busy_cap: float = BUSY_CAP_S,
-                 busy_window: float = BUSY_WINDOW_S, cap: float = MAX_IDLE_S, reply_check: float = REPLY_CHECK_S,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        *,
+        first: float = FIRST_IDLE_S,
+        busy_cap: float = BUSY_CAP_S,
+        busy_window: float = BUSY_WINDOW_S,
+        cap: float = MAX_IDLE_S,
+        reply_check: float = REPLY_CHECK_S,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if not 0 < first <= busy_cap <= cap:
-            raise ValueError(f"first, busy_cap, cap: expected 0 < first <= busy_cap <= cap, got {first!r}, "
-                             f"{busy_cap!r}, {cap!r}")
+            raise ValueError(
+                f"first, busy_cap, cap: expected 0 < first <= busy_cap <= cap, got {first!r}, {busy_cap!r}, {cap!r}"
+            )
         self.first, self.busy_cap, self.busy_window, self.cap = first, busy_cap, busy_window, cap
         self.reply_check, self._sleep, self._clock = reply_check, sleep, clock
         self.next_idle = first
@@ -105,8 +121,9 @@ def install(loop_module: Any, clock: PollClock) -> bool:
     pull_objects = getattr(loop_module, "pull_objects", None)
     if getattr(loop_module, "time", None) is not time or not callable(pull) or not callable(pull_objects):
         return False
-    loop_module.pull_objects = partial(pull_objects, initial_backoff=OBJECT_FIRST_BACKOFF_S,
-                                       backoff_cap=OBJECT_BACKOFF_CAP_S)
+    loop_module.pull_objects = partial(
+        pull_objects, initial_backoff=OBJECT_FIRST_BACKOFF_S, backoff_cap=OBJECT_BACKOFF_CAP_S
+    )
 
     def pull_and_store_message(*args, **kwargs):
         run_id = pull(*args, **kwargs)
@@ -154,8 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     flwr_version = version("flwr")
     if not flwr_version.startswith(SUPPORTED) or not install(loop, PollClock()):
-        print(f"fedtune: flwr {flwr_version}: running flower-supernode's own polling (3 s between pulls when idle); "
-              f"fedtune's shorter polling is written for flwr {SUPPORTED}x", file=sys.stderr, flush=True)
+        print(
+            f"fedtune: flwr {flwr_version}: running flower-supernode's own polling (3 s between pulls when idle); "
+            f"fedtune's shorter polling is written for flwr {SUPPORTED}x",
+            file=sys.stderr,
+            flush=True,
+        )
     threading.excepthook = quiet_unauthorized(threading.excepthook)
     sys.argv = ["flower-supernode", *(sys.argv[1:] if argv is None else argv)]
     return flower_supernode() or 0

@@ -77,7 +77,9 @@ class ClientAppWorker:
         self._app = None
         self._run_lock = threading.Lock()
         self._acquirer = RuntimeHttpClient.from_server_address(
-            server_address=runtime_api_address, insecure=True, root_certificates=None,
+            server_address=runtime_api_address,
+            insecure=True,
+            root_certificates=None,
             interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
             retry_invoker=make_simple_http_retry_invoker(),
         )
@@ -108,8 +110,11 @@ class ClientAppWorker:
             if self.fab_hash is not None and fab_hash is not None and fab_hash != self.fab_hash:
                 # New app code: modules of the old FAB are imported here; run this task the
                 # way Flower would, then start over as a fresh process for the new FAB.
-                log.info("task %d uses another FAB (%s); running it in a fresh flwr-clientapp, then restarting",
-                         task.task_id, fab_hash[:12])
+                log.info(
+                    "task %d uses another FAB (%s); running it in a fresh flwr-clientapp, then restarting",
+                    task.task_id,
+                    fab_hash[:12],
+                )
                 with self._run_lock:
                     self.run_in_subprocess(token)
                     self._restart()  # does not return
@@ -117,8 +122,16 @@ class ClientAppWorker:
 
     def run_in_subprocess(self, token: str) -> int:
         exe = Path(sys.executable).with_name("flwr-clientapp")
-        argv = [str(exe) if exe.is_file() else "flwr-clientapp", "--runtime-api-address", self.address,
-                "--token", token, "--insecure", "--parent-pid", str(os.getpid())]
+        argv = [
+            str(exe) if exe.is_file() else "flwr-clientapp",
+            "--runtime-api-address",
+            self.address,
+            "--token",
+            token,
+            "--insecure",
+            "--parent-pid",
+            str(os.getpid()),
+        ]
         return subprocess.run(argv, check=False).returncode
 
     def _restart(self) -> None:
@@ -177,9 +190,13 @@ class ClientAppWorker:
         t0 = t_input = t_app = time.monotonic()
         retry = make_simple_http_retry_invoker()
         client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                          RuntimeTokenHttpInterceptor(token)],
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
             retry_invoker=retry,
         )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
@@ -198,7 +215,10 @@ class ClientAppWorker:
                 if message is not None:
                     # messages built from here on (the reply) are stamped with this task
                     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = (
-                        task_id, context.run_id, context.node_id)
+                        task_id,
+                        context.run_id,
+                        context.node_id,
+                    )
                     if self._app is None or fab.hash_str != self.fab_hash:
                         install_from_fab(fab.content, skip_prompt=True)
                         load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
@@ -231,20 +251,35 @@ class ClientAppWorker:
                 client.close()
         what = message.metadata.message_type if message is not None else "?"
         done = time.monotonic()
-        log.info("%s task done in %.2f s: input %.2f s, queued %.2f s, ClientApp %.2f s, reply %.2f s (%s)", what,
-                 done - t0, t_input - t0, max(0.0, t_run - t_input), max(0.0, t_app - t_run), max(0.0, done - t_app),
-                 sub_status)
+        log.info(
+            "%s task done in %.2f s: input %.2f s, queued %.2f s, ClientApp %.2f s, reply %.2f s (%s)",
+            what,
+            done - t0,
+            t_input - t0,
+            max(0.0, t_run - t_input),
+            max(0.0, t_app - t_run),
+            max(0.0, done - t_app),
+            sub_status,
+        )
         return sub_status == SubStatus.COMPLETED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="worker.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--runtime-api-address", required=True, metavar="HOST:PORT",
-                   help="the SuperNode's local Runtime API (its --host/--port)")
+    p.add_argument(
+        "--runtime-api-address",
+        required=True,
+        metavar="HOST:PORT",
+        help="the SuperNode's local Runtime API (its --host/--port)",
+    )
     p.add_argument("--parent-pid", type=int, help="exit when this process is gone")
-    p.add_argument("--poll-interval", type=float, default=POLL_CAP_S,
-                   help=f"most seconds between task polls when idle (default {POLL_CAP_S}); "
-                        f"{FIRST_POLL_S} s right after a task, doubling")
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=POLL_CAP_S,
+        help=f"most seconds between task polls when idle (default {POLL_CAP_S}); "
+        f"{FIRST_POLL_S} s right after a task, doubling",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise

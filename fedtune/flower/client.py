@@ -33,7 +33,9 @@ from fedtune.train import round_lr, train_local
 def partition_id(context: Context, cfg: FedtuneConfig) -> int:
     node_cfg = context.node_config
     if "partition-id" not in node_cfg:
-        raise ValueError("node_config has no 'partition-id' (start the SuperNode with --node-config \"partition-id=N\")")
+        raise ValueError(
+            "node_config has no 'partition-id' (start the SuperNode with --node-config \"partition-id=N\")"
+        )
     n = node_cfg.get("num-partitions")
     if n is not None and int(n) != cfg.federation.num_clients:
         raise ValueError(
@@ -102,12 +104,16 @@ def encode_update(delta: Delta, context: Context, cfg: FedtuneConfig, round_seed
     payload = codec.encode(target, seed=round_seed)
     if ef:
         layout = {k: tuple(v.shape) for k, v in target.items()}
-        context.state[P.EF_RESIDUAL] = to_arrayrecord(residual_after(target, codec.decode(payload, layout, seed=round_seed)))
+        context.state[P.EF_RESIDUAL] = to_arrayrecord(
+            residual_after(target, codec.decode(payload, layout, seed=round_seed))
+        )
     # no key names: the codec header carries a checksum of the keys and shapes the server checks
     return ConfigRecord({"codec": codec.name, "payload": payload})
 
 
-def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: torch.Generator, extra_loss, pid: int) -> dict:
+def _train_dp_sgd(
+    ws, model, data, cfg: FedtuneConfig, context: Context, gen: torch.Generator, extra_loss, pid: int
+) -> dict:
     """One round of DP-SGD (opacus) over the trainable adapter; the accountant persists in context.state."""
     from functools import partial
 
@@ -117,15 +123,23 @@ def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: to
     from fedtune.privacy import make_private
     from fedtune.train import make_optimizer
 
-    loader = DataLoader(data, batch_size=cfg.train.batch_size, collate_fn=partial(collate, pad_id=ws.pad_id, task=ws.task))
+    loader = DataLoader(
+        data, batch_size=cfg.train.batch_size, collate_fn=partial(collate, pad_id=ws.pad_id, task=ws.task)
+    )
     prev = context.state[P.DP_STATE] if P.DP_STATE in context.state else None
     total = None
     if cfg.privacy.target_epsilon is not None:
         total = cfg.federation.rounds * cfg.train.local_steps
     counts, released = _private_label_counts(ws, model, data, cfg, context, pid)
     pt = make_private(
-        model, make_optimizer(model, cfg.train), loader, cfg.privacy, generator=gen, total_steps=total,
-        accountant_state=dict(prev) if prev is not None else None, released=released,
+        model,
+        make_optimizer(model, cfg.train),
+        loader,
+        cfg.privacy,
+        generator=gen,
+        total_steps=total,
+        accountant_state=dict(prev) if prev is not None else None,
+        released=released,
     )
     if counts is not None and P.DP_LABELS not in context.state:  # first round: the release is spent now
         pt.accountant.record(*released[0])
@@ -133,8 +147,17 @@ def _train_dp_sgd(ws, model, data, cfg: FedtuneConfig, context: Context, gen: to
         context.state[P.DP_LABELS] = ConfigRecord({"counts": counts})
     try:
         metrics = train_local(
-            pt.model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
-            optimizer=pt.optimizer, batches=_cycle(pt.data_loader), extra_loss=extra_loss, clip=False,
+            pt.model,
+            data,
+            cfg.train,
+            task=ws.task,
+            pad_id=ws.pad_id,
+            device=ws.device,
+            generator=gen,
+            optimizer=pt.optimizer,
+            batches=_cycle(pt.data_loader),
+            extra_loss=extra_loss,
+            clip=False,
             label_counts=counts,
         )
         context.state[P.DP_STATE] = ConfigRecord(pt.accountant.state_dict())
@@ -162,7 +185,9 @@ def _private_label_counts(ws, model, data, cfg: FedtuneConfig, context: Context,
     if P.DP_LABELS in context.state:
         return [float(c) for c in context.state[P.DP_LABELS]["counts"]], released
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dp-labels", pid))
-    return noisy_label_counts([int(d["label"]) for d in data], num_labels(model), cfg.privacy.label_noise, gen), released
+    return noisy_label_counts(
+        [int(d["label"]) for d in data], num_labels(model), cfg.privacy.label_noise, gen
+    ), released
 
 
 def _cycle(loader):
@@ -210,32 +235,44 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     if plan is not None and plan.kind in attack.MODEL_POISONING:
         colluders = None
         if plan.kind == "alie":
-            colluders = [delta if p == pid else _train_delta(ws, model, ws.client_data(p), cfg, context,
-                                                             global_state, rnd, p, mu)[0]
-                         for p in attack.attackers(plan, cfg.federation.num_clients)]
-        delta = attack.poison(plan, delta, rnd=rnd, partition_id=pid, colluders=colluders,
-                              num_clients=cfg.federation.num_clients)
+            colluders = [
+                delta
+                if p == pid
+                else _train_delta(ws, model, ws.client_data(p), cfg, context, global_state, rnd, p, mu)[0]
+                for p in attack.attackers(plan, cfg.federation.num_clients)
+            ]
+        delta = attack.poison(
+            plan, delta, rnd=rnd, partition_id=pid, colluders=colluders, num_clients=cfg.federation.num_clients
+        )
     seed = int(conf.get("round-seed", 0))
     update = encode_update(delta, context, cfg, seed)
     if plan is not None and plan.kind in ("nan", "wrong-layout", "oversized"):
         # the hostile payload replaces the update; the error-feedback residual stays an honest client's
-        update = encode_update(attack.poison(plan, delta, rnd=rnd, partition_id=pid), context, cfg, seed,
-                               feedback=False)
+        update = encode_update(
+            attack.poison(plan, delta, rnd=rnd, partition_id=pid), context, cfg, seed, feedback=False
+        )
     if plan is not None and plan.kind == "replay":
         update = _replayed(update, context)
     reply = RecordDict(
         {
             P.UPDATE: update,
             # server-round: the round this reply answers, which the server checks
-            P.METRICS: MetricRecord({"num-examples": len(data), "partition-id": pid,
-                                     "server-round": attack.claimed_round(plan, rnd), **metrics}),
+            P.METRICS: MetricRecord(
+                {
+                    "num-examples": len(data),
+                    "partition-id": pid,
+                    "server-round": attack.claimed_round(plan, rnd),
+                    **metrics,
+                }
+            ),
         }
     )
     return Message(reply, reply_to=msg)
 
 
-def _train_delta(ws, model, data, cfg: FedtuneConfig, context: Context, global_state: Delta, rnd: int, pid: int,
-                 mu: float) -> tuple[Delta, dict]:
+def _train_delta(
+    ws, model, data, cfg: FedtuneConfig, context: Context, global_state: Delta, rnd: int, pid: int, mu: float
+) -> tuple[Delta, dict]:
     """Train ``model`` from ``global_state`` on ``data`` as partition ``pid`` in round ``rnd``:
     (local - global over the trainable keys, training metrics)."""
     adapters.set_state_(model, global_state)
@@ -251,7 +288,13 @@ def _train_delta(ws, model, data, cfg: FedtuneConfig, context: Context, global_s
         metrics = _train_dp_sgd(ws, model, data, cfg, context, gen, extra_loss, pid)
     else:
         metrics = train_local(
-            model, data, cfg.train, task=ws.task, pad_id=ws.pad_id, device=ws.device, generator=gen,
+            model,
+            data,
+            cfg.train,
+            task=ws.task,
+            pad_id=ws.pad_id,
+            device=ws.device,
+            generator=gen,
             extra_loss=extra_loss,
         )
     keys = adapters.trainable_keys(model)

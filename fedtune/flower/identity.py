@@ -40,8 +40,9 @@ class NodeIdentities:
         if not new:
             return
         ask = [
-            Message(RecordDict({P.CONFIG: ConfigRecord({"ask": "identity"})}), dst_node_id=n,
-                    message_type=MessageType.QUERY)
+            Message(
+                RecordDict({P.CONFIG: ConfigRecord({"ask": "identity"})}), dst_node_id=n, message_type=MessageType.QUERY
+            )
             for n in new
         ]
         for reply in send_and_receive(grid, ask, timeout=timeout):
@@ -52,6 +53,7 @@ class NodeIdentities:
 
     def order(self, node_ids: Iterable[int]) -> list[int]:
         """Node ids sorted by partition id (unidentified nodes last, by node id)."""
+
         def key(n: int) -> tuple[int, int, int]:
             pid = self.known.get(n)
             return (0, pid, n) if pid is not None else (1, n, 0)

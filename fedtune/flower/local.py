@@ -19,8 +19,15 @@ ClientFn = Callable[[Message, Context], Message]
 class LocalGrid:
     """Hands each message to ``client_fn`` with that node's persistent Context."""
 
-    def __init__(self, num_nodes: int, client_fn: ClientFn, *, run_config: dict | None = None,
-                 fail: Callable[[int, int], bool] | None = None, node_ids: list[int] | None = None):
+    def __init__(
+        self,
+        num_nodes: int,
+        client_fn: ClientFn,
+        *,
+        run_config: dict | None = None,
+        fail: Callable[[int, int], bool] | None = None,
+        node_ids: list[int] | None = None,
+    ):
         from flwr.supercore.task_identity import TaskIdentity
 
         # Messages take their run and task ids from the process identity a real runtime sets.
@@ -35,8 +42,11 @@ class LocalGrid:
         self.fail = fail  # (node_id, round) -> True to simulate a crashed client
         self.contexts = {
             nid: Context(
-                run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
-                state=RecordDict(), run_config=dict(run_config or {}),
+                run_id=1,
+                node_id=nid,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
             )
             for i, nid in enumerate(self.node_ids)
         }

@@ -74,13 +74,24 @@ def train_delta(state: Delta, fit_cfg: dict[str, Any], context: Context, cfg: Fe
     """Run fedtune's train handler on ``state``; return (delta of the trainable keys, metrics)."""
     from fedtune.flower.client import handle_train
 
-    content = RecordDict({
-        P.CONFIG: ConfigRecord({k: fit_cfg[k] for k in _FIT_KEYS if k in fit_cfg}),
-        P.ARRAYS: to_arrayrecord(state),
-    })
+    content = RecordDict(
+        {
+            P.CONFIG: ConfigRecord({k: fit_cfg[k] for k in _FIT_KEYS if k in fit_cfg}),
+            P.ARRAYS: to_arrayrecord(state),
+        }
+    )
     # the legacy FitIns arrived inside a Flower message; this local one only carries it to the handler
-    meta = Metadata(run_id=context.run_id, message_id="", src_node_id=0, dst_node_id=context.node_id,
-                    reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0, message_type="train")
+    meta = Metadata(
+        run_id=context.run_id,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=context.node_id,
+        reply_to_message_id="",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
     msg = Message(content, metadata=meta)
     reply = handle_train(msg, context, cfg)
     return from_arrayrecord(reply.content[P.UPDATE]), dict(reply.content[P.METRICS])
@@ -129,9 +140,15 @@ class MeanDeltaFedAvg(FedAvg):
     Flower's own unseeded sampling).
     """
 
-    def __init__(self, state: Delta, trainable: list[str], *,
-                 on_aggregate: Callable[[int, Delta, Delta], None] | None = None,
-                 sample: Callable[[int, list[int]], list[int]] | None = None, **kwargs):
+    def __init__(
+        self,
+        state: Delta,
+        trainable: list[str],
+        *,
+        on_aggregate: Callable[[int, Delta, Delta], None] | None = None,
+        sample: Callable[[int, list[int]], list[int]] | None = None,
+        **kwargs,
+    ):
         self.sample = sample
         self.keys = sorted(state)
         self.trainable = sorted(trainable)
@@ -157,8 +174,10 @@ class MeanDeltaFedAvg(FedAvg):
         self.last_round = {
             "accepted": len(results),
             "rejected": [{"node": None, "reason": str(f)[:500]} for f in failures],
-            "clients": [{"node": p.node_id, "num-examples": r.num_examples,
-                         **{k: float(v) for k, v in r.metrics.items()}} for p, r in results],
+            "clients": [
+                {"node": p.node_id, "num-examples": r.num_examples, **{k: float(v) for k, v in r.metrics.items()}}
+                for p, r in results
+            ],
         }
         if params is None:
             return None, {}
@@ -176,7 +195,12 @@ class MeanDeltaFedAvg(FedAvg):
 
 def _weighted_metrics(pairs: list[tuple[int, dict]]) -> dict[str, float]:
     total = sum(n for n, _ in pairs) or 1
-    names = {k for _, m in pairs for k, v in m.items() if isinstance(v, (int, float)) and k not in ("node", "num-examples", "partition-id")}
+    names = {
+        k
+        for _, m in pairs
+        for k, v in m.items()
+        if isinstance(v, (int, float)) and k not in ("node", "num-examples", "partition-id")
+    }
     return {k: sum(n * float(m.get(k, 0.0)) for n, m in pairs) / total for k in sorted(names)}
 
 
@@ -195,9 +219,14 @@ class PromptGrid:
         return send_and_receive(self.grid, messages, timeout=timeout)
 
 
-def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | Path,
-               progress: Callable[[str], None] = print,
-               on_aggregate: Callable[[int, Delta, Delta], None] | None = None) -> dict[str, Any]:
+def run_secagg(
+    grid: Grid,
+    context: Context,
+    cfg: FedtuneConfig,
+    out_dir: str | Path,
+    progress: Callable[[str], None] = print,
+    on_aggregate: Callable[[int, Delta, Delta], None] | None = None,
+) -> dict[str, Any]:
     """One federated run with SecAgg+; returns the summary (also in ``out_dir``/summary.json)."""
     agg, fed = cfg.aggregation, cfg.federation
     runlog = RunLog(cfg, out_dir, progress)
@@ -225,39 +254,74 @@ def run_secagg(grid: Grid, context: Context, cfg: FedtuneConfig, out_dir: str | 
             up = {c["node"]: 4 * n_params for c in info["clients"]}
             down = {c["node"]: adapter_bytes for c in info["clients"]}
             train = _weighted_metrics([(int(c["num-examples"]), c) for c in info["clients"]])
-            record = round_record(rnd, info["accepted"] + len(info["rejected"]), info["accepted"], info["rejected"],
-                                  train, up, down, info["clients"], **privacy.end_round(info["clients"]))
+            record = round_record(
+                rnd,
+                info["accepted"] + len(info["rejected"]),
+                info["accepted"],
+                info["rejected"],
+                train,
+                up,
+                down,
+                info["clients"],
+                **privacy.end_round(info["clients"]),
+            )
             runlog.end_round(record, t_round[0], evaluate)
         t_round[0] = time.monotonic()
         return None
 
     strategy = MeanDeltaFedAvg(
-        state, trainable, on_aggregate=on_aggregate, sample=lambda rnd, ids: sampler.sample(grid, rnd, ids),
-        fraction_fit=fed.fraction_train, min_fit_clients=fed.min_train_clients,
-        min_available_clients=fed.min_available_clients, fraction_evaluate=0.0, min_evaluate_clients=0,
-        evaluate_fn=end_round, on_fit_config_fn=lambda rnd: fit_config(cfg, rnd),
+        state,
+        trainable,
+        on_aggregate=on_aggregate,
+        sample=lambda rnd, ids: sampler.sample(grid, rnd, ids),
+        fraction_fit=fed.fraction_train,
+        min_fit_clients=fed.min_train_clients,
+        min_available_clients=fed.min_available_clients,
+        fraction_evaluate=0.0,
+        min_evaluate_clients=0,
+        evaluate_fn=end_round,
+        on_fit_config_fn=lambda rnd: fit_config(cfg, rnd),
         fit_metrics_aggregation_fn=_weighted_metrics,
     )
     runlog.start(
         f"model {cfg.model.name} ({ws.task}), adapter {cfg.adapter.method}: {n_params:,} trainable params, "
         f"secure aggregation SecAgg+; {fed.num_clients} clients, {fed.rounds} rounds, "
-        f"{len(ws.test_data())} held-out examples", evaluate,
+        f"{len(ws.test_data())} held-out examples",
+        evaluate,
     )
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout),
-                           strategy=strategy)
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=agg.num_shares, reconstruction_threshold=agg.reconstruction_threshold, max_weight=agg.max_weight,
-        clipping_range=agg.clipping_range, quantization_range=agg.quantization_range, timeout=fed.round_timeout,
-    ))
+    legacy = LegacyContext(
+        context=context, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout), strategy=strategy
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=agg.num_shares,
+            reconstruction_threshold=agg.reconstruction_threshold,
+            max_weight=agg.max_weight,
+            clipping_range=agg.clipping_range,
+            quantization_range=agg.quantization_range,
+            timeout=fed.round_timeout,
+        )
+    )
     workflow(PromptGrid(grid), legacy)
     if len(runlog.rows) != fed.rounds:
         raise FedtuneError(f"SecAgg+ run ended after {len(runlog.rows)} of {fed.rounds} rounds; see Flower's log")
     return runlog.finish(
-        ws.task, evaluate, lambda adapter_dir: export_adapter(ws, strategy.state, adapter_dir),
-        trainable_params=n_params, aggregation={"strategy": "SecAgg+ (SecAggPlusWorkflow), FedAvg of deltas",
-                                                **cfg.to_dict()["aggregation"]},
-        privacy=privacy.summary(), mode="secagg+",
+        ws.task,
+        evaluate,
+        lambda adapter_dir: export_adapter(ws, strategy.state, adapter_dir),
+        trainable_params=n_params,
+        aggregation={"strategy": "SecAgg+ (SecAggPlusWorkflow), FedAvg of deltas", **cfg.to_dict()["aggregation"]},
+        privacy=privacy.summary(),
+        mode="secagg+",
     )
 
 
-__all__ = ["MeanDeltaFedAvg", "PromptGrid", "SecAggClient", "fit_config", "handle_secagg_train", "run_secagg", "train_delta"]
+__all__ = [
+    "MeanDeltaFedAvg",
+    "PromptGrid",
+    "SecAggClient",
+    "fit_config",
+    "handle_secagg_train",
+    "run_secagg",
+    "train_delta",
+]

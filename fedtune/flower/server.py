@@ -63,8 +63,15 @@ from fedtune.workspace import export_adapter
 log = logging.getLogger("fedtune")
 
 
-def sample_nodes(node_ids: Iterable[int], fraction: float, minimum: int, *, seed: int, rnd: int,
-                 order: Callable[[Iterable[int]], list[int]] = sorted) -> list[int]:
+def sample_nodes(
+    node_ids: Iterable[int],
+    fraction: float,
+    minimum: int,
+    *,
+    seed: int,
+    rnd: int,
+    order: Callable[[Iterable[int]], list[int]] = sorted,
+) -> list[int]:
     """Sample ``max(fraction * N, minimum)`` nodes, reproducibly from (seed, round).
 
     ``order`` puts the nodes in a run-independent order first (`NodeIdentities.order`:
@@ -201,9 +208,10 @@ class HeteroRanks:
         rank, sent = int(raw), self._sent[node]
         self.node_rank[node] = rank
         if rank > sent:  # it padded a rank-`sent` cut: not the T_rank(G) start hetero_round assumes
-            raise PayloadError(f"trained at rank {rank} from factors sent at rank {sent}; it gets rank {rank} next round")
+            raise PayloadError(
+                f"trained at rank {rank} from factors sent at rank {sent}; it gets rank {rank} next round"
+            )
         return rank, self._cut(sent, rank)
-
 
 
 REPLAY_WINDOW = 64  # rounds of accepted-update digests kept per node
@@ -227,8 +235,9 @@ class NodeSampler:
             return []
         available = list(grid.get_node_ids() if available is None else available)
         self.identities.learn(grid, available, timeout=fed.round_timeout)
-        return sample_nodes(available, fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd,
-                            order=self.identities.order)
+        return sample_nodes(
+            available, fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd, order=self.identities.order
+        )
 
 
 def refuse_unfinished(path: Path, resume: bool) -> None:
@@ -414,16 +423,22 @@ class DeltaRounds:
         with bitmap indices for the others; fp32 arrays otherwise), plus 256 bytes a tensor (``.npy``
         headers). The slack leaves a slightly wrong payload (a float64 tensor, one row too many) to
         the layout checks, which name what is wrong."""
-        honest = (self.uplink_codec.wire_size(layout) if self.uplink_codec is not None
-                  else sum(4 * math.prod(shape) for shape in layout.values()))
+        honest = (
+            self.uplink_codec.wire_size(layout)
+            if self.uplink_codec is not None
+            else sum(4 * math.prod(shape) for shape in layout.values())
+        )
         return 2 * honest + 256 * len(layout)
 
     def receive(self, rnd: int, node: int, reply: Message) -> dict[str, float]:
         m = reply.content[P.METRICS]
         claimed = m.get("server-round")
         if claimed is None or isinstance(claimed, bool) or claimed != rnd:
-            raise PayloadError(f"reply claims server round {claimed!r}, this is round {rnd}" if claimed is not None
-                               else "metrics have no 'server-round' (the round the reply answers)")
+            raise PayloadError(
+                f"reply claims server round {claimed!r}, this is round {rnd}"
+                if claimed is not None
+                else "metrics have no 'server-round' (the round the reply answers)"
+            )
         start, node_expected = self.state, self.expected
         if self.hetero is not None:
             rank, start = self.hetero.start_for(node, m)
@@ -475,8 +490,11 @@ class DeltaRounds:
 
             noise_gen = torch.Generator().manual_seed(derive_seed(cfg.federation.seed, "dp", rnd))
             mean = private_mean(
-                [delta for delta, _, _ in self.decoded], clip_norm=cfg.privacy.clip_norm,
-                noise_multiplier=cfg.privacy.noise_multiplier, num_sampled_clients=self.sampled, generator=noise_gen,
+                [delta for delta, _, _ in self.decoded],
+                clip_norm=cfg.privacy.clip_norm,
+                noise_multiplier=cfg.privacy.noise_multiplier,
+                num_sampled_clients=self.sampled,
+                generator=noise_gen,
             )
             state.update({k: state[k] + mean[k] for k in self.keys})
         elif self.lora_aggregator is not None:
@@ -530,14 +548,18 @@ class DeltaRounds:
         export_adapter(self.ws, self.state, adapter_dir)
 
     def finish(self, run_dir: Path) -> dict[str, Any]:
-        out: dict[str, Any] = {"aggregation": {"strategy": self.aggregation_name(), **self.cfg.to_dict()["aggregation"]}}
+        out: dict[str, Any] = {
+            "aggregation": {"strategy": self.aggregation_name(), **self.cfg.to_dict()["aggregation"]}
+        }
         if self.swa is not None:  # what was evaluated and exported
             out["aggregation"]["swa_rounds_averaged"] = self.swa_rounds
         if self.cfg.attack.kind != "none":  # a simulated attack: which partitions ran it
             from fedtune.attack import attackers
 
-            out["attack"] = {**self.cfg.to_dict()["attack"],
-                             "attackers": list(attackers(self.cfg.attack, self.cfg.federation.num_clients))}
+            out["attack"] = {
+                **self.cfg.to_dict()["attack"],
+                "attackers": list(attackers(self.cfg.attack, self.cfg.federation.num_clients)),
+            }
         return out
 
 
@@ -553,8 +575,15 @@ def make_protocol(cfg: FedtuneConfig) -> RoundProtocol:
 class ServerLoop:
     """One federated run on a Flower ``Grid``: the rounds of ``protocol`` (by default the one ``cfg`` asks for)."""
 
-    def __init__(self, cfg: FedtuneConfig, out_dir: str | Path, progress: Callable[[str], None] | None = None,
-                 *, resume: bool = False, protocol: RoundProtocol | None = None):
+    def __init__(
+        self,
+        cfg: FedtuneConfig,
+        out_dir: str | Path,
+        progress: Callable[[str], None] | None = None,
+        *,
+        resume: bool = False,
+        protocol: RoundProtocol | None = None,
+    ):
         self.cfg = cfg
         self.resume = resume
         self.runlog = RunLog(cfg, out_dir, progress)
@@ -589,8 +618,9 @@ class ServerLoop:
             return None
         saved_cfg = config.load(ckpt / "config.toml")
         if saved_cfg.to_dict() != self.cfg.to_dict():
-            raise FedtuneError(f"--resume: the config differs from the one in {ckpt / 'config.toml'}; "
-                               "resume with the same config")
+            raise FedtuneError(
+                f"--resume: the config differs from the one in {ckpt / 'config.toml'}; resume with the same config"
+            )
         meta = json.loads((ckpt / "meta.json").read_text())
         if meta.get("format") != 2:
             raise FedtuneError(f"--resume: {ckpt} was written by another fedtune version (format {meta.get('format')})")
@@ -617,7 +647,9 @@ class ServerLoop:
 
         self.runlog.start(
             f"model {cfg.model.name} ({ws.task}), {what}; {fed.num_clients} clients, {fed.rounds} rounds, "
-            f"{len(ws.test_data())} held-out examples", evaluate, resumed_round=resumed,
+            f"{len(ws.test_data())} held-out examples",
+            evaluate,
+            resumed_round=resumed,
         )
         stopped = None
         for rnd in range((resumed or 0) + 1, fed.rounds + 1):
@@ -630,9 +662,15 @@ class ServerLoop:
             self.save_checkpoint(rnd)
         summary = proto.finish(self.path)
         return self.runlog.finish(
-            ws.task, evaluate, proto.export, trainable_params=proto.trainable_params(),
-            aggregation=summary.pop("aggregation"), privacy=self.privacy.summary(), mode=proto.mode,
-            stopped_early=stopped, **summary,
+            ws.task,
+            evaluate,
+            proto.export,
+            trainable_params=proto.trainable_params(),
+            aggregation=summary.pop("aggregation"),
+            privacy=self.privacy.summary(),
+            mode=proto.mode,
+            stopped_early=stopped,
+            **summary,
         )
 
     def run_round(self, grid: Grid, rnd: int) -> dict[str, Any]:
@@ -672,8 +710,12 @@ class ServerLoop:
         answered = {r["node"] for r in rejected} | {c["node"] for c in clients}
         for node in nodes:
             if node not in answered:
-                rejected.append({"node": node, "reason": f"no reply within federation.round_timeout = "
-                                                         f"{self.cfg.federation.round_timeout} s"})
+                rejected.append(
+                    {
+                        "node": node,
+                        "reason": f"no reply within federation.round_timeout = {self.cfg.federation.round_timeout} s",
+                    }
+                )
         for rej in rejected:
             log.warning("round %d: update from node %s dropped: %s", rnd, rej["node"], rej["reason"])
         train, extra = proto.aggregate(rnd)
@@ -681,5 +723,16 @@ class ServerLoop:
         return round_record(rnd, len(msgs), len(clients), rejected, train, up, down, clients, **extra)
 
 
-__all__ = ["ServerLoop", "RoundProtocol", "DeltaRounds", "NodeSampler", "Broadcast", "HeteroRanks",
-           "build_strategy", "sample_nodes", "round_seed", "make_protocol", "refuse_unfinished"]
+__all__ = [
+    "ServerLoop",
+    "RoundProtocol",
+    "DeltaRounds",
+    "NodeSampler",
+    "Broadcast",
+    "HeteroRanks",
+    "build_strategy",
+    "sample_nodes",
+    "round_seed",
+    "make_protocol",
+    "refuse_unfinished",
+]

@@ -138,9 +138,16 @@ def merge_downlink(held: SeedHistory, first_round: int, entries: Sequence) -> tu
     return SeedHistory(held.pool, combined), valid
 
 
-def batch_loss_fns(ws: workspace.Workspace, data: list[dict], steps: int, batch_size: int,
-                   generator: torch.Generator, losses: list[float], *,
-                   logit_adjustment: float = 0.0) -> list[LossFn]:
+def batch_loss_fns(
+    ws: workspace.Workspace,
+    data: list[dict],
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    losses: list[float],
+    *,
+    logit_adjustment: float = 0.0,
+) -> list[LossFn]:
     """One loss function per step, each on its own fixed mini-batch; every call logs its loss.
 
     The model's own loss (cross-entropy on the labels the batch carries, for
@@ -161,9 +168,7 @@ def batch_loss_fns(ws: workspace.Workspace, data: list[dict], steps: int, batch_
 
         return loss
 
-    return [
-        make({k: v.to(device) for k, v in collate(next(stream), ws.pad_id, ws.task).items()}) for _ in range(steps)
-    ]
+    return [make({k: v.to(device) for k, v in collate(next(stream), ws.pad_id, ws.task).items()}) for _ in range(steps)]
 
 
 def step_generators(cfg: FedtuneConfig, rnd: int, pid: int) -> tuple[torch.Generator, torch.Generator]:
@@ -172,18 +177,26 @@ def step_generators(cfg: FedtuneConfig, rnd: int, pid: int) -> tuple[torch.Gener
     return tuple(torch.Generator().manual_seed(s) for s in seeds)  # type: ignore[return-value]
 
 
-def local_round_(ws: workspace.Workspace, data: list[dict], cfg: FedtuneConfig, history: SeedHistory,
-                 rnd: int, pid: int) -> tuple[list[tuple[int, float]], float]:
+def local_round_(
+    ws: workspace.Workspace, data: list[dict], cfg: FedtuneConfig, history: SeedHistory, rnd: int, pid: int
+) -> tuple[list[tuple[int, float]], float]:
     """``zo.local_steps`` MeZO steps on the model as it is; returns (pairs, mean train loss)."""
     zo = cfg.zo
     seed_gen, batch_gen = step_generators(cfg, rnd, pid)
     losses: list[float] = []
-    fns = batch_loss_fns(ws, data, zo.local_steps, cfg.train.batch_size, batch_gen, losses,
-                         logit_adjustment=cfg.train.logit_adjustment)
+    fns = batch_loss_fns(
+        ws, data, zo.local_steps, cfg.train.batch_size, batch_gen, losses, logit_adjustment=cfg.train.logit_adjustment
+    )
     ws.model.eval()
     pairs = train_round_(
-        select_params(ws.model, zo.scope), fns, make_sampler(zo, history), seed_gen,
-        history.pool, zo.eps, zo.lr, zo.grad_clip,
+        select_params(ws.model, zo.scope),
+        fns,
+        make_sampler(zo, history),
+        seed_gen,
+        history.pool,
+        zo.eps,
+        zo.lr,
+        zo.grad_clip,
     )
     return pairs, (float(np.mean(losses)) if losses else math.nan)
 
@@ -231,10 +244,12 @@ def handle_train_zo(msg: Message, context: Context, cfg: FedtuneConfig) -> Messa
     if len(history) != rnd - 1:
         raise PayloadError(f"server round {rnd} needs rounds 1..{rnd - 1}, the downlink gives 1..{len(history)}")
     pairs, train_loss = local_round_(ws, data, cfg, history, rnd, pid)
-    reply = RecordDict({
-        P.ZO: ConfigRecord({UPLINK_KEY: encode_uplink(pairs, history.pool)}),
-        P.METRICS: MetricRecord({"num-examples": len(data), "train_loss": train_loss}),
-    })
+    reply = RecordDict(
+        {
+            P.ZO: ConfigRecord({UPLINK_KEY: encode_uplink(pairs, history.pool)}),
+            P.METRICS: MetricRecord({"num-examples": len(data), "train_loss": train_loss}),
+        }
+    )
     return Message(reply, reply_to=msg)
 
 

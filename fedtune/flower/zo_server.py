@@ -77,8 +77,10 @@ class SeedRounds:
         self.ws = ws
         self.initial = initial_params(ws, zo.scope)
         self.current = {k: v.clone() for k, v in self.initial.items()}
-        return (f"zeroth-order FedKSeed, scope {zo.scope}: {self.trainable_params():,} tuned params, "
-                f"K={zo.num_seeds}, {zo.local_steps} local steps{' (Pro)' if zo.pro else ''}")
+        return (
+            f"zeroth-order FedKSeed, scope {zo.scope}: {self.trainable_params():,} tuned params, "
+            f"K={zo.num_seeds}, {zo.local_steps} local steps{' (Pro)' if zo.pro else ''}"
+        )
 
     def trainable_params(self) -> int:
         return sum(v.numel() for v in self.current.values())
@@ -93,11 +95,14 @@ class SeedRounds:
         self.losses: list[tuple[float, float]] = []
         return [
             Message(
-                RecordDict({
-                    P.CONFIG: ConfigRecord({"server-round": rnd}),
-                    P.ZO: ConfigRecord({DOWNLINK_KEY: encode_downlink(self.history, self.node_round.get(node, 0))}),
-                }),
-                dst_node_id=node, message_type=MessageType.TRAIN,
+                RecordDict(
+                    {
+                        P.CONFIG: ConfigRecord({"server-round": rnd}),
+                        P.ZO: ConfigRecord({DOWNLINK_KEY: encode_downlink(self.history, self.node_round.get(node, 0))}),
+                    }
+                ),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
             )
             for node in nodes
         ]
@@ -157,8 +162,12 @@ class SeedRounds:
             "aggregation": {"strategy": "FedKSeed (weighted mean of scalars)", **self.cfg.to_dict()["aggregation"]},
             "adapter_bytes_fp32": 4 * sum(state[k].numel() for k in self.ws.trainable_keys()),
             "zo": self.cfg.zo.to_dict(),
-            "zo_history": {"rounds": len(self.history), "pairs": sum(e.nnz for e in self.history.entries),
-                           "bytes": len(data), "file": HISTORY_FILE},
+            "zo_history": {
+                "rounds": len(self.history),
+                "pairs": sum(e.nnz for e in self.history.entries),
+                "bytes": len(data),
+                "file": HISTORY_FILE,
+            },
         }
 
 

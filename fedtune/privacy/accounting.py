@@ -106,8 +106,7 @@ def history_epsilon(history: History, delta: float) -> float:
     if not history:
         return 0.0
     rdp = sum(
-        rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=list(DEFAULT_ALPHAS))
-        for z, q, n in history
+        rdp_analysis.compute_rdp(q=q, noise_multiplier=z, steps=n, orders=list(DEFAULT_ALPHAS)) for z, q, n in history
     )
     return _eps_from_rdp(rdp, delta)
 
@@ -148,7 +147,12 @@ def max_steps_within(budget: float, *, noise_multiplier: float, sample_rate: flo
 
 
 def calibrate_noise_multiplier(
-    target_epsilon: float, *, sample_rate: float, steps: int, delta: float, released: History = (),
+    target_epsilon: float,
+    *,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    released: History = (),
     tolerance: float = 0.01,
 ) -> float:
     """The smallest z (to ``tolerance`` in epsilon) such that ``released`` plus ``steps``
@@ -177,7 +181,9 @@ def calibrate_noise_multiplier(
     while eps(hi) > target_epsilon:
         lo, hi = hi, 2 * hi
         if hi > 1e6:
-            raise ConfigError(f"target_epsilon={target_epsilon} is out of reach for {steps} steps at rate {sample_rate}")
+            raise ConfigError(
+                f"target_epsilon={target_epsilon} is out of reach for {steps} steps at rate {sample_rate}"
+            )
     for _ in range(100):  # invariant: eps(hi) <= target < eps(lo) (eps(0) is infinite)
         mid = (lo + hi) / 2
         e = eps(mid)
@@ -238,8 +244,10 @@ def _check_delta(delta: float) -> None:
 
 
 def check_entry(noise_multiplier: float, sample_rate: float, steps: int) -> None:
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not (
-        math.isfinite(noise_multiplier) and noise_multiplier >= 0
+    if (
+        isinstance(noise_multiplier, bool)
+        or not isinstance(noise_multiplier, (int, float))
+        or not (math.isfinite(noise_multiplier) and noise_multiplier >= 0)
     ):
         raise ConfigError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, float)) or not 0 < sample_rate <= 1:

@@ -233,7 +233,9 @@ class ClientLevelAccountant:
 
         Depends only on (z, q, delta), not on rounds already recorded.
         """
-        return max_steps_within(budget, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, delta=self.delta)
+        return max_steps_within(
+            budget, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate, delta=self.delta
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return self._rdp.state_dict()

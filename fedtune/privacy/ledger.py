@@ -44,8 +44,10 @@ class RunPrivacy:
 
         if self.accountant is None or next_round_within_budget(self.cfg, self.accountant):
             return None
-        return (f"privacy budget reached: epsilon {self.accountant.epsilon():.3f}, one more round "
-                f"would exceed privacy.epsilon_budget = {self.cfg.epsilon_budget}")
+        return (
+            f"privacy budget reached: epsilon {self.accountant.epsilon():.3f}, one more round "
+            f"would exceed privacy.epsilon_budget = {self.cfg.epsilon_budget}"
+        )
 
     def end_round(self, client_metrics: Sequence[Mapping[str, float]]) -> dict[str, float]:
         """Account one finished round; returns the fields its metrics.jsonl row carries."""

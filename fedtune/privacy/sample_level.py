@@ -195,7 +195,9 @@ def make_private(
         raise ConfigError("model has no trainable parameters to make private")
     if cfg.target_epsilon is not None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
-            raise ConfigError(f"total_steps={total_steps!r}: target_epsilon needs the planned number of steps (int >= 1)")
+            raise ConfigError(
+                f"total_steps={total_steps!r}: target_epsilon needs the planned number of steps (int >= 1)"
+            )
     elif total_steps is not None:
         raise ConfigError(f"total_steps={total_steps!r} is only used with target_epsilon")
 
@@ -205,7 +207,11 @@ def make_private(
     sample_rate = 1 / len(dp_loader)  # what opacus accounts, same as in make_private
     if cfg.target_epsilon is not None:
         noise_multiplier = calibrate_noise_multiplier(
-            cfg.target_epsilon, sample_rate=sample_rate, steps=total_steps, delta=cfg.delta, released=released,
+            cfg.target_epsilon,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            delta=cfg.delta,
+            released=released,
         )
     else:
         noise_multiplier = float(cfg.noise_multiplier)

@@ -113,7 +113,4 @@ def train_round_(
     items = named(params)
     fns: Sequence[LossFn] = list(loss_fns)
     indices = sampler.sample(len(fns), generator)
-    return [
-        (int(i), zo_step_(items, fn, int(i), pool, eps, lr, grad_clip))
-        for i, fn in zip(indices, fns)
-    ]
+    return [(int(i), zo_step_(items, fn, int(i), pool, eps, lr, grad_clip)) for i, fn in zip(indices, fns)]

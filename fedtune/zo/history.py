@@ -119,9 +119,7 @@ def check_pair(pair: object, num_seeds: int, where: str) -> Pair:
     return int(index), value
 
 
-def aggregate_pairs(
-    client_pairs: Sequence[Iterable[Pair]], weights: Sequence[float], num_seeds: int
-) -> RoundEntry:
+def aggregate_pairs(client_pairs: Sequence[Iterable[Pair]], weights: Sequence[float], num_seeds: int) -> RoundEntry:
     """The server's round entry: ``c_s = sum_k (w_k / W) * S_{k,s}``, ``W = sum_k w_k``.
 
     ``S_{k,s}`` is the sum of client k's scalars for seed s (a seed drawn twice counts
@@ -257,13 +255,15 @@ class SeedHistory:
         if pool is not None and stored != pool:
             raise PayloadError(f"seed history was written for {stored}, expected {pool}")
         if (
-            offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0
-            or np.any(np.diff(offsets) < 0) or offsets[-1] != indices.size or indices.shape != scalars.shape
+            offsets.ndim != 1
+            or offsets.size < 1
+            or offsets[0] != 0
+            or np.any(np.diff(offsets) < 0)
+            or offsets[-1] != indices.size
+            or indices.shape != scalars.shape
         ):
             raise PayloadError("malformed seed history arrays: round_offsets do not match indices/scalars")
-        entries = [
-            RoundEntry(indices[a:b], scalars[a:b]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())
-        ]
+        entries = [RoundEntry(indices[a:b], scalars[a:b]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
         return cls(stored, entries)
 
     def to_bytes(self) -> bytes:
