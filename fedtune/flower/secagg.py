@@ -199,7 +199,8 @@ def _weighted_metrics(pairs: list[tuple[int, dict]]) -> dict[str, float]:
         k
         for _, m in pairs
         for k, v in m.items()
-        if isinstance(v, (int, float)) and k not in ("node", "num-examples", "partition-id")
+        # not train metrics: who replied, its weight, and the round it echoes (DeltaRounds strips it too)
+        if isinstance(v, (int, float)) and k not in ("node", "num-examples", "partition-id", "server-round")
     }
     return {k: sum(n * float(m.get(k, 0.0)) for n, m in pairs) / total for k in sorted(names)}
 
