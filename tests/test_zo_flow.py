@@ -38,6 +38,7 @@ from fedtune.zo import (
     encode_downlink,
     uplink_size,
 )
+from tests.test_round_loop import ROW_FIELDS
 
 from .conftest import CONFIGS
 
@@ -121,20 +122,7 @@ def test_run_completes_and_writes_backprop_fields(run3):
     cfg, out, summary, rows, grid = run3
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [r["accepted"] for r in rows[1:]] == [4, 3, 4]
-    backprop_fields = {
-        "round",
-        "sampled",
-        "accepted",
-        "rejected",
-        "train",
-        "bytes_up",
-        "bytes_down",
-        "bytes_up_per_client",
-        "bytes_down_per_client",
-        "clients",
-        "eval",
-        "seconds",
-    }
+    backprop_fields = ROW_FIELDS | {"eval"}  # every round is evaluated here (eval_every = 1)
     for r in rows[1:]:
         assert backprop_fields <= set(r)
         assert r["bytes_up"] == sum(r["bytes_up_per_client"].values())
