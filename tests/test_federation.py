@@ -9,7 +9,7 @@ from flwr.app import Message, MessageType, RecordDict
 from fedtune import adapters, config, workspace
 from fedtune.flower.client import handle_train
 from fedtune.flower.local import LocalGrid
-from fedtune.flower.records import array_data_bytes, to_arrayrecord, wire_bytes
+from fedtune.flower.records import PACKED, array_data_bytes, from_arrayrecord, pack, to_arrayrecord, wire_bytes
 from fedtune.flower.server import ServerLoop, sample_nodes
 
 
@@ -59,10 +59,12 @@ def test_client_sends_only_the_adapter(tiny_cfg, method):
     n_trainable = adapters.num_trainable(ws.model)
     # the tensor bytes on the wire are exactly the trainable adapter in fp32 ...
     assert array_data_bytes(update) == 4 * n_trainable
-    assert set(update.keys()) == set(ws.trainable_keys())
+    assert set(from_arrayrecord(update)) == set(ws.trainable_keys())
+    assert list(update) == [PACKED]  # one array on the wire (two Flower objects), whatever the tensor count
     # ... and the whole serialized reply is that plus names/headers, never the base model
     base_bytes = sum(p.numel() * 4 for p in ws.model.base_model.parameters())
-    assert 4 * n_trainable <= wire_bytes(reply.content) <= 4 * n_trainable + 400 * len(update) + 512
+    n_keys = len(ws.trainable_keys())
+    assert 4 * n_trainable <= wire_bytes(reply.content) <= 4 * n_trainable + 400 * n_keys + 512
     assert wire_bytes(reply.content) < base_bytes / 50
 
 
@@ -87,11 +89,10 @@ def test_malformed_update_is_dropped_and_the_round_goes_on(tiny_cfg, tmp_path):
     def client(msg, ctx):
         reply = handle_train(msg, ctx, cfg)
         if ctx.node_config["partition-id"] == 0:
-            upd = reply.content["update"]
-            bad = {k: torch.from_numpy(a.numpy().copy()) for k, a in upd.items()}
+            bad = from_arrayrecord(reply.content["update"])
             first = sorted(bad)[0]
             bad[first] = bad[first] * float("nan")
-            reply.content["update"] = to_arrayrecord(bad)
+            reply.content["update"] = pack(bad)
         return reply
 
     grid = LocalGrid(cfg.federation.num_clients, client)

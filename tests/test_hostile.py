@@ -27,7 +27,7 @@ from fedtune.compression.codec import VALID_CODECS, make_codec
 from fedtune.errors import ConfigError, PayloadError
 from fedtune.flower.client import handle_train
 from fedtune.flower.local import LocalGrid
-from fedtune.flower.records import from_arrayrecord, to_arrayrecord
+from fedtune.flower.records import PACKED, from_arrayrecord, pack, to_arrayrecord
 from fedtune.flower.server import ServerLoop
 from fedtune.zo.history import RoundEntry, SeedHistory
 from fedtune.zo.pool import SeedPool
@@ -261,6 +261,62 @@ def test_from_arrayrecord_raises_only_payload_error_on_mutated_arrays(data):
     out = _decode_or_payload_error(from_arrayrecord, _record(mutated, dtype=dtype, shape=shape))
     if out is not None:
         assert tuple(out["w"].shape) == shape
+
+
+STATE = {"lora_A": torch.arange(12.0).reshape(3, 4), "lora_B": -torch.arange(8.0).reshape(4, 2)}
+PACKED_BLOB = bytes(pack(STATE)[PACKED].numpy())  # the safetensors bytes inside the packed array
+
+
+def _packed(blob: bytes) -> ArrayRecord:
+    return ArrayRecord({PACKED: Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+def test_pack_is_one_uint8_array_that_reads_back_exactly():
+    state = {**STATE, "head": torch.randn(2, dtype=torch.float64), "scalar": torch.tensor(3.0)}
+    record = pack(state)
+    assert list(record) == [PACKED] and record[PACKED].dtype == "uint8" and len(record[PACKED].shape) == 1
+    back = from_arrayrecord(record)
+    assert list(back) == sorted(state)
+    assert all(torch.equal(back[k], state[k]) and back[k].dtype == state[k].dtype for k in state)
+    # the safetensors blob is what safetensors' own reader sees: 8-byte header length, JSON header, data
+    import json
+
+    (n,) = struct.unpack("<Q", PACKED_BLOB[:8])
+    header = json.loads(PACKED_BLOB[8 : 8 + n])
+    assert header["lora_A"] == {"dtype": "F32", "shape": [3, 4], "data_offsets": header["lora_A"]["data_offsets"]}
+    assert len(PACKED_BLOB) == 8 + n + 4 * (12 + 8)
+
+
+@pytest.mark.parametrize(
+    "record, why",
+    [
+        (_packed(PACKED_BLOB[:-1]), "could not be decoded"),
+        (_packed(PACKED_BLOB + b"\0"), "could not be decoded"),
+        (_packed(b"not safetensors"), "could not be decoded"),
+        (ArrayRecord({PACKED: Array(np.zeros(3, dtype=np.float32))}), "a packed record holds a 1-d uint8 array"),
+        (ArrayRecord({PACKED: Array(np.zeros((2, 2), dtype=np.uint8))}), "a packed record holds a 1-d uint8 array"),
+        (ArrayRecord({PACKED: pack(STATE)[PACKED], "w": Array(np.zeros(2, np.float32))}), "holds only"),
+    ],
+)
+def test_from_arrayrecord_refuses_malformed_packed_records(record, why):
+    with pytest.raises(PayloadError, match=re.escape(why)):
+        from_arrayrecord(record)
+
+
+def test_a_packed_header_claiming_a_huge_tensor_is_refused_without_allocating():
+    """10**12 float32s claimed over 8 bytes of data: safetensors checks offsets and shape against the buffer."""
+    header = b'{"w":{"dtype":"F32","shape":[1000000000000],"data_offsets":[0,8]}}'
+    blob = struct.pack("<Q", len(header)) + header + b"\0" * 8
+    with pytest.raises(PayloadError, match="could not be decoded"):
+        from_arrayrecord(_packed(blob))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_from_arrayrecord_raises_only_payload_error_on_mutated_packed_records(data):
+    out = _decode_or_payload_error(from_arrayrecord, _packed(_mutated(data, PACKED_BLOB)))
+    if out is not None:  # a flip inside the tensor data, or one the header tolerates: still a tensor dict
+        assert all(isinstance(v, torch.Tensor) for v in out.values())
 
 
 # --- configuration of the wrong types -------------------------------------------------------

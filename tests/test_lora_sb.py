@@ -257,7 +257,7 @@ def test_only_the_cores_and_head_go_on_the_wire(tiny_cfg):
     reply = grid.send_and_receive([msg])[0]
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     update = reply.content["update"]
-    assert set(update.keys()) == set(ws.trainable_keys())
+    assert set(from_arrayrecord(update)) == set(ws.trainable_keys())
     assert array_data_bytes(update) == _expected_update_bytes(ws) == 4 * adapters.num_trainable(ws.model)
 
 

@@ -181,6 +181,7 @@ def test_only_trainable_keys_travel_and_frozen_ones_stay_seeded(tiny_cfg, tmp_pa
 
     from fedtune import workspace
     from fedtune.flower import protocol as P
+    from fedtune.flower.records import from_arrayrecord
 
     cfg = tiny_cfg.replace(**{"federation.rounds": 2, **over})
     ws = workspace.get(cfg)
@@ -189,7 +190,7 @@ def test_only_trainable_keys_travel_and_frozen_ones_stay_seeded(tiny_cfg, tmp_pa
     received = []
 
     def client(msg, ctx):
-        received.append(set(msg.content[P.ARRAYS].keys()))
+        received.append(set(from_arrayrecord(msg.content[P.ARRAYS])))
         return handle_train(msg, ctx, cfg)
 
     ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, client))

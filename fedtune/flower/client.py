@@ -25,7 +25,7 @@ from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
 from fedtune.flower import protocol as P
-from fedtune.flower.records import from_arrayrecord, to_arrayrecord
+from fedtune.flower.records import from_arrayrecord, pack, to_arrayrecord
 from fedtune.seeds import derive_seed
 from fedtune.train import round_lr, train_local
 
@@ -94,7 +94,7 @@ def encode_update(delta: Delta, context: Context, cfg: FedtuneConfig, round_seed
     unless ``feedback`` is False)."""
     comp = cfg.compression
     if comp.codec == "none":
-        return to_arrayrecord(delta)
+        return pack(delta)
     from fedtune.compression import build_codec, compensate, residual_after
 
     codec = build_codec(comp, "uplink")

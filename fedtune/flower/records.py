@@ -1,4 +1,13 @@
-"""Conversions between adapter states and Flower records, and wire-size accounting."""
+"""Conversions between adapter states and Flower records, and wire-size accounting.
+
+On the wire an adapter (or a dense update) travels *packed*: one ``uint8`` array
+under the key `PACKED` holding the safetensors serialization of all its tensors
+(`pack`). Flower sends every array of a record as its own objects (the array and
+its chunks, one request each in a deployment), so an adapter of 24 tensors would
+take about 50 requests a message; packed it takes two. `from_arrayrecord` reads
+either form; inside the server (the strategy's per-key averaging) and in a
+client's own state, records stay one array per tensor (`to_arrayrecord`).
+"""
 
 from __future__ import annotations
 
@@ -6,27 +15,64 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_to_proto
 
 from fedtune.delta import Delta
 from fedtune.errors import PayloadError
 
+PACKED = "fedtune.safetensors"  # the one key of a packed record
+
 
 def to_arrayrecord(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """One array per tensor (what Flower's strategies average key by key)."""
     return ArrayRecord(torch_state_dict={k: v.detach().cpu() for k, v in state.items()})
 
 
+def pack(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    """The wire form of ``state``: one ``uint8`` array holding its safetensors serialization."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+    return ArrayRecord({PACKED: Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+def _unpack(arr) -> Delta:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    data = _read_npy(arr)
+    if data.dtype != np.uint8 or data.ndim != 1:
+        raise PayloadError(f"a packed record holds a 1-d uint8 array, got {data.dtype} {tuple(data.shape)}")
+    try:
+        # safetensors checks the header against the buffer (offsets cover it exactly) before it allocates
+        tensors = load(data.tobytes())
+    except (SafetensorError, ValueError, TypeError, OverflowError) as exc:
+        raise PayloadError(f"packed tensors could not be decoded: {exc}") from None
+    return {k: tensors[k] for k in sorted(tensors)}
+
+
 def from_arrayrecord(record: ArrayRecord) -> Delta:
-    """The tensors of an ArrayRecord; `PayloadError` for anything a peer could have malformed.
+    """The tensors of an ArrayRecord, packed (`pack`) or one array per tensor; `PayloadError`
+    for anything a peer could have malformed.
 
     Each array's ``.npy`` header is read and checked against its bytes *before*
     any allocation (``np.load`` would allocate whatever shape a header claims):
     numeric dtypes only, the data exactly as long as the header's shape needs,
-    and the header agreeing with the array's own dtype and shape fields.
+    and the header agreeing with the array's own dtype and shape fields. A
+    packed record's safetensors header is checked the same way by safetensors.
     """
     if not isinstance(record, ArrayRecord):
         raise PayloadError(f"expected arrays, got {type(record).__name__}")
+    if PACKED in record:
+        if len(record) != 1:
+            raise PayloadError(f"a packed record holds only {PACKED!r}, got {len(record)} arrays")
+        try:
+            return _unpack(record[PACKED])
+        except PayloadError as exc:
+            raise PayloadError(f"array {PACKED!r} could not be decoded: {exc}") from None
+        except Exception as exc:  # malformed bytes from a peer
+            raise PayloadError(f"array {PACKED!r} could not be decoded: {type(exc).__name__}: {exc}") from None
     out: Delta = {}
     for k, arr in record.items():
         try:
@@ -100,8 +146,5 @@ def wire_bytes(content: RecordDict) -> int:
 
 
 def array_data_bytes(record: ArrayRecord) -> int:
-    """Bytes of the raw tensor data inside an ArrayRecord (without names and headers)."""
-    total = 0
-    for arr in record.values():
-        total += int(np.prod(arr.shape, dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-    return total
+    """Bytes of the raw tensor data inside an ArrayRecord, packed or not (without names and headers)."""
+    return sum(v.numel() * v.element_size() for v in from_arrayrecord(record).values())

@@ -51,7 +51,7 @@ from fedtune.delta import Delta
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.identity import NodeIdentities
-from fedtune.flower.records import from_arrayrecord, to_arrayrecord, update_bytes, update_digest, wire_bytes
+from fedtune.flower.records import from_arrayrecord, pack, to_arrayrecord, update_bytes, update_digest, wire_bytes
 from fedtune.flower.transport import send_and_receive
 from fedtune.metrics import held_out_metrics
 from fedtune.privacy.ledger import RunPrivacy
@@ -162,7 +162,7 @@ class Broadcast:
             if sum(map(len, blobs)) < self.full_bytes:
                 down = ConfigRecord({"from-version": have, "payloads": blobs})
                 return RecordDict({P.CONFIG: config, P.DOWNLINK: down})
-        return RecordDict({P.CONFIG: config, P.ARRAYS: to_arrayrecord(self.public)})
+        return RecordDict({P.CONFIG: config, P.ARRAYS: pack(self.public)})
 
     def acknowledge(self, node: int, rnd: int) -> None:
         self.node_version[node] = rnd
@@ -198,7 +198,7 @@ class HeteroRanks:
     def content_for(self, node: int, config: ConfigRecord) -> RecordDict:
         rank = self.node_rank.get(node, self.global_rank)
         self._sent[node] = rank
-        return RecordDict({P.CONFIG: config, P.ARRAYS: to_arrayrecord(self._cut(self.global_rank, rank))})
+        return RecordDict({P.CONFIG: config, P.ARRAYS: pack(self._cut(self.global_rank, rank))})
 
     def start_for(self, node: int, metrics) -> tuple[int, Delta]:
         """(rank, factors the node started from) for its reply; PayloadError if the rank is unusable."""
@@ -392,6 +392,9 @@ class DeltaRounds:
         if cfg.aggregation.server_optimizer == "fedprox":
             train_cfg["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
         msgs = list(self.strategy.configure_train(rnd, self.global_arrays, train_cfg, _FixedGrid(nodes)))
+        wire = pack(self.sent())  # the same global, packed for the wire (records.pack)
+        for m in msgs:
+            m.content[P.ARRAYS] = wire
         if self.broadcast is not None:
             self.broadcast.advance(rnd, self.sent())
             for m in msgs:
