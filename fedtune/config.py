@@ -632,12 +632,31 @@ def _budget_problems(cfg: FedtuneConfig) -> list[str]:
 
 def _secure_problems(cfg: FedtuneConfig) -> list[str]:
     """What ``aggregation.secure = 'secagg+'`` (the server sees only the sum) cannot be combined with."""
-    e = []
-    if cfg.compression.codec != "none":
+    e, comp, agg = [], cfg.compression, cfg.aggregation
+    if comp.codec not in ("none", "randk"):
+        # the masks cancel only in a sum of vectors over the same coordinates, on a grid shared by all clients
         e.append(
-            f"compression.codec: SecAgg+ quantizes the dense delta itself and sums it under masks; "
-            f"{cfg.compression.codec!r} cannot be summed that way, set it to 'none' (aggregation.secure = 'secagg+')"
+            f"compression.codec: {comp.codec!r} cannot be combined with aggregation.secure = 'secagg+' (SecAgg+ sums "
+            "the clients' vectors under masks, so every client must send the same coordinates as plain numbers); "
+            "use 'none' or 'randk' (coordinates drawn from the round seed, the same for every client)"
         )
+    if comp.small_codec != "same":
+        e.append(
+            f"compression.small_codec: {comp.small_codec!r} cannot be combined with aggregation.secure = 'secagg+' "
+            "(every tensor goes through compression.codec); set it to 'same'"
+        )
+    if comp.error_feedback:
+        e.append(
+            "compression.error_feedback: not implemented with aggregation.secure = 'secagg+'; set it to false"
+        )
+    m = cfg.federation.clients_per_round
+    if isinstance(agg.modulus_range, int) and isinstance(agg.quantization_range, int):
+        if m * agg.quantization_range >= agg.modulus_range:
+            e.append(
+                f"aggregation.modulus_range: the sum of {m} clients' quantized entries (each up to "
+                f"aggregation.quantization_range = {agg.quantization_range}) would wrap around it; raise it above "
+                f"{m * agg.quantization_range} or lower aggregation.quantization_range (got {agg.modulus_range})"
+            )
     if cfg.compression.downlink != "none":
         e.append(
             "compression.downlink: not supported with aggregation.secure = 'secagg+' (the broadcast is the full adapter); set it to 'none'"

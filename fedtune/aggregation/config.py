@@ -30,6 +30,7 @@ _SECAGG_DEFAULTS = {
     "clipping_range": 8.0,
     "quantization_range": 2**22,
     "max_weight": 1000.0,
+    "modulus_range": 2**32,
 }
 
 # Flower's defaults (flwr.serverapp.strategy, flwr 1.41): FedAdam eta=0.1,
@@ -91,12 +92,14 @@ class AggregationConfig(Section):
             ePrint 2020/704), so the server learns only the weighted sum of the
             clients' deltas (`fedtune.flower.secagg`).
         num_shares, reconstruction_threshold, clipping_range,
-            quantization_range, max_weight: ``SecAggPlusWorkflow``'s
+            quantization_range, max_weight, modulus_range: ``SecAggPlusWorkflow``'s
             parameters under ``"secagg+"`` (an int share count, or a float
             fraction as in Flower); ``None`` elsewhere. Each delta coordinate,
             times its weight ``num_examples / max_weight``, is clipped to
             ``[-clipping_range, clipping_range]`` and quantized to
-            ``quantization_range`` levels.
+            ``quantization_range`` levels; masks and sums are taken modulo
+            ``modulus_range`` (a power of two), and each masked entry travels
+            in ``log2(modulus_range)`` bits.
         swa_start: server-side stochastic weight averaging (FedSWA, Caldarola
             et al. 2022, arXiv:2203.11834): from this round on, the adapter that
             is evaluated, checkpointed and exported is the uniform average of the
@@ -127,6 +130,7 @@ class AggregationConfig(Section):
     clipping_range: float | None = None
     quantization_range: int | None = None
     max_weight: float | None = None
+    modulus_range: int | None = None
     swa_start: int | None = None
 
     def resolved(self) -> dict[str, Any]:
@@ -268,6 +272,12 @@ class AggregationConfig(Section):
         positive(e, "aggregation.clipping_range", self.clipping_range)
         positive(e, "aggregation.max_weight", self.max_weight)
         between(e, "aggregation.quantization_range", self.quantization_range, 2, 2**32, "[)")
+        m, q = self.modulus_range, self.quantization_range
+        if isinstance(m, int) and (m < 2 or m > 2**32 or m & (m - 1) or (isinstance(q, int) and m <= q)):
+            e.append(
+                f"aggregation.modulus_range: must be a power of two above aggregation.quantization_range = {q} "
+                f"and at most 2**32 (got {m!r})"
+            )
         return e
 
     def client_rank(self, partition_id: int, default: int) -> int:

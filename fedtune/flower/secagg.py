@@ -9,18 +9,29 @@ this mode has its own server loop and client over the same building blocks:
 
 - client: a ``NumPyClient`` whose ``fit`` hands the legacy ``FitIns`` to
   fedtune's train handler (`fedtune.flower.client.handle_train`: local training,
-  client-local or sample-level DP) and returns the delta of the trainable keys,
-  sorted by name. ``secaggplus_mod`` quantizes it, weights it by
-  ``num_examples / max_weight`` and masks it;
-- server: SecAgg+ unmasks only the weighted sum, which it divides into the
-  weighted mean of the deltas; `MeanDeltaFedAvg` samples with the loop's seeded
-  `NodeSampler` and adds that mean to the global adapter. The run's bookkeeping
-  (evaluation cadence, metrics rows, progress, privacy ledger, export, summary)
-  is `fedtune.runlog.RunLog` and `fedtune.privacy.ledger.RunPrivacy`, as in
-  `fedtune.flower.server.ServerLoop`.
+  client-local or sample-level DP) and returns one float32 vector: the delta of
+  the trainable keys, sorted by name, through `SharedRandK` (all of it, or with
+  ``compression.codec = "randk"`` the ``k`` coordinates of each tensor that the
+  round seed picks, the same for every client). ``secaggplus_mod`` weights it
+  by ``num_examples / max_weight``, quantizes and masks it; `handle_secagg_train`
+  then packs the masked residues at ``log2(modulus_range)`` bits each
+  (`fedtune.compression.masked.pack_residues`) instead of Flower's int64;
+- server: `SecAggWire` measures every message of the four stages per node and
+  widens the packed residues back to the int64 arrays Flower's workflow sums (a
+  malformed one becomes that client's error reply: it drops out, SecAgg+
+  removes its masks, the round goes on). SecAgg+ unmasks only the weighted sum,
+  which it divides into the weighted mean; `MeanDeltaFedAvg` samples with the
+  loop's seeded `NodeSampler`, scatters the mean back into the full layout
+  (``n/k`` scaled if ``compression.randk_unbiased``) and adds it to the global
+  adapter. The run's bookkeeping (evaluation cadence, metrics rows, progress,
+  privacy ledger, export, summary) is `fedtune.runlog.RunLog` and
+  `fedtune.privacy.ledger.RunPrivacy`, as in `fedtune.flower.server.ServerLoop`;
+  the rows' bytes are the measured sizes of the messages (``bytes_by_stage``
+  splits them by SecAgg+ stage).
 
-What the server learns is the weighted mean of the sampled clients' deltas, plus
-their example counts and train metrics (legacy ``FitRes`` metrics are not masked).
+What the server learns is the weighted mean of the sampled clients' deltas (on the
+round's ``k`` coordinates with rand-k), plus their example counts and train metrics
+(legacy ``FitRes`` metrics are not masked).
 The ServerApp and ClientApp of `fedtune.flower.apps` switch to this path when
 ``aggregation.secure`` is set, so it runs under ``fedtune simulate``, ``flwr run``
 and a deployment alike. Not supported: resume.
@@ -28,8 +39,10 @@ and a deployment alike. Not supported: resume.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,24 +51,35 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
-from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Error,
+    FitIns,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from fedtune import adapters, workspace
+from fedtune.compression import CompressionConfig
+from fedtune.compression.masked import SharedRandK, pack_residues, residue_bits, unpack_residues
 from fedtune.config import FedtuneConfig
 from fedtune.delta import Delta
 from fedtune.env import setup_environment
-from fedtune.errors import FedtuneError
+from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
-from fedtune.flower.records import from_arrayrecord, to_arrayrecord
+from fedtune.flower.records import from_arrayrecord, to_arrayrecord, wire_bytes
 from fedtune.flower.server import NodeSampler, refuse_unfinished, round_seed
 from fedtune.flower.transport import send_and_receive
 from fedtune.metrics import held_out_metrics
 from fedtune.privacy.ledger import RunPrivacy
-from fedtune.runlog import RunLog, round_record
+from fedtune.runlog import RunLog, round_record, short_reason
 from fedtune.workspace import export_adapter
 
 # ``fit`` config keys; the values are those `ServerLoop` sends in its ``config`` record
@@ -68,6 +92,61 @@ def fit_config(cfg: FedtuneConfig, rnd: int) -> dict[str, Any]:
     if cfg.aggregation.server_optimizer == "fedprox":
         out["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
     return out
+
+
+def masked_codec(cfg: FedtuneConfig) -> SharedRandK:
+    """What each client hands SecAgg+: the ``k`` coordinates a tensor the round seed picks with
+    ``compression.codec = "randk"``, else the whole delta (config validation refuses other codecs)."""
+    comp = cfg.compression
+    if comp.codec == "randk":
+        return SharedRandK(comp.ratio, unbiased=comp.randk_unbiased)
+    return SharedRandK(1.0)
+
+
+def layouts(cfg: FedtuneConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(the adapter's layout, its trainable keys' layout), keys sorted: the order of the vectors on the wire."""
+    ws = workspace.get(cfg)
+    state, trainable = ws.initial_state(), set(ws.trainable_keys())
+    full = {k: tuple(state[k].shape) for k in sorted(state)}
+    return full, {k: s for k, s in full.items() if k in trainable}
+
+
+def flatten(state: Mapping[str, torch.Tensor]) -> np.ndarray:
+    """``state``'s tensors, in its order, as one float32 vector (one Flower array, not one a tensor)."""
+    parts = [v.detach().to("cpu", torch.float32).reshape(-1).numpy() for v in state.values()]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def unflatten(vector: np.ndarray, layout: Mapping[str, tuple[int, ...]]) -> Delta:
+    """Inverse of `flatten` for ``layout``; `PayloadError` if the lengths differ."""
+    vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+    sizes = [math.prod(s) for s in layout.values()]
+    if vector.size != sum(sizes):
+        raise PayloadError(f"{vector.size} values for a layout of {sum(sizes)}")
+    out, at = {}, 0
+    for (key, shape), n in zip(layout.items(), sizes):
+        out[key] = torch.from_numpy(vector[at : at + n].copy()).reshape(shape)
+        at += n
+    return out
+
+
+def check_weight(num_examples: int, cfg: FedtuneConfig) -> None:
+    """Refuse a client weight that could make SecAgg+'s masked sum wrap around ``modulus_range``.
+
+    ``secaggplus_mod`` sends ``round(num_examples / max_weight * quantization_range)``
+    as the first masked entry (Flower only warns above ``max_weight``). Config
+    validation keeps every quantized delta entry at most ``(modulus - 1) // m`` for
+    the ``m`` clients of a round; a weight factor within that bound too keeps the
+    sum of ``m`` of them below the modulus.
+    """
+    agg, m = cfg.aggregation, cfg.federation.clients_per_round
+    factor = round(num_examples / agg.max_weight * agg.quantization_range)
+    if factor > (agg.modulus_range - 1) // m:
+        raise FedtuneError(
+            f"aggregation.max_weight: this client's {num_examples} examples / max_weight {agg.max_weight:g} x "
+            f"quantization_range {agg.quantization_range} = {factor} would let the masked sum of {m} clients wrap "
+            f"aggregation.modulus_range = {agg.modulus_range}; raise aggregation.max_weight or modulus_range"
+        )
 
 
 def train_delta(state: Delta, fit_cfg: dict[str, Any], context: Context, cfg: FedtuneConfig) -> tuple[Delta, dict]:
@@ -93,12 +172,14 @@ def train_delta(state: Delta, fit_cfg: dict[str, Any], context: Context, cfg: Fe
         message_type="train",
     )
     msg = Message(content, metadata=meta)
-    reply = handle_train(msg, context, cfg)
+    # the dense delta: rand-k under SecAgg+ is `masked_codec`'s, applied to the vector SecAgg+ masks
+    reply = handle_train(msg, context, dataclasses.replace(cfg, compression=CompressionConfig()))
     return from_arrayrecord(reply.content[P.UPDATE]), dict(reply.content[P.METRICS])
 
 
 class SecAggClient(NumPyClient):
-    """Legacy client: parameters are the full adapter in sorted key order; fit returns the sorted delta."""
+    """Legacy client: parameters are the full adapter flattened in sorted key order (one array); fit
+    returns the `masked_codec` vector of the trainable keys' delta (one array)."""
 
     def __init__(self, cfg: FedtuneConfig, context: Context):
         self.cfg = cfg
@@ -106,13 +187,15 @@ class SecAggClient(NumPyClient):
 
     def fit(self, parameters, config):  # noqa: A002 (Flower's signature)
         setup_environment()
-        keys = sorted(workspace.get(self.cfg).initial_state())
-        if len(parameters) != len(keys):
-            raise ValueError(f"server sent {len(parameters)} arrays, this adapter has {len(keys)}")
-        state = {k: torch.from_numpy(np.asarray(a, dtype=np.float32).copy()) for k, a in zip(keys, parameters)}
+        full, trainable = layouts(self.cfg)
+        if len(parameters) != 1:
+            raise ValueError(f"server sent {len(parameters)} arrays, expected the adapter as one vector")
+        state = unflatten(parameters[0], full)
         delta, metrics = train_delta(state, dict(config), self.flwr_context, self.cfg)
         n = int(metrics.pop("num-examples"))
-        return [delta[k].numpy() for k in sorted(delta)], n, metrics
+        check_weight(n, self.cfg)
+        values = masked_codec(self.cfg).encode({k: delta[k] for k in trainable}, seed=int(config["round-seed"]))
+        return [values], n, metrics
 
 
 def handle_secagg_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
@@ -121,23 +204,35 @@ def handle_secagg_train(msg: Message, context: Context, cfg: FedtuneConfig) -> M
     The ClientApp's ``train`` handler calls this when ``aggregation.secure`` is
     set, under ``fedtune simulate`` and ``flwr run`` alike; the mod keeps its
     protocol state in ``context.state`` (per node, across the stage messages).
+    The masked vectors of the reply go out packed at ``log2(modulus_range)`` bits
+    an entry rather than as Flower's int64 ``.npy`` arrays.
     """
     from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
 
     def legacy(m: Message, ctx: Context) -> Message:
         return handle_legacy_message_from_msgtype(lambda c: SecAggClient(cfg, c).to_client(), m, ctx)
 
-    return secaggplus_mod(msg, context, legacy)
+    reply = secaggplus_mod(msg, context, legacy)
+    configs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if reply.has_content() else None
+    if configs is not None and Key.MASKED_PARAMETERS in configs:
+        bits = residue_bits(cfg.aggregation.modulus_range)
+        configs[Key.MASKED_PARAMETERS] = [
+            pack_residues(bytes_to_ndarray(b), bits) for b in configs[Key.MASKED_PARAMETERS]
+        ]
+    return reply
 
 
 class MeanDeltaFedAvg(FedAvg):
     """FedAvg over deltas: what SecAgg+ hands ``aggregate_fit`` is already their weighted mean.
 
-    The strategy holds the global adapter; the aggregate it returns (and the
-    workflow sends next round) is ``global + mean delta``. ``on_aggregate``
-    (round, global before, mean delta) lets a caller see each step. ``sample``
-    (round, available node ids) -> node ids picks each round's clients (default:
-    Flower's own unseeded sampling).
+    The strategy holds the global adapter and sends it as one flattened vector
+    (keys sorted). What SecAgg+ returns is the mean of the clients' ``codec``
+    vectors; ``codec.decode`` (seeded by ``seed_of(round)``) scatters it back into
+    the trainable keys' layout, and the aggregate the strategy returns (and the
+    workflow sends next round) is ``global + mean delta``. ``on_aggregate`` (round,
+    global before, mean delta) lets a caller see each step. ``sample`` (round,
+    available node ids) -> node ids picks each round's clients (default: Flower's
+    own unseeded sampling).
     """
 
     def __init__(
@@ -145,6 +240,8 @@ class MeanDeltaFedAvg(FedAvg):
         state: Delta,
         trainable: list[str],
         *,
+        codec: SharedRandK | None = None,
+        seed_of: Callable[[int], int] = lambda rnd: 0,
         on_aggregate: Callable[[int, Delta, Delta], None] | None = None,
         sample: Callable[[int, list[int]], list[int]] | None = None,
         **kwargs,
@@ -153,12 +250,14 @@ class MeanDeltaFedAvg(FedAvg):
         self.keys = sorted(state)
         self.trainable = sorted(trainable)
         self.state = {k: state[k].clone() for k in self.keys}
+        self.codec = codec or SharedRandK(1.0)
+        self.seed_of = seed_of
         self.on_aggregate = on_aggregate
         self.last_round: dict[str, Any] = {}
         super().__init__(initial_parameters=ndarrays_to_parameters(self.ndarrays()), **kwargs)
 
     def ndarrays(self) -> list[np.ndarray]:
-        return [self.state[k].numpy() for k in self.keys]
+        return [flatten(self.state)]
 
     def configure_fit(self, server_round, parameters, client_manager):
         if self.sample is None:
@@ -182,12 +281,13 @@ class MeanDeltaFedAvg(FedAvg):
         if params is None:
             return None, {}
         mean = parameters_to_ndarrays(params)
-        if len(mean) != len(self.trainable):
-            raise FedtuneError(f"SecAgg+ returned {len(mean)} arrays for {len(self.trainable)} trainable keys")
-        delta = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in zip(self.trainable, mean)}
+        if len(mean) != 1:
+            raise FedtuneError(f"SecAgg+ returned {len(mean)} arrays, expected one vector")
+        layout = {k: tuple(self.state[k].shape) for k in self.trainable}
+        delta = self.codec.decode(mean[0], layout, seed=self.seed_of(server_round))
         before = {k: v.clone() for k, v in self.state.items()}
         for k in self.trainable:
-            self.state[k] = self.state[k] + delta[k].reshape(self.state[k].shape)
+            self.state[k] = self.state[k] + delta[k]
         if self.on_aggregate is not None:
             self.on_aggregate(server_round, before, delta)
         return ndarrays_to_parameters(self.ndarrays()), metrics
@@ -220,6 +320,83 @@ class PromptGrid:
         return send_and_receive(self.grid, messages, timeout=timeout)
 
 
+class SecAggWire:
+    """The server's end of SecAgg+'s wire, around ``grid``: counts and unpacks.
+
+    Every message the workflow sends and every reply it gets is measured
+    (`fedtune.flower.records.wire_bytes`, the serialized records) per node and per
+    SecAgg+ stage until `take`. A reply carrying masked vectors holds them packed
+    at ``bits`` bits an entry (`handle_secagg_train`); they are checked (two
+    vectors: the weight factor and ``values`` entries) and widened back to the
+    int64 arrays Flower's workflow sums. A reply that fails the check becomes that
+    node's error reply, so SecAgg+ treats it as dropped (and removes its masks)
+    instead of the server failing on it. Each node that sent an error reply or no
+    reply is recorded once, with the stage and reason (Flower's workflow lists
+    some failures twice and without their node).
+    """
+
+    def __init__(self, grid: Grid, *, bits: int, values: int):
+        self.grid, self.bits, self.values = grid, bits, values
+        self.take()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def take(self) -> dict[str, Any]:
+        """What happened since the last call: ``{"down": {node: bytes}, "up": {node: bytes}, "stages": {stage:
+        {"down": bytes, "up": bytes}}, "rejected": [{"node", "reason"}]}``."""
+        out = getattr(self, "traffic", None)
+        self.traffic: dict[str, Any] = {"down": {}, "up": {}, "stages": {}, "rejected": []}
+        return out
+
+    def _reject(self, node: int, reason: str) -> None:
+        if all(r["node"] != node for r in self.traffic["rejected"]):
+            self.traffic["rejected"].append({"node": node, "reason": reason[:500]})
+
+    def _count(self, direction: str, stage: str, node: int, n: int) -> None:
+        t = self.traffic
+        t[direction][node] = t[direction].get(node, 0) + n
+        per = t["stages"].setdefault(stage, {"down": 0, "up": 0})
+        per[direction] += n
+
+    def send_and_receive(self, messages, *, timeout: float | None = None):
+        messages = list(messages)
+        stage = "other"
+        for m in messages:
+            configs = m.content.config_records.get(RECORD_KEY_CONFIGS)
+            stage = str(configs.get(Key.STAGE, "other")) if configs is not None else "other"
+            self._count("down", stage, m.metadata.dst_node_id, wire_bytes(m.content))
+        replies = []
+        for r in self.grid.send_and_receive(messages, timeout=timeout):
+            node = r.metadata.src_node_id
+            if r.has_content():
+                self._count("up", stage, node, wire_bytes(r.content))
+                r = self._widen(r)
+            if r.has_error():
+                self._reject(node, f"{stage}: {short_reason(r.error.reason)}")
+            replies.append(r)
+        for node in {m.metadata.dst_node_id for m in messages} - {r.metadata.src_node_id for r in replies}:
+            self._reject(node, f"{stage}: no reply")
+        return replies
+
+    def _widen(self, reply: Message) -> Message:
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None or Key.MASKED_PARAMETERS not in configs:
+            return reply
+        blobs = configs[Key.MASKED_PARAMETERS]
+        try:
+            if not isinstance(blobs, list) or len(blobs) != 2 or not all(isinstance(b, bytes) for b in blobs):
+                raise PayloadError("expected two packed vectors (weight factor, values)")
+            arrays = [unpack_residues(b, self.bits, count) for b, count in zip(blobs, (1, self.values))]
+        except PayloadError as exc:
+            reason = f"masked vector refused: {exc}"
+            return Message(
+                metadata=reply.metadata, error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason)
+            )
+        configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a) for a in arrays]
+        return reply
+
+
 def run_secagg(
     grid: Grid,
     context: Context,
@@ -238,7 +415,9 @@ def run_secagg(
     state = ws.initial_state()
     trainable = ws.trainable_keys()
     n_params = sum(state[k].numel() for k in trainable)
-    adapter_bytes = 4 * sum(v.numel() for v in state.values())
+    codec = masked_codec(cfg)
+    _, trainable_layout = layouts(cfg)
+    wire = SecAggWire(PromptGrid(grid), bits=residue_bits(agg.modulus_range), values=codec.size(trainable_layout))
 
     def evaluate(final: bool) -> dict[str, float]:
         adapters.set_state_(ws.model, strategy.state)
@@ -250,20 +429,18 @@ def run_secagg(
         if rnd > 0:
             info = strategy.last_round or {"accepted": 0, "rejected": [], "clients": []}
             strategy.last_round = {}
-            # estimate: one fp32 adapter down and one fp32 delta up per client; SecAgg+'s key
-            # exchange and its masked integer vectors are not counted
-            up = {c["node"]: 4 * n_params for c in info["clients"]}
-            down = {c["node"]: adapter_bytes for c in info["clients"]}
+            traffic = wire.take()  # what the four stages of this round sent and received, measured
             train = _weighted_metrics([(int(c["num-examples"]), c) for c in info["clients"]])
             record = round_record(
                 rnd,
-                info["accepted"] + len(info["rejected"]),
+                info["accepted"] + len(traffic["rejected"]),
                 info["accepted"],
-                info["rejected"],
+                traffic["rejected"],
                 train,
-                up,
-                down,
+                traffic["up"],
+                traffic["down"],
                 info["clients"],
+                bytes_by_stage=traffic["stages"],
                 **privacy.end_round(info["clients"]),
             )
             runlog.end_round(record, t_round[0], evaluate)
@@ -273,6 +450,8 @@ def run_secagg(
     strategy = MeanDeltaFedAvg(
         state,
         trainable,
+        codec=codec,
+        seed_of=lambda rnd: round_seed(cfg, rnd),
         on_aggregate=on_aggregate,
         sample=lambda rnd, ids: sampler.sample(grid, rnd, ids),
         fraction_fit=fed.fraction_train,
@@ -284,10 +463,15 @@ def run_secagg(
         on_fit_config_fn=lambda rnd: fit_config(cfg, rnd),
         fit_metrics_aggregation_fn=_weighted_metrics,
     )
+    kept = (
+        f", random-k {codec.size(trainable_layout):,} of {n_params:,} coordinates a round (round seed)"
+        if cfg.compression.codec == "randk"
+        else ""
+    )
     runlog.start(
         f"model {cfg.model.name} ({ws.task}), adapter {cfg.adapter.method}: {n_params:,} trainable params, "
-        f"secure aggregation SecAgg+; {fed.num_clients} clients, {fed.rounds} rounds, "
-        f"{len(ws.test_data())} held-out examples",
+        f"secure aggregation SecAgg+ ({wire.bits}-bit masked entries{kept}); {fed.num_clients} clients, "
+        f"{fed.rounds} rounds, {len(ws.test_data())} held-out examples",
         evaluate,
     )
     legacy = LegacyContext(
@@ -300,10 +484,11 @@ def run_secagg(
             max_weight=agg.max_weight,
             clipping_range=agg.clipping_range,
             quantization_range=agg.quantization_range,
+            modulus_range=agg.modulus_range,
             timeout=fed.round_timeout,
         )
     )
-    workflow(PromptGrid(grid), legacy)
+    workflow(wire, legacy)
     if len(runlog.rows) != fed.rounds:
         raise FedtuneError(f"SecAgg+ run ended after {len(runlog.rows)} of {fed.rounds} rounds; see Flower's log")
     return runlog.finish(
@@ -321,8 +506,14 @@ __all__ = [
     "MeanDeltaFedAvg",
     "PromptGrid",
     "SecAggClient",
+    "SecAggWire",
+    "check_weight",
     "fit_config",
+    "flatten",
     "handle_secagg_train",
+    "layouts",
+    "masked_codec",
     "run_secagg",
     "train_delta",
+    "unflatten",
 ]
