@@ -25,6 +25,23 @@ Model poisoning (on the client's update ``d``, after client-level DP, before com
   workers and m attackers, s = floor(n/2 + 1) - m honest workers must be won
   over and z = Phi^-1((n - m - s) / (n - m)) (`alie_z`); where that is not
   positive (2 of 10 attackers give 0) ``z`` must be set (1.0 is common).
+* ``agr-tailored``: the AGR-tailored attack of Shejwalkar & Houmansadr (NDSS 2021,
+  "Manipulating the Byzantine: Optimizing Model Poisoning Attacks and Defenses
+  for Federated Learning"), with partial knowledge: the colluders know their own
+  benign updates (obtained as for ``alie``) and the server's rule, and all send
+  ``m = mean - gamma * p``. ``p`` (``perturbation``): ``std`` (the paper's
+  "inverse std", sample std as for ALIE; default), ``unit-vector`` (``mean /
+  ||mean||``) or ``sign`` (``sign(mean)``). ``gamma`` comes from the paper's
+  Algorithm 1, a binary search (`search_gamma`: first probe ``gamma_init``,
+  default `GAMMA_INIT`, then `SEARCH_STEPS` probes in all, halving the step) for
+  the largest gamma at which the server's rule (`ServerRule`: Flower's median,
+  trimmed mean or Krum, exactly as the server configures it), applied to the
+  colluders' benign updates plus one copy of ``m`` per colluder, still (Krum)
+  picks a copy of ``m``, or (median, trimmed mean) lands at least as far from
+  ``mean`` as the farthest probe so far. Under ``aggregation.max_update_norm``
+  gamma is capped where ``||m||`` reaches the bound (`norm_cap`), the largest
+  update the server accepts; with the bound alone (FedAvg behind it) that cap is
+  gamma. Refused where neither a robust rule nor the bound is set.
 
 Data poisoning:
 
@@ -60,20 +77,21 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fedtune.delta import Delta
+from fedtune.delta import Delta, global_norm
 from fedtune.errors import ConfigError
 from fedtune.seeds import derive_seed
 from fedtune.validation import Section, between, choice, only_with, positive
 
 SECTION = "attack"
-MODEL_POISONING = ("sign-flip", "scale", "gaussian", "alie")
+MODEL_POISONING = ("sign-flip", "scale", "gaussian", "alie", "agr-tailored")
+COLLUDING = ("alie", "agr-tailored")  # each attacker also trains its colluders' benign updates
 DATA_POISONING = ("label-flip",)
 HOSTILE = ("nan", "wrong-layout", "oversized", "replay", "wrong-round")
 KINDS = ("none", *MODEL_POISONING, *DATA_POISONING, *HOSTILE)
@@ -83,6 +101,13 @@ EXTRA_KEY = "attack.extra"
 PADDING_KEY = "attack.padding"
 REPLAY_STATE = "fedtune.attack-replay"  # per-node context.state: the update a replaying client resends
 NODE_PREFIX = "attack"  # node_config keys: attack (the kind), attack-factor, attack-noise-norm, ...
+PERTURBATIONS = ("std", "unit-vector", "sign")  # agr-tailored's direction p (m = mean - gamma * p)
+# agr-tailored's search (Shejwalkar & Houmansadr 2021, Algorithm 1): the first gamma probed, in
+# units of p (std: standard deviations, as ALIE's z), and the number of probes. Every probe is a
+# multiple of GAMMA_INIT / 2**(SEARCH_STEPS - 1) below 2 * GAMMA_INIT, the largest gamma it can
+# find; 20 probes resolve gamma to 2e-5 GAMMA_INIT, about the paper's tolerance of 1e-5.
+GAMMA_INIT = 10.0
+SEARCH_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -98,6 +123,9 @@ class AttackConfig(Section):
         factor: ``scale``'s multiplier (default 10).
         noise_norm: ``gaussian``'s L2 norm of the noise sent (required).
         z: ``alie``'s number of standard deviations (default: Baruch et al.'s z_max).
+        perturbation: ``agr-tailored``'s direction, one of `PERTURBATIONS` (default ``"std"``).
+        gamma_init: ``agr-tailored``'s first gamma probed (default `GAMMA_INIT`); the
+            search finds gamma below twice this.
         layout: ``wrong-layout``'s change (default ``"shape"``).
         allow_deployment: let a run configured through Flower's run_config
             (``flwr run``) use this section and SuperNodes' ``attack`` node
@@ -113,12 +141,17 @@ class AttackConfig(Section):
     noise_norm: float | None = None
     z: float | None = None
     layout: str | None = None
+    perturbation: str | None = None
+    gamma_init: float | None = None
     allow_deployment: bool = False
 
     def resolved(self) -> dict[str, Any]:
+        tailored = self.kind == "agr-tailored"
         defaults = {
             "factor": 10.0 if self.kind == "scale" else None,
             "layout": "shape" if self.kind == "wrong-layout" else None,
+            "perturbation": "std" if tailored else None,
+            "gamma_init": GAMMA_INIT if tailored else None,
         }
         return {k: v for k, v in defaults.items() if v is not None and getattr(self, k) is None}
 
@@ -148,11 +181,16 @@ class AttackConfig(Section):
         only_with(e, "attack.noise_norm", self.noise_norm, "attack.kind", self.kind, ("gaussian",))
         only_with(e, "attack.z", self.z, "attack.kind", self.kind, ("alie",))
         only_with(e, "attack.layout", self.layout, "attack.kind", self.kind, ("wrong-layout",))
+        only_with(e, "attack.perturbation", self.perturbation, "attack.kind", self.kind, ("agr-tailored",))
+        only_with(e, "attack.gamma_init", self.gamma_init, "attack.kind", self.kind, ("agr-tailored",))
         positive(e, "attack.factor", self.factor)
         positive(e, "attack.noise_norm", self.noise_norm)
         positive(e, "attack.z", self.z)
+        positive(e, "attack.gamma_init", self.gamma_init)
         if self.layout is not None:
             choice(e, "attack.layout", self.layout, LAYOUT_CHANGES)
+        if self.perturbation is not None:
+            choice(e, "attack.perturbation", self.perturbation, PERTURBATIONS)
         if self.kind == "gaussian" and self.noise_norm is None:
             e.append("attack.noise_norm: attack.kind = 'gaussian' needs the L2 norm of the noise it sends (got None)")
         return e
@@ -242,20 +280,22 @@ def config_problems(cfg) -> list[str]:
         )
     if a.kind == "label-flip" and cfg.model.task == "causal-lm":
         e.append("attack.kind: 'label-flip' cannot be combined with model.task = 'causal-lm' (there are no labels)")
-    if a.kind == "alie":
-        e.extend(_alie_problems(cfg))
+    if a.kind in COLLUDING:
+        e.extend(_colluder_problems(cfg))
     return e
 
 
-def _alie_problems(cfg) -> list[str]:
+def _colluder_problems(cfg) -> list[str]:
+    """ALIE and AGR-tailored: colluders that retrain each other's benign updates (and, for the latter, a rule)."""
     a, e = cfg.attack, []
+    kind, agg = a.kind, cfg.aggregation
     m, n = num_attackers(a, cfg.federation.num_clients), cfg.federation.num_clients
     if m < 2:
         e.append(
-            f"attack.kind: 'alie' estimates the per-coordinate std over the colluders' benign updates, which needs "
+            f"attack.kind: {kind!r} estimates the per-coordinate std over the colluders' benign updates, which needs "
             f"at least 2 attackers; attack.fraction / attack.partition_ids give {m}"
         )
-    elif a.z is None:
+    elif kind == "alie" and a.z is None:
         try:
             alie_z(n, m)
         except ValueError as exc:
@@ -263,14 +303,20 @@ def _alie_problems(cfg) -> list[str]:
                 f"attack.z: Baruch et al.'s z_max for federation.num_clients = {n} and {m} attackers: {exc}; "
                 "set attack.z (got None)"
             )
+    if kind == "agr-tailored" and agg.robust == "none" and agg.max_update_norm is None:
+        e.append(
+            "attack.kind: 'agr-tailored' needs a known robust rule: set aggregation.robust or "
+            "aggregation.max_update_norm (the update is crafted against the server's rule; plain FedAvg has none) "
+            f"(got robust = {agg.robust!r}, max_update_norm = None)"
+        )
     if cfg.privacy.mode != "none":
         e.append(
-            f"attack.kind: 'alie' cannot be combined with privacy.mode = {cfg.privacy.mode!r} (each attacker "
+            f"attack.kind: {kind!r} cannot be combined with privacy.mode = {cfg.privacy.mode!r} (each attacker "
             "retrains its colluders' benign updates, which needs no per-client privacy state); use 'none'"
         )
-    if cfg.aggregation.lora_mode == "hetero":
+    if agg.lora_mode == "hetero":
         e.append(
-            "attack.kind: 'alie' cannot be combined with aggregation.lora_mode = 'hetero' (colluders at different "
+            f"attack.kind: {kind!r} cannot be combined with aggregation.lora_mode = 'hetero' (colluders at different "
             "ranks have no common coordinates to average); use 'naive' or 'exact'"
         )
     return e
@@ -312,7 +358,7 @@ def node_attack(cfg, node_config: Mapping[str, Any], partition_id: int):
         raise ConfigError(f"node_config attack-{bad[0]}: a SuperNode attacks as its own partition; remove it")
     overrides = {f"attack.{k.replace('-', '_')}": v for k, v in values.items()}
     overrides.update({"attack.partition_ids": (int(partition_id),), "attack.fraction": None})
-    base = {f"attack.{k}": None for k in ("factor", "noise_norm", "z", "layout")}
+    base = {f"attack.{k}": None for k in ("factor", "noise_norm", "z", "layout", "perturbation", "gamma_init")}
     return cfg.replace(**{**base, **overrides}).attack  # the whole config's checks, this node's attack
 
 
@@ -374,6 +420,217 @@ def alie(benign: Sequence[Delta], z: float) -> Delta:
     return out
 
 
+# --- AGR-tailored (Shejwalkar & Houmansadr, NDSS 2021) --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerRule:
+    """What the server makes of the updates it receives, as ``[aggregation]`` configures it.
+
+    ``robust``: ``"none"`` (the weighted mean), ``"median"``, ``"trimmed-mean"``
+    (``trim_beta`` of the updates cut from each tail) or ``"krum"`` (tolerating
+    ``num_malicious``); ``max_norm``: an update of larger L2 norm is rejected
+    (``aggregation.max_update_norm``, `fedtune.aggregation.validate_update`).
+    """
+
+    robust: str = "none"
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+    max_norm: float | None = None
+
+    @classmethod
+    def of(cls, agg) -> ServerRule:
+        """The rule of an `fedtune.aggregation.AggregationConfig`."""
+        return cls(agg.robust, agg.trim_beta, agg.num_malicious, agg.max_update_norm)
+
+
+def robust_aggregate(updates: torch.Tensor, rule: ServerRule) -> tuple[torch.Tensor, int | None]:
+    """``rule.robust`` over the rows of ``updates`` (``[k, d]``, flat): (aggregate in float64, Krum's pick or None).
+
+    The code the server runs (`fedtune.flower.server.build_strategy`, flwr 1.41):
+    FedMedian's ``np.median`` over the stacked updates (inline in its
+    ``aggregate_train``, so the same call is made here), FedTrimmedAvg's
+    ``trim_mean`` and Krum's ``select_multikrum`` (one update kept). Each is per
+    coordinate or works on pairwise distances, so flat rows give what the server
+    computes array by array on ``global + delta``. Both are unweighted, as there.
+    """
+    x = updates.detach().to(torch.float64).numpy()
+    # Flower's own functions, imported only here: nothing else in this module needs Flower
+    if rule.robust == "median":
+        return torch.from_numpy(np.asarray(np.median(x, axis=0))), None
+    if rule.robust == "trimmed-mean":
+        from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
+
+        return torch.from_numpy(np.asarray(trim_mean(x, rule.trim_beta))), None
+    if rule.robust == "krum":
+        from flwr.app import ArrayRecord, RecordDict
+        from flwr.serverapp.strategy.multikrum import select_multikrum
+
+        contents = [RecordDict({"arrays": ArrayRecord([row])}) for row in x]
+        (picked,) = select_multikrum(contents, num_malicious_nodes=rule.num_malicious, num_nodes_to_select=1)
+        i = next(j for j, c in enumerate(contents) if c is picked)
+        return torch.from_numpy(x[i].copy()), i
+    raise ValueError(f"robust rule must be 'median', 'trimmed-mean' or 'krum', got {rule.robust!r}")
+
+
+def direction(benign: torch.Tensor, perturbation: str) -> torch.Tensor:
+    """AGR-tailored's ``p`` over flat benign updates ``[k, d]`` (the update is ``mean - gamma * p``):
+    the per-coordinate sample std (n - 1), ``mean / ||mean||`` or ``sign(mean)``
+    (Shejwalkar & Houmansadr's inverse std, inverse unit vector, inverse sign)."""
+    x = benign.to(torch.float64)
+    mean = x.mean(0)
+    if perturbation == "std":
+        return x.std(0, unbiased=True)
+    if perturbation == "unit-vector":
+        norm = float(mean.norm())
+        return mean / norm if norm > 0 else torch.zeros_like(mean)
+    if perturbation == "sign":
+        return mean.sign()
+    raise ValueError(f"perturbation must be one of {PERTURBATIONS}, got {perturbation!r}")
+
+
+def norm_cap(mean: torch.Tensor, p: torch.Tensor, max_norm: float) -> float | None:
+    """The largest ``gamma >= 0`` with ``||mean - gamma * p|| <= max_norm``, or None where there is none.
+
+    The larger root of ``|p|^2 g^2 - 2 (mean.p) g + |mean|^2 - max_norm^2``; ``inf``
+    when ``p`` is zero and ``mean`` is inside the bound.
+    """
+    a, b = float(p @ p), float(mean @ p)
+    c = float(mean @ mean) - max_norm**2
+    if a == 0:
+        return math.inf if c <= 0 else None
+    disc = b * b - a * c
+    if disc < 0:
+        return None
+    root = (b + math.sqrt(disc)) / a if b >= 0 else c / (b - math.sqrt(disc))  # no cancellation either way
+    return root if root >= 0 else None
+
+
+def search_gamma(succeeds: Callable[[float], bool], gamma_init: float = GAMMA_INIT, steps: int = SEARCH_STEPS) -> float:
+    """Shejwalkar & Houmansadr 2021, Algorithm 1, with a fixed number of probes: probe ``gamma_init``,
+    then move up (after a success) or down by a step that starts at ``gamma_init / 2`` and
+    halves after every probe; return the last gamma that succeeded (0.0 if none did).
+
+    The probes walk a binary search tree over the grid ``j * gamma_init / 2**(steps - 1)``,
+    ``0 < j < 2**steps``: where success holds exactly up to some gamma, the result is the
+    largest grid point at which it holds; for any ``succeeds``, the grid point just above
+    the result (where there is one) was probed and failed.
+    """
+    gamma, step, found = float(gamma_init), gamma_init / 2, 0.0
+    for _ in range(steps):
+        if succeeds(gamma):
+            found, gamma = gamma, gamma + step
+        else:
+            gamma -= step
+        step /= 2
+    return found
+
+
+def tailor(
+    benign: torch.Tensor,
+    rule: ServerRule,
+    *,
+    perturbation: str = "std",
+    gamma_init: float = GAMMA_INIT,
+    steps: int = SEARCH_STEPS,
+) -> tuple[torch.Tensor, float]:
+    """The AGR-tailored update against ``rule`` from flat benign updates ``[k, d]``: (``m`` in float64, gamma).
+
+    Shejwalkar & Houmansadr, NDSS 2021 (partial knowledge): ``m = mean - gamma * p``
+    (`direction`), every one of the k colluders sending it, and gamma from
+    `search_gamma` on the rule applied to the benign rows plus k copies of ``m``
+    (`robust_aggregate`): Krum succeeds where it picks a copy; the median and the
+    trimmed mean succeed where their output lies at least as far (L2) from ``mean``
+    as at every gamma probed before (from gamma = 0 on). A norm bound caps gamma at
+    `norm_cap` (probes above it are judged at the cap), so ``m`` is the largest
+    update the server accepts in that direction; with no robust rule gamma is that
+    cap (the weighted mean moves linearly with gamma). Where no gamma brings ``m``
+    inside the bound, gamma is the one of least norm and ``m`` is scaled onto the bound.
+    """
+    if benign.dim() != 2 or benign.shape[0] < 2:
+        raise ValueError(
+            f"agr-tailored needs the flat benign updates of at least 2 colluders, got {tuple(benign.shape)}"
+        )
+    if rule.robust == "none" and rule.max_norm is None:
+        raise ValueError("agr-tailored needs a robust rule or a norm bound to craft against")
+    x = benign.to(torch.float64)
+    k, mean, p = x.shape[0], x.mean(0), direction(x, perturbation)
+    cap = math.inf
+    if rule.max_norm is not None:
+        cap = norm_cap(mean, p, rule.max_norm)
+        if cap is None:
+            a = float(p @ p)
+            cap = max(0.0, float(mean @ p) / a) if a > 0 else 0.0
+        elif math.isinf(cap):  # p = 0: every gamma sends the mean
+            cap = 0.0
+
+    def craft(g: float) -> torch.Tensor:
+        v = mean - min(g, cap) * p
+        norm = float(v.norm())
+        if rule.max_norm is not None and norm > rule.max_norm:  # float slack at the cap, or no gamma fits
+            v = v * (rule.max_norm / norm)
+        return v
+
+    def aggregate(v: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        return robust_aggregate(torch.cat([x, v.expand(k, -1)]), rule)
+
+    if rule.robust == "none":
+        gamma = cap
+    elif rule.robust == "krum":
+        gamma = search_gamma(lambda g: aggregate(craft(g))[1] >= k, gamma_init, steps)  # rows k.. are the copies
+    else:
+        farthest = float((aggregate(craft(0.0))[0] - mean).norm())
+
+        def farther(g: float) -> bool:
+            nonlocal farthest
+            dev = float((aggregate(craft(g))[0] - mean).norm())
+            if dev < farthest:
+                return False
+            farthest = dev
+            return True
+
+        gamma = search_gamma(farther, gamma_init, steps)
+    gamma = min(gamma, cap)
+    return craft(gamma), gamma
+
+
+def agr_tailored(
+    benign: Sequence[Delta],
+    rule: ServerRule,
+    *,
+    perturbation: str = "std",
+    gamma_init: float = GAMMA_INIT,
+    steps: int = SEARCH_STEPS,
+) -> Delta:
+    """`tailor` on the colluders' ``benign`` updates, in their layout and dtypes.
+
+    Under a norm bound the update is kept inside it after the cast to each tensor's
+    dtype (the server measures what arrives), so its norm ends at the bound to
+    within a few float32 roundings.
+    """
+    if len(benign) < 2:
+        raise ValueError(f"agr-tailored needs the benign updates of at least 2 colluders, got {len(benign)}")
+    ref = benign[0]
+    flat = torch.stack([torch.cat([d[k].reshape(-1).to(torch.float64) for k in ref]) for d in benign])
+    m, _ = tailor(flat, rule, perturbation=perturbation, gamma_init=gamma_init, steps=steps)
+    out = _unflat(m, ref)
+    for _ in range(8):
+        norm = global_norm(out)
+        if rule.max_norm is None or norm <= rule.max_norm:
+            break
+        m = m * (rule.max_norm / norm) * (1 - 2.0**-23)
+        out = _unflat(m, ref)
+    return out
+
+
+def _unflat(vec: torch.Tensor, like: Delta) -> Delta:
+    out, at = {}, 0
+    for k, v in like.items():
+        out[k] = vec[at : at + v.numel()].reshape(v.shape).to(v.dtype)
+        at += v.numel()
+    return out
+
+
 def with_nan(delta: Delta) -> Delta:
     """``delta`` with a NaN in its first entry and an Inf in its last (of the first tensor)."""
     out = {k: v.clone() for k, v in delta.items()}
@@ -415,12 +672,14 @@ def poison(
     partition_id: int,
     colluders: Sequence[Delta] | None = None,
     num_clients: int | None = None,
+    rule: ServerRule | None = None,
 ) -> Delta:
     """What an attacker running ``a`` sends in place of its benign ``delta`` (model poisoning and
     the delta-level payloads: nan, wrong-layout, oversized); other kinds return ``delta``.
 
-    ``colluders``: for ``alie``, the benign updates of every attacking partition
-    (``delta`` among them); ``num_clients`` sizes the default z.
+    ``colluders``: for ``alie`` and ``agr-tailored``, the benign updates of every
+    attacking partition (``delta`` among them); ``num_clients`` sizes ALIE's default
+    z; ``rule``: the server's rule ``agr-tailored`` crafts against.
     """
     if a.kind == "sign-flip":
         return sign_flip(delta)
@@ -434,6 +693,10 @@ def poison(
             raise ValueError("alie needs the colluders' benign updates and the number of clients")
         z = a.z if a.z is not None else alie_z(num_clients, num_attackers(a, num_clients))
         return alie(colluders, z)
+    if a.kind == "agr-tailored":
+        if colluders is None or rule is None:
+            raise ValueError("agr-tailored needs the colluders' benign updates and the server's rule")
+        return agr_tailored(colluders, rule, perturbation=a.perturbation, gamma_init=a.gamma_init)
     if a.kind == "nan":
         return with_nan(delta)
     if a.kind == "wrong-layout":
@@ -448,13 +711,19 @@ def claimed_round(a: AttackConfig | None, rnd: int) -> int:
 
 __all__ = [
     "AttackConfig",
+    "COLLUDING",
+    "GAMMA_INIT",
     "KINDS",
     "MODEL_POISONING",
     "DATA_POISONING",
     "HOSTILE",
     "LAYOUT_CHANGES",
     "OVERSIZE",
+    "PERTURBATIONS",
     "REPLAY_STATE",
+    "SEARCH_STEPS",
+    "ServerRule",
+    "agr_tailored",
     "alie",
     "alie_z",
     "attackers",
@@ -462,14 +731,19 @@ __all__ = [
     "client_attack",
     "config_problems",
     "deployment_problems",
+    "direction",
     "flip_labels",
     "gaussian",
     "node_attack",
+    "norm_cap",
     "num_attackers",
     "oversized",
     "poison",
+    "robust_aggregate",
     "scale",
+    "search_gamma",
     "sign_flip",
+    "tailor",
     "with_nan",
     "wrong_layout",
 ]

@@ -108,6 +108,48 @@ def test_section_defaults_and_what_each_kind_reads(tiny_cfg):
             ["attack.z: Baruch et al.'s z_max for federation.num_clients = 4 and 3 attackers"],
         ),
         (
+            {"attack.kind": "agr-tailored", "attack.partition_ids": [0, 1]},
+            [
+                "attack.kind: 'agr-tailored' needs a known robust rule: set aggregation.robust or "
+                "aggregation.max_update_norm",
+                "(got robust = 'none', max_update_norm = None)",
+            ],
+        ),
+        (
+            {"attack.kind": "agr-tailored", "attack.partition_ids": [0, 1], "aggregation.secure": "secagg+"},
+            ["attack.kind: 'agr-tailored' needs a known robust rule"],
+        ),
+        (
+            {"attack.kind": "agr-tailored", "attack.partition_ids": [3], "aggregation.robust": "median"},
+            ["attack.kind: 'agr-tailored' estimates the per-coordinate std", "give 1"],
+        ),
+        (
+            {
+                "attack.kind": "agr-tailored",
+                "attack.partition_ids": [0, 1],
+                "aggregation.max_update_norm": 1.0,
+                "aggregation.lora_mode": "hetero",
+            },
+            ["attack.kind: 'agr-tailored' cannot be combined with aggregation.lora_mode = 'hetero'"],
+        ),
+        (
+            {
+                "attack.kind": "agr-tailored",
+                "attack.partition_ids": [0, 1],
+                "aggregation.robust": "krum",
+                "attack.perturbation": "noise",
+                "attack.gamma_init": 0.0,
+            },
+            [
+                "attack.perturbation: must be one of std, unit-vector, sign (got 'noise')",
+                "attack.gamma_init: must be > 0",
+            ],
+        ),
+        (
+            {"attack.kind": "alie", "attack.partition_ids": [0, 1], "attack.z": 1.0, "attack.perturbation": "sign"},
+            ["attack.perturbation: only used with attack.kind = 'agr-tailored', which is 'alie'"],
+        ),
+        (
             {
                 "attack.kind": "label-flip",
                 "attack.partition_ids": [0],
@@ -144,8 +186,21 @@ def test_what_composes_is_accepted(tiny_cfg):
             "aggregation.robust": "krum",
             "aggregation.max_update_norm": 5.0,
         },
+        {"attack.kind": "agr-tailored", "attack.fraction": 0.5, "aggregation.robust": "trimmed-mean"},
+        {"attack.kind": "agr-tailored", "attack.partition_ids": [0, 1], "aggregation.max_update_norm": 2.0},
+        {
+            "attack.kind": "agr-tailored",
+            "attack.partition_ids": [0, 1, 2],
+            "attack.perturbation": "unit-vector",
+            "aggregation.robust": "krum",
+            "aggregation.max_update_norm": 2.0,
+        },
     ):
         tiny_cfg.replace(**overrides)
+    a = tiny_cfg.replace(
+        **{"attack.kind": "agr-tailored", "attack.fraction": 0.5, "aggregation.robust": "median"}
+    ).attack
+    assert (a.perturbation, a.gamma_init) == ("std", attack.GAMMA_INIT)  # the documented defaults
 
 
 def test_wrong_types_are_reported_together(tiny_cfg):
@@ -222,6 +277,155 @@ def test_hostile_payloads_by_hand():
     assert [e["label"] for e in flipped] == [2, 0]
 
 
+# --- AGR-tailored (Shejwalkar & Houmansadr 2021) --------------------------------------------
+
+
+def _krum_pick(rows, f):
+    """Krum by its definition (Blanchard et al. 2017): the row whose n - f - 2 nearest others are nearest."""
+    d2 = ((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)
+    c = max(1, len(rows) - f - 2)
+    return int(np.argmin([np.sort(np.delete(d2[i], i))[:c].sum() for i in range(len(rows))]))
+
+
+def _reference(rows, rule):
+    """The rule computed independently of Flower: numpy's median, scipy's trimmed mean, Krum as defined."""
+    from scipy import stats
+
+    if rule.robust == "median":
+        return np.median(rows, axis=0)
+    if rule.robust == "trimmed-mean":
+        return stats.trim_mean(rows, rule.trim_beta, axis=0)
+    return rows[_krum_pick(rows, rule.num_malicious)]
+
+
+def test_the_gamma_search_is_a_binary_search_over_a_dyadic_grid():
+    probes = []
+
+    def below(limit):
+        return lambda g: probes.append(g) or g <= limit
+
+    # by hand: gamma_init 4, 3 probes: 4 fails, 4 - 2 = 2 succeeds, 2 + 1 = 3 succeeds
+    assert attack.search_gamma(below(3.3), 4.0, 3) == 3.0 and probes == [4.0, 2.0, 3.0]
+    assert attack.search_gamma(lambda g: True, 4.0, 3) == 7.0  # the top of the grid, 4 * (2 - 2**-2)
+    assert attack.search_gamma(lambda g: False, 4.0, 3) == 0.0
+    rng = np.random.default_rng(0)
+    grid = 10.0 * np.arange(1, 2**8) / 2**7  # GAMMA_INIT 10, 8 probes
+    for limit in rng.uniform(0, 21, size=50):
+        want = grid[grid <= limit].max() if (grid <= limit).any() else 0.0
+        assert attack.search_gamma(below(limit), 10.0, 8) == want
+
+
+def test_agr_tailored_by_hand_on_three_colluders():
+    """One coordinate; benign 0, 1, 2: mean 1, sample std 1, so m = 1 - gamma. gamma_init 0.75
+    and 3 probes search the grid 0.1875 * (1..7): 0.75, then up or down 0.375, then 0.1875."""
+    benign = torch.tensor([[0.0], [1.0], [2.0]])
+    med, trim, krum = (attack.ServerRule(r, trim_beta=0.2) for r in ("median", "trimmed-mean", "krum"))
+    # median of 0, 1, 2 and three copies of x = 1 - gamma: x for 0 <= x <= 1, (x + 0) / 2 below 0;
+    # its distance from the mean grows with gamma, so every probe improves: 0.75, 1.125, 1.3125
+    m, gamma = attack.tailor(benign, med, gamma_init=0.75, steps=3)
+    assert gamma == 1.3125 and m.item() == -0.3125
+    assert attack.robust_aggregate(torch.cat([benign, m.expand(3, 1)]), med)[0].item() == -0.15625
+    # trimmed mean, beta 0.2 of 6 values cuts 1 per tail: mean of x, x, 0, 1 below 0, also monotone
+    m, gamma = attack.tailor(benign, trim, gamma_init=0.75, steps=3)
+    assert gamma == 1.3125
+    assert attack.robust_aggregate(torch.cat([benign, m.expand(3, 1)]), trim)[0].item() == (2 * -0.3125 + 1) / 4
+    # Krum, f = 0: each of 6 values scores its 4 nearest squared distances. A copy: 0 + 0 + x^2 +
+    # (1 - x)^2; benign 0: 1 + 3 x^2 (|x| <= 2); benign 1 and 2 always score more than a copy.
+    # Copy < benign 0 iff (gamma - 1)(gamma - 3) > 0 with gamma < 3: gamma < 1. Largest grid
+    # point below 1: 0.9375 (probes 0.75 picked, 1.125 not, 0.9375 picked).
+    m, gamma = attack.tailor(benign, krum, gamma_init=0.75, steps=3)
+    assert gamma == 0.9375 and m.item() == 0.0625
+    for j in range(1, 8):  # the whole grid, against Krum computed by its definition
+        g = 0.1875 * j
+        rows = np.array([[0.0], [1.0], [2.0]] + [[1.0 - g]] * 3)
+        assert (_krum_pick(rows, 0) >= 3) == (g < 1), g
+
+
+def test_the_robust_rules_are_the_servers_and_agree_with_independent_references():
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(9, 30, generator=g, dtype=torch.float64)
+    rows[7:] = rows[6]  # copies, as colluders send
+    for rule in (
+        attack.ServerRule("median"),
+        attack.ServerRule("trimmed-mean", trim_beta=0.25),
+        attack.ServerRule("krum", num_malicious=2),
+        attack.ServerRule("krum", num_malicious=0),
+    ):
+        got, pick = attack.robust_aggregate(rows, rule)
+        np.testing.assert_allclose(got.numpy(), _reference(rows.numpy(), rule), rtol=1e-12, atol=1e-12)
+        assert (pick is None) == (rule.robust != "krum")
+
+
+@pytest.mark.parametrize("robust", ["median", "trimmed-mean", "krum"])
+def test_agr_tailored_moves_the_robust_aggregate_further_than_alie_at_z_1(robust):
+    """Five colluders, random updates: the search beats ALIE's fixed z = 1 (the same m at gamma = 1),
+    each aggregate computed by the independent reference; gamma is on the search's grid and the
+    grid point above it does no better (Krum: is not picked). Krum with f = 0: with f >= 1 the five
+    copies' four zero distances win it all the way to the top of the grid."""
+    rule = attack.ServerRule(robust, trim_beta=0.2, num_malicious=0)
+    g = torch.Generator().manual_seed(11)
+    benign = [
+        {"a": torch.randn(4, 5, generator=g) * 0.1 + 0.05, "b": torch.randn(20, generator=g) * 0.1} for _ in range(5)
+    ]
+    flat = np.stack([np.concatenate([d["a"].double().numpy().ravel(), d["b"].double().numpy()]) for d in benign])
+    mean = flat.mean(0)
+
+    def deviation(update):
+        m = np.concatenate([update["a"].double().numpy().ravel(), update["b"].double().numpy()])
+        rows = np.concatenate([flat, np.repeat(m[None], 5, axis=0)])
+        return np.linalg.norm(_reference(rows, rule) - mean), _krum_pick(rows, 0) >= 5
+
+    tailored, (alie_dev, alie_picked) = attack.agr_tailored(benign, rule), deviation(attack.alie(benign, 1.0))
+    dev, picked = deviation(tailored)
+    assert dev > 1.5 * alie_dev, (dev, alie_dev)
+    _, gamma = attack.tailor(torch.from_numpy(flat), rule)
+    spacing = attack.GAMMA_INIT / 2 ** (attack.SEARCH_STEPS - 1)
+    assert gamma > 1.0 and (gamma / spacing) == round(gamma / spacing)
+    std = flat.std(0, ddof=1)
+    up = mean - (gamma + spacing) * std
+    rows_up = np.concatenate([flat, np.repeat(up[None], 5, axis=0)])
+    if robust == "krum":
+        assert alie_picked and picked and _krum_pick(rows_up, 0) < 5
+    else:  # monotone here: the search climbs to the top of its grid
+        assert gamma == attack.GAMMA_INIT * (2 - 2 ** (1 - attack.SEARCH_STEPS))
+
+
+def test_agr_tailored_under_a_norm_bound_ends_at_the_bound():
+    benign = torch.tensor([[0.0], [1.0], [2.0]])
+    # the bound alone (FedAvg behind it): |1 - gamma| <= 3 -> gamma = 4, m = -3, exactly
+    m, gamma = attack.tailor(benign, attack.ServerRule(max_norm=3.0))
+    assert gamma == 4.0 and m.item() == -3.0
+    # median and bound 0.1: |1 - gamma| <= 0.1 caps the search's 1.3125 at 1.1; float32 stays inside
+    rule = attack.ServerRule("median", max_norm=0.1)
+    assert attack.tailor(benign, rule, gamma_init=0.75, steps=3)[1] == pytest.approx(1.1, abs=1e-12)
+    sent = attack.agr_tailored([{"x": v.float()} for v in benign], rule, gamma_init=0.75, steps=3)
+    assert sent["x"].dtype == torch.float32 and 0.1 * (1 - 1e-6) <= _norm(sent) <= 0.1
+    # random updates, each direction: the norm is the bound and m = mean - gamma * p
+    g = torch.Generator().manual_seed(5)
+    benign = [{"a": torch.randn(3, 4, generator=g) + 0.3, "b": torch.randn(6, generator=g)} for _ in range(4)]
+    flat = torch.stack([torch.cat([d["a"].reshape(-1), d["b"]]).double() for d in benign])
+    mean = flat.mean(0)
+    for robust in ("none", "median", "krum"):
+        for perturbation, p in (
+            ("std", flat.std(0, unbiased=True)),
+            ("unit-vector", mean / mean.norm()),
+            ("sign", mean.sign()),
+        ):
+            rule = attack.ServerRule(robust, num_malicious=0, max_norm=1.5 * float(mean.norm()))
+            m, gamma = attack.tailor(flat, rule, perturbation=perturbation)
+            torch.testing.assert_close(m, mean - gamma * p, rtol=1e-9, atol=1e-12)
+            if robust != "krum":  # Krum may refuse a copy before the bound
+                assert float(m.norm()) == pytest.approx(rule.max_norm, rel=1e-9)
+            assert float(m.norm()) <= rule.max_norm * (1 + 1e-12)
+            sent = attack.agr_tailored(benign, rule, perturbation=perturbation)
+            assert _norm(sent) <= rule.max_norm
+            if robust != "krum":
+                assert _norm(sent) >= rule.max_norm * (1 - 1e-6)
+    # no gamma brings the mean inside: the least-norm gamma (0 here), scaled onto the bound
+    m, gamma = attack.tailor(torch.tensor([[4.0, 1.0], [4.0, -1.0]]), attack.ServerRule(max_norm=1.0))
+    assert gamma == 0.0 and m.tolist() == [1.0, 0.0]
+
+
 # --- inside the client code path -----------------------------------------------------------
 
 
@@ -280,6 +484,35 @@ def test_alie_colluders_send_mean_minus_z_std_of_their_benign_updates(tiny_cfg):
         expect = ((a + b) / 2 - 1.5 * (a - b).abs() / math.sqrt(2)).float()
         torch.testing.assert_close(sent0[k], expect, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(sent2[k], sent0[k], rtol=1e-5, atol=1e-7)  # colluders agree
+
+
+def test_agr_tailored_colluders_send_the_update_crafted_against_the_servers_median_and_bound(tiny_cfg, tmp_path):
+    """Partitions 0 and 2 collude against the median under a norm bound, through the real client
+    and server: both send `attack.agr_tailored` of their two benign updates (trained here as
+    honest clients), at the bound (they ride it: the search wants more), and the server accepts
+    them and moves the global by the median of all four updates."""
+    honest = tiny_cfg.replace(**{"federation.rounds": 1, "aggregation.robust": "median"})
+    benign = {p: _sent(honest, p)[0] for p in range(4)}
+    bound = 1.05 * max(_norm(d) for d in benign.values())  # every honest update is accepted
+    cfg = honest.replace(
+        **{"aggregation.max_update_norm": bound, "attack.kind": "agr-tailored", "attack.partition_ids": [0, 2]}
+    )
+    expect = attack.agr_tailored([benign[0], benign[2]], attack.ServerRule("median", max_norm=bound))
+    start = workspace.get(cfg).initial_state()
+    loop, sent = _one_round(cfg, tmp_path)
+    row = _rows(tmp_path)[1]
+    assert row["accepted"] == 4 and not row["rejected"]
+    for node in (1000, 1002):  # LocalGrid: node 1000 + i holds partition i
+        for k in expect:
+            torch.testing.assert_close(sent[node][k], expect[k], rtol=1e-5, atol=1e-7)
+        assert bound * (1 - 1e-5) <= _norm(sent[node]) <= bound
+    for node in (1001, 1003):  # honest peers send their benign updates
+        assert all(torch.equal(sent[node][k], benign[node - 1000][k]) for k in expect)
+    state = loop.protocol.state
+    for k in start:
+        med = np.median(np.stack([d[k].numpy() for d in sent.values()]), axis=0)
+        np.testing.assert_allclose((state[k] - start[k]).numpy(), med, rtol=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "summary.json").read_text())["attack"]["kind"] == "agr-tailored"
 
 
 def test_label_flip_poisons_the_attackers_own_data_before_training(tiny_cfg):

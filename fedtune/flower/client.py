@@ -234,7 +234,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     plan = attack.client_attack(cfg, context.node_config, pid)
     if plan is not None and plan.kind in attack.MODEL_POISONING:
         colluders = None
-        if plan.kind == "alie":
+        if plan.kind in attack.COLLUDING:
             colluders = [
                 delta
                 if p == pid
@@ -242,7 +242,13 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
                 for p in attack.attackers(plan, cfg.federation.num_clients)
             ]
         delta = attack.poison(
-            plan, delta, rnd=rnd, partition_id=pid, colluders=colluders, num_clients=cfg.federation.num_clients
+            plan,
+            delta,
+            rnd=rnd,
+            partition_id=pid,
+            colluders=colluders,
+            num_clients=cfg.federation.num_clients,
+            rule=attack.ServerRule.of(cfg.aggregation),
         )
     seed = int(conf.get("round-seed", 0))
     update = encode_update(delta, context, cfg, seed)
