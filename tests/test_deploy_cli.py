@@ -7,13 +7,17 @@ The strings fedtune hands to Flower are checked with Flower's own parser
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import ipaddress
 import os
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -24,6 +28,8 @@ from flwr.common.config import parse_config_args
 
 from fedtune import cli, config
 from fedtune.deploy import cli as dcli
+from fedtune.deploy.certs import create_ca, create_server_cert
+from fedtune.deploy.probe import Probe, probe_superlink
 from fedtune.env import flower_env, flower_executable
 from fedtune.errors import ConfigError
 
@@ -252,6 +258,9 @@ def test_superlink_command_execs_flower(tmp_path, execs, capsys):
 
 
 def test_superlink_command_needs_certs_unless_insecure(tmp_path, execs, capsys):
+    assert cli.main(["deploy", "superlink"]) == 2  # plain text only when asked for
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("fedtune: error: --certs") and "--insecure" in line and "fedtune deploy certs" in line
     assert cli.main(["deploy", "superlink", "--certs", str(tmp_path)]) == 2
     assert "server.pem" in capsys.readouterr().err and not execs
     assert cli.main(["deploy", "superlink", "--insecure"]) == 0
@@ -277,9 +286,12 @@ def test_supernode_command_supervises_supernode_and_worker(tmp_path, execs, monk
         "--port",
         "29100",
     ]
-    supervised = []
+    supervised, probed = [], []
     monkeypatch.setattr(dcli, "supervise", lambda node, worker, **kw: supervised.append((node, worker)) or 0)
+    # no SuperLink at sl.example.org: the TLS probe (tested below against real servers) is recorded
+    monkeypatch.setattr(dcli, "probe_superlink", lambda *a, **kw: probed.append(a) or Probe("ok", "TLS"))
     assert cli.main(argv_in) == 0 and not execs
+    assert probed == [("sl.example.org:8000", pki / "ca.crt")]
     ((node, worker),) = supervised
     # Flower's SuperNode through fedtune's launcher (shorter polling), with flower-supernode's arguments
     assert node[:2] == [sys.executable, str(Path(dcli.__file__).with_name("supernode.py"))]
@@ -508,6 +520,24 @@ def test_flowers_supernode_loop_is_the_one_the_launcher_expects():
     src = inspect.getsource(loop)
     assert loop.time is time and callable(loop._pull_and_store_message) and callable(loop.pull_objects)
     assert src.count("time.sleep(3)") == 1 and src.count("time.sleep(0.5)") == 2
+    # ... and the connection's values it replaces: the heartbeat each module reads at call time,
+    # the retry invoker's attributes, the SuperLink's bounds and its code for a refused activation
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as connection
+    from flwr.common import constant
+    from flwr.supercore.error.base import ApiErrorCode
+
+    from fedtune.deploy import supernode as launcher
+
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == heartbeat.HEARTBEAT_DEFAULT_INTERVAL == 30
+    assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(heartbeat.HeartbeatSender)
+    assert inspect.getsource(connection).count("heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL") == 2
+    assert "retry_invoker = make_simple_http_retry_invoker()" in inspect.getsource(connection)
+    invoker = connection.make_simple_http_retry_invoker()
+    assert callable(invoker.wait_gen_factory) and callable(invoker.should_giveup) and callable(invoker.on_success)
+    assert constant.HEARTBEAT_MIN_INTERVAL == launcher.HEARTBEAT_S and constant.HEARTBEAT_PATIENCE == 2
+    assert constant.MAX_RETRY_DELAY == 20 > launcher.RECONNECT_CAP_S
+    assert ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED == launcher.ACTIVATION_FAILED
     res = subprocess.run(
         [sys.executable, str(Path(dcli.__file__).with_name("supernode.py")), "--help"],
         capture_output=True,
@@ -614,3 +644,251 @@ def test_the_documented_flwr_connections_paste_into_one_config_flower_accepts(tm
         _parse_deprecated_options(conn)  # ... and then (`options.` fields: use --federation-config)
         assert conn.address and conn.options is None, name
     assert "deprecated" not in capsys.readouterr().out.lower()
+
+
+# ---- a SuperNode that does not speak the SuperLink's TLS: one line, before Flower starts -------
+
+
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_error(404)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a probe hangs up after the status line; the server's traceback is noise
+
+
+@contextlib.contextmanager
+def _server(pki: Path | None = None, *, port: int = 0):
+    """A real HTTP server on 127.0.0.1 (HTTPS with ``pki``'s server.pem/.key); yields its port."""
+    srv = _Server(("127.0.0.1", port), _Quiet)
+    if pki is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(pki / "server.pem", pki / "server.key")
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv.server_address[1]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_cas(tmp_path):
+    """The SuperLink's PKI (``fedtune deploy certs``: its CA signed server.pem) and another CA."""
+    pki = _certs(tmp_path)
+    other = create_ca(tmp_path / "other", "fedtune-ca")  # same name, another key: only the signature differs
+    return pki, other.cert
+
+
+def test_probe_tells_the_ca_the_superlink_uses_from_another(two_cas):
+    pki, other_ca = two_cas
+    with _server(pki) as port:
+        address = f"127.0.0.1:{port}"
+        assert probe_superlink(address, pki / "ca.crt") == Probe(
+            "ok", f"TLS with {address}, certificate verified with {pki / 'ca.crt'}"
+        )
+        wrong = probe_superlink(address, other_ca)
+        assert wrong.verdict == "refused" and "did not sign" in wrong.message and "--certs" in wrong.message
+        assert "unable to get local issuer certificate" in wrong.message  # OpenSSL's own words
+        plain = probe_superlink(address, None)  # --insecure: Flower would retry this forever
+        assert plain.verdict == "refused" and "speaks TLS" in plain.message and "--certs" in plain.message
+    junk = pki / "server.key"  # not a CA certificate
+    bad = probe_superlink("127.0.0.1:1", junk)
+    assert bad.verdict == "refused" and bad.message.startswith(f"--certs: {junk} is not a readable PEM CA")
+
+
+def test_probe_checks_the_name_dialed_against_the_certificate(tmp_path):
+    ca = create_ca(tmp_path / "pki")
+    create_server_cert(ca, tmp_path / "pki", ["sl.example.org"])  # no 127.0.0.1 in its SAN
+    with _server(tmp_path / "pki") as port:
+        found = probe_superlink(f"127.0.0.1:{port}", ca.cert)
+    assert found.verdict == "refused" and "does not name 127.0.0.1" in found.message
+    assert "fedtune deploy certs --host 127.0.0.1" in found.message
+
+
+def test_probe_tells_plain_http_from_tls_and_from_nothing(two_cas):
+    pki, _ = two_cas
+    with _server() as port:  # a plain-HTTP server, as `fedtune deploy superlink --insecure` runs
+        address = f"127.0.0.1:{port}"
+        assert probe_superlink(address, None) == Probe("ok", f"plain HTTP with {address}")
+        tls = probe_superlink(address, pki / "ca.crt")
+        assert tls.verdict == "refused" and "speaks plain HTTP" in tls.message and "--insecure" in tls.message
+    port = _free_port()  # nothing listens: no verdict, Flower keeps trying
+    for ca in (pki / "ca.crt", None):
+        found = probe_superlink(f"127.0.0.1:{port}", ca, timeout=2.0)
+        assert found.verdict == "unknown" and "no connection" in found.message
+
+
+def _supernode_args(address: str, *tls: str) -> list[str]:
+    return [
+        "deploy",
+        "supernode",
+        "--superlink",
+        address,
+        *tls,
+        "--partition-id",
+        "0",
+        "--num-partitions",
+        "1",
+        "--port",
+        "29100",
+    ]
+
+
+def test_a_supernode_that_does_not_speak_the_superlinks_tls_stops_in_one_line(
+    tmp_path, two_cas, execs, monkeypatch, capsys
+):
+    pki, other_ca = two_cas
+    assert cli.main(["deploy", "keys", "--out", str(tmp_path / "k"), "--name", "silo-1"]) == 0
+    key = str(tmp_path / "k" / "silo-1")
+    supervised = []
+    monkeypatch.setattr(dcli, "supervise", lambda node, worker, **kw: supervised.append((node, kw)) or 0)
+    capsys.readouterr()
+    with _server(pki) as tls_port, _server() as plain_port:
+        tls, plain = f"127.0.0.1:{tls_port}", f"127.0.0.1:{plain_port}"
+        cases = [
+            (_supernode_args(tls, "--certs", str(other_ca), "--key", key), "did not sign"),
+            (_supernode_args(tls, "--insecure"), "speaks TLS"),
+            (_supernode_args(plain, "--certs", str(pki), "--key", key), "speaks plain HTTP"),
+            (_supernode_args(tls, "--key", key), "--certs and --key are required unless --insecure"),
+        ]
+        for argv, what in cases:
+            for isolation in ("process", "subprocess"):
+                assert cli.main([*argv, "--isolation", isolation]) == 2, argv
+                line = _one_line(capsys.readouterr().err)  # no "running:", no --insecure warning first
+                assert line.startswith("fedtune: error: ") and what in line, line
+        assert not execs and not supervised  # no Flower process was started
+        # the matching settings start it, with the probe for the supervisor
+        assert cli.main([*_supernode_args(tls, "--certs", str(pki), "--key", key)]) == 0
+        assert cli.main([*_supernode_args(plain, "--insecure")]) == 0
+    (_, kw_tls), (node, kw_plain) = supervised
+    assert kw_tls["watch"] is False and kw_plain["watch"] is False and "--insecure" in node
+    assert kw_plain["probe"]().verdict == "unknown"  # the servers are gone now
+
+
+def test_the_supervisor_stops_a_supernode_whose_superlink_turns_out_to_speak_tls(two_cas, capfd):
+    # started --insecure while the SuperLink was down: Flower would retry the TLS SuperLink forever
+    pki, _ = two_cas
+    port = _free_port()
+    node, worker = _py("import time; time.sleep(60)"), _py("import time; time.sleep(60)")
+    probe = lambda: probe_superlink(f"127.0.0.1:{port}", None, timeout=1.0)  # noqa: E731
+    assert probe().verdict == "unknown"
+    up: list[contextlib.AbstractContextManager] = []
+
+    def superlink_comes_up():
+        up.append(_server(pki, port=port))
+        up[0].__enter__()
+
+    timer = threading.Timer(1.0, superlink_comes_up)  # the supervisor needs the main thread (signals)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        assert dcli.supervise(node, worker, poll=0.05, probe=probe, watch=True, probe_every=0.1) == 1
+    finally:
+        timer.cancel()
+        for server in up:
+            server.__exit__(None, None, None)
+    assert time.monotonic() - t0 >= 1.0  # nothing answered before: the SuperNode kept trying
+    line = _one_line(capfd.readouterr().err)
+    assert line.startswith("fedtune: error: the SuperLink at") and "speaks TLS" in line
+
+
+def test_a_supernode_that_failed_on_tls_is_explained_by_the_probe(two_cas, capfd):
+    # the SuperLink came up with another CA after the start: Flower exits 1 ("SSL/TLS handshake
+    # error detected", exit code 305); the line says which CA, not "not registered"
+    pki, other_ca = two_cas
+    with _server(pki) as port:
+        probe = lambda: probe_superlink(f"127.0.0.1:{port}", other_ca)  # noqa: E731
+        worker = _py("import time; time.sleep(60)")
+        assert dcli.supervise(_py("raise SystemExit(1)"), worker, poll=0.05, probe=probe) == 1
+    line = _one_line(capfd.readouterr().err)
+    assert "did not sign" in line and "Failed to activate" not in line
+
+
+# ---- the launcher's recovery settings --------------------------------------------------
+
+
+def _refused_activation():
+    import httpx
+
+    request = httpx.Request("POST", "https://127.0.0.1:8000/v1/fleet/activate-node")
+    # what flwr 1.41's SuperLink answers (FlowerError.to_json of FLEET_NODE_ACTIVATION_FAILED)
+    response = httpx.Response(412, request=request, json={"code": 2004, "detail": "Failed to activate SuperNode."})
+    return httpx.HTTPStatusError("412 Precondition Failed", request=request, response=response)
+
+
+def test_a_refused_activation_is_asked_again_within_the_patience_then_given_up():
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    from fedtune.deploy.supernode import activation_refused, capped_backoff, patient_invoker
+
+    refused = _refused_activation()
+    assert activation_refused(refused) and not activation_refused(ValueError("x"))
+    assert list(zip(range(5), capped_backoff(1.0, 5.0))) == [(0, 1.0), (1, 2.0), (2, 4.0), (3, 5.0), (4, 5.0)]
+
+    # a node still counted online: refused twice, then accepted (Flower's own invoker, short waits)
+    said: list[str] = []
+    answers = iter([refused, refused, "node 7"])
+
+    def activate():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    invoker = patient_invoker(make_simple_http_retry_invoker, cap=0.01, say=said.append)
+    assert invoker.invoke(activate) == "node 7"
+    assert len(said) == 2 and "not registered" in said[0] and "still counts this node online" in said[0]
+    assert said[1].startswith("fedtune: the SuperLink activated this SuperNode")
+
+    # a key that is not registered: refused until the patience is spent, then Flower's error
+    now = [0.0]
+
+    def never():
+        now[0] += 10.0
+        raise refused
+
+    said.clear()
+    invoker = patient_invoker(
+        make_simple_http_retry_invoker, patience=25.0, cap=0.01, clock=lambda: now[0], say=said.append
+    )
+    with pytest.raises(type(refused)):
+        invoker.invoke(never)
+    assert now[0] == 40.0 and len(said) == 1  # refused at 10, 20, 30 (past 10 + 25): given up
+    # anything else is Flower's decision: a 404 is not retried
+    import httpx
+
+    request = httpx.Request("POST", "https://x/")
+    other = httpx.HTTPStatusError("404", request=request, response=httpx.Response(404, request=request))
+    assert patient_invoker(make_simple_http_retry_invoker).should_giveup(other) is True
+
+
+def test_install_connection_sets_heartbeat_and_retries_or_changes_nothing():
+    import types
+
+    from fedtune.deploy import supernode as launcher
+
+    factory = launcher.capped_backoff  # any callable: install only wraps it
+    conn = types.SimpleNamespace(HEARTBEAT_DEFAULT_INTERVAL=30, make_simple_http_retry_invoker=factory)
+    beat = types.SimpleNamespace(HEARTBEAT_DEFAULT_INTERVAL=30)
+    assert launcher.install_connection(conn, beat)
+    assert conn.HEARTBEAT_DEFAULT_INTERVAL == beat.HEARTBEAT_DEFAULT_INTERVAL == launcher.HEARTBEAT_S == 10
+    assert conn.make_simple_http_retry_invoker.func is launcher.patient_invoker
+    other = types.SimpleNamespace(HEARTBEAT_DEFAULT_INTERVAL=15, make_simple_http_retry_invoker=factory)
+    assert not launcher.install_connection(other, types.SimpleNamespace(HEARTBEAT_DEFAULT_INTERVAL=30))
+    assert other.HEARTBEAT_DEFAULT_INTERVAL == 15 and other.make_simple_http_retry_invoker is factory

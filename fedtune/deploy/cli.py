@@ -29,11 +29,14 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
+from fedtune.deploy.probe import Probe, probe_superlink
 from fedtune.env import flower_env, flower_executable
 from fedtune.errors import ConfigError, FedtuneError
 
@@ -65,6 +68,8 @@ ISOLATION_MODES = ("process", "subprocess")  # flower-supernode --isolation
 # Flower's SuperExec (the SuperLink's, launching the ServerApp of each run; a SuperNode's with
 # --isolation subprocess, one ClientApp per message) polls for tasks every 1 s by default
 SUPEREXEC_POLL_S = "0.1"
+# While the SuperLink has not answered the TLS probe (fedtune.deploy.probe), ask again this often
+PROBE_EVERY_S = 2.0
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):(\d+)$")
 
@@ -369,24 +374,46 @@ def node_exit_message(rc: int, key: str | None = None) -> str:
         )
     return (
         f"fedtune: the SuperNode exited with status {rc} (its messages are above); if it says 'Failed to "
-        f"activate SuperNode' (code 2004), the coordinator has not registered {pub} (`fedtune deploy register`)"
+        f"activate SuperNode' (code 2004), the coordinator has not registered {pub} (`fedtune deploy register`), "
+        f"or the SuperLink still counted this node online from a process stopped uncleanly within the last "
+        f"minute: start it again"
     )
 
 
 def supervise(
-    node_argv: list[str], worker: list[str], *, max_restarts: int = 3, poll: float = 0.2, key: str | None = None
+    node_argv: list[str],
+    worker: list[str],
+    *,
+    max_restarts: int = 3,
+    poll: float = 0.2,
+    key: str | None = None,
+    probe: Callable[[], Probe] | None = None,
+    watch: bool = False,
+    probe_every: float = PROBE_EVERY_S,
 ) -> int:
     """Run the SuperNode and its ClientApp worker until the SuperNode ends or a
     signal arrives; restart a worker that dies (a crash in training code), at most
     ``max_restarts`` times a minute. Returns 0 when stopped by SIGINT/SIGTERM/SIGHUP,
     else the SuperNode's exit status (1 if it stopped itself with 0: it was not asked
-    to), after `node_exit_message` (``key``: the silo's private key, for the hint)."""
+    to), after one line saying why (`node_exit_message`; ``key``: the silo's private
+    key, for the hint).
+
+    ``probe`` checks the SuperLink's TLS (`probe_superlink`). With ``watch`` (the
+    SuperLink had not answered before the start) it runs every ``probe_every`` s
+    until the SuperLink answers; a mismatch Flower would retry forever (an
+    ``--insecure`` SuperNode, a TLS SuperLink) then stops both processes with its
+    line. When the SuperNode fails, a probe that finds a mismatch gives the line.
+    """
     stop_signal: list[int] = []
 
     def on_signal(signum, _frame):
         stop_signal.append(signum)
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    refused: list[str] = []
+    done = threading.Event()
+    if probe is not None and watch:
+        threading.Thread(target=_watch, args=(probe, probe_every, done, refused), name="tls-probe", daemon=True).start()
     node = _start(node_argv)
     procs = [node]
     rc = 1
@@ -394,13 +421,21 @@ def supervise(
         procs.append(_start(worker))
         restarts: list[float] = []
         while not stop_signal:
+            if refused:
+                print(f"fedtune: error: {refused[0]}", file=sys.stderr, flush=True)
+                rc = 1
+                break
             if node.poll() is not None:
                 time.sleep(poll)  # a Ctrl-C reaches the SuperNode and this process together
                 if stop_signal:
                     rc = 0
                     break
                 rc = node.returncode
-                print(node_exit_message(rc, key), file=sys.stderr, flush=True)
+                found = probe() if probe is not None and rc != 0 else None
+                if found is not None and found.verdict == "refused":
+                    print(f"fedtune: error: {found.message}", file=sys.stderr, flush=True)
+                else:
+                    print(node_exit_message(rc, key), file=sys.stderr, flush=True)
                 rc = rc or 1
                 break
             if procs[1].poll() is not None:
@@ -425,10 +460,21 @@ def supervise(
         else:
             rc = 0
     finally:
+        done.set()
         _stop(procs)
         for s, h in old.items():
             signal.signal(s, h)
     return rc
+
+
+def _watch(probe: Callable[[], Probe], every: float, done: threading.Event, refused: list[str]) -> None:
+    """Probe until the SuperLink answers (or ``done``); a mismatch goes to ``refused``."""
+    while not done.wait(every):
+        found = probe()
+        if found.verdict == "refused":
+            refused.append(found.message)
+        if found.verdict != "unknown":
+            return
 
 
 # ---- commands ---------------------------------------------------------------------
@@ -503,14 +549,15 @@ def cmd_supernode(args) -> int:
     ca = key = None
     if not args.insecure:
         if not args.certs or not args.key:
-            raise ConfigError("--certs and --key are required unless --insecure is given")
+            raise ConfigError(
+                "--certs and --key are required unless --insecure is given (the coordinator's ca.crt, "
+                "and this silo's key from `fedtune deploy keys`)"
+            )
         ca = Path(args.certs)
         if ca.is_dir():
             ca = ca / CA_CERT
         key = Path(args.key)
         _need_files(ca, key, hint="get ca.crt from the coordinator; create the key with `fedtune deploy keys`")
-    else:
-        print("fedtune: WARNING: --insecure: plain-text traffic, no SuperNode authentication", file=sys.stderr)
     if args.data_path is not None:
         if not Path(args.data_path).exists():
             raise FedtuneError(f"--data-path: {args.data_path} does not exist on this machine")
@@ -525,10 +572,31 @@ def cmd_supernode(args) -> int:
         insecure=args.insecure,
         isolation=args.isolation,
     )
+    # a TLS mismatch stops here, before Flower starts: Flower would exit with its exit code 305
+    # (another CA; TLS against a plain-text SuperLink) or retry forever (--insecure against TLS)
+    probe = partial(probe_superlink, args.superlink, ca)
+    first = probe()
+    if first.verdict == "refused":
+        raise FedtuneError(first.message)
+    if args.insecure:
+        print("fedtune: WARNING: --insecure: plain-text traffic, no SuperNode authentication", file=sys.stderr)
+    if first.verdict == "unknown":
+        print(
+            f"fedtune: {first.message}: starting the SuperNode anyway (it keeps trying; TLS is checked "
+            "when the SuperLink answers)",
+            file=sys.stderr,
+            flush=True,
+        )
     argv = [flower_executable(argv[0]), *argv[1:]] if args.flower_polling else fast_polling_argv(argv)
     if args.isolation == "subprocess":
         return _exec(argv)
-    return supervise(argv, worker_argv(args.port, parent_pid=os.getpid()), key=args.key)
+    return supervise(
+        argv,
+        worker_argv(args.port, parent_pid=os.getpid()),
+        key=args.key,
+        probe=probe,
+        watch=first.verdict == "unknown",
+    )
 
 
 def cmd_register(args) -> int:

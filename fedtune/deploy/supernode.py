@@ -1,4 +1,4 @@
-"""``flower-supernode`` with its fixed sleeps shortened while a run is active (flwr 1.41).
+"""``flower-supernode`` with its fixed sleeps shortened and its fault recovery quickened (flwr 1.41).
 
 flwr 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) pulls
 the SuperLink for a message and, when there is none, sleeps a fixed 3 s before
@@ -19,33 +19,59 @@ run finds the next round within a quarter of a second; the reply checks wait
 asked for again after 5 ms instead of Flower's 1 s. ``fedtune deploy supernode``
 starts it; ``--flower-polling`` starts the unmodified ``flower-supernode``.
 
+Three more of Flower's fixed values decide how a deployment recovers from a
+fault, and the launcher sets them too (`install_connection`):
+
+- the heartbeat interval the SuperNode announces and keeps: 10 s (flwr 1.41's
+  minimum) instead of 30 s. The SuperLink reports a silent SuperNode (a killed
+  process, a dead machine) after 2 intervals: to the ServerApp as
+  NODE_UNAVAILABLE, and by accepting the node's key again, in 20 s instead of 60 s;
+- the longest wait between reconnection attempts: 5 s instead of 20 s, so the
+  SuperNodes are back within seconds of a SuperLink restart;
+- a refused activation (code 2004, "Failed to activate SuperNode") is asked again
+  for `ACTIVATION_PATIENCE_S`: the SuperLink refuses a key that is not
+  registered, but also the key of a node it still counts online, which is what
+  a SuperNode restarted after a crash meets until those 2 intervals have passed.
+  Flower gives up at once; the launcher says which two causes it can be, asks
+  again, and then rejoins with the same node ID (or gives up as Flower would).
+
 It relies on three names of flwr 1.41's loop module (``time``,
-``_pull_and_store_message``, ``pull_objects``) and on Flower's own sleep values;
-with another flwr version, or when those are not found, it says so and runs
-Flower's loop unchanged.
+``_pull_and_store_message``, ``pull_objects``), two of its connection module
+(``HEARTBEAT_DEFAULT_INTERVAL``, ``make_simple_http_retry_invoker``), one of
+``flwr.supercore.heartbeat`` and on Flower's own values; with another flwr
+version, or when those are not found, it says so and runs Flower's SuperNode
+unchanged.
 
     python .../fedtune/deploy/supernode.py --superlink HOST:PORT ... (flower-supernode's arguments)
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "PollClock",
+    "activation_refused",
+    "capped_backoff",
     "install",
+    "install_connection",
     "main",
+    "patient_invoker",
     "FIRST_IDLE_S",
     "BUSY_CAP_S",
     "BUSY_WINDOW_S",
     "MAX_IDLE_S",
     "REPLY_CHECK_S",
+    "HEARTBEAT_S",
+    "RECONNECT_CAP_S",
+    "ACTIVATION_PATIENCE_S",
 ]
 
 # Flower's fixed sleeps in flwr 1.41's SuperNode loop: after an empty pull; while waiting for
@@ -61,6 +87,16 @@ REPLY_CHECK_S = 0.01
 OBJECT_FIRST_BACKOFF_S = 0.005
 OBJECT_BACKOFF_CAP_S = 0.1
 SUPPORTED = "1.41."
+
+FLOWER_HEARTBEAT_S = 30  # flwr 1.41's HEARTBEAT_DEFAULT_INTERVAL
+HEARTBEAT_S = 10  # flwr 1.41's HEARTBEAT_MIN_INTERVAL: the least the SuperLink accepts
+HEARTBEAT_PATIENCE = 2  # flwr's: a node is offline 2 intervals after its last heartbeat
+RECONNECT_FIRST_S = 1.0  # Flower's first back-off, doubling ...
+RECONNECT_CAP_S = 5.0  # ... up to this (Flower's: MAX_RETRY_DELAY, 20 s), each wait drawn in [0, it]
+# a restarted node's key is accepted again HEARTBEAT_PATIENCE intervals after its last
+# heartbeat; a few seconds more for the jittered retries
+ACTIVATION_PATIENCE_S = HEARTBEAT_PATIENCE * HEARTBEAT_S + 5.0
+ACTIVATION_FAILED = 2004  # flwr's ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
 
 
 class PollClock:
@@ -136,6 +172,96 @@ def install(loop_module: Any, clock: PollClock) -> bool:
     return True
 
 
+def capped_backoff(first: float = RECONNECT_FIRST_S, cap: float = RECONNECT_CAP_S) -> Iterator[float]:
+    """``first``, twice that, ... up to ``cap``: the waits between reconnection attempts
+    (Flower's invoker draws each actual wait in [0, w])."""
+    wait = first
+    while True:
+        yield min(wait, cap)
+        wait *= 2
+
+
+def activation_refused(exc: BaseException | None) -> bool:
+    """The SuperLink's answer to an ActivateNode it refuses (code 2004): the key is not
+    registered, or the node is still online (httpx's ``HTTPStatusError`` with Flower's JSON)."""
+    response = getattr(exc, "response", None)
+    if type(exc).__name__ != "HTTPStatusError" or response is None:
+        return False
+    try:
+        body = json.loads(response.text)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("code") == ACTIVATION_FAILED
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def patient_invoker(
+    factory: Callable[[], Any],
+    *,
+    patience: float = ACTIVATION_PATIENCE_S,
+    cap: float = RECONNECT_CAP_S,
+    clock: Callable[[], float] = time.monotonic,
+    say: Callable[[str], None] = _say,
+) -> Any:
+    """Flower's retry invoker from ``factory`` (``make_simple_http_retry_invoker``), waiting at
+    most ``cap`` between attempts and asking again for ``patience`` s after a refused activation
+    (`activation_refused`), with one line when that starts and one if it then succeeds."""
+    invoker = factory()
+    invoker.wait_gen_factory = partial(capped_backoff, RECONNECT_FIRST_S, cap)
+    giveup, succeeded = invoker.should_giveup, invoker.on_success
+    refused_at: list[float] = []
+
+    def should_giveup(exc: Exception) -> bool:
+        if activation_refused(exc):
+            now = clock()
+            if not refused_at:
+                refused_at.append(now)
+                say(
+                    "fedtune: the SuperLink refused to activate this SuperNode (code 2004): either its key is not "
+                    "registered (`fedtune deploy register KEY.pub` on the coordinator's side), or the SuperLink "
+                    "still counts this node online because its previous process stopped uncleanly (for up to "
+                    f"{HEARTBEAT_PATIENCE * HEARTBEAT_S} s, {HEARTBEAT_PATIENCE * FLOWER_HEARTBEAT_S} s if it ran "
+                    f"Flower's own SuperNode); asking again for {patience:.0f} s"
+                )
+            if now - refused_at[0] < patience:
+                return False
+        return bool(giveup(exc)) if giveup is not None else False
+
+    def on_success(state: Any) -> None:
+        if len(refused_at) == 1:
+            refused_at.append(clock())
+            say(
+                f"fedtune: the SuperLink activated this SuperNode {refused_at[1] - refused_at[0]:.0f} s after "
+                "refusing it: it had still counted the node's previous process online"
+            )
+        if succeeded is not None:
+            succeeded(state)
+
+    invoker.should_giveup, invoker.on_success = should_giveup, on_success
+    return invoker
+
+
+def install_connection(conn_module: Any, heartbeat_module: Any, **patient: Any) -> bool:
+    """Make ``conn_module`` (flwr's ``flwr.supernode.fleet_http_connection``) announce and keep
+    `HEARTBEAT_S` heartbeats (``heartbeat_module``: ``flwr.supercore.heartbeat``, whose sender
+    reads the interval) and retry through `patient_invoker` (``patient``: its keywords). False,
+    and nothing changed, if the modules are not the ones expected."""
+    factory = getattr(conn_module, "make_simple_http_retry_invoker", None)
+    if (
+        getattr(conn_module, "HEARTBEAT_DEFAULT_INTERVAL", None) != FLOWER_HEARTBEAT_S
+        or getattr(heartbeat_module, "HEARTBEAT_DEFAULT_INTERVAL", None) != FLOWER_HEARTBEAT_S
+        or not callable(factory)
+    ):
+        return False
+    conn_module.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
+    heartbeat_module.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT_S
+    conn_module.make_simple_http_retry_invoker = partial(patient_invoker, factory, **patient)
+    return True
+
+
 UNAUTHORIZED_MESSAGE = (
     "fedtune: the SuperLink refused this SuperNode's key (401 Unauthorized): it is not registered any more "
     "(`flwr supernode unregister`, or a SuperLink restarted without --database); have the coordinator run "
@@ -166,14 +292,24 @@ def quiet_unauthorized(hook: Callable[[Any], None]) -> Callable[[Any], None]:
 def main(argv: Sequence[str] | None = None) -> int:
     from importlib.metadata import version
 
+    import flwr.supercore.heartbeat as heartbeat
+    import flwr.supernode.fleet_http_connection as connection
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli import flower_supernode
 
     flwr_version = version("flwr")
-    if not flwr_version.startswith(SUPPORTED) or not install(loop, PollClock()):
+    supported = flwr_version.startswith(SUPPORTED)
+    if not supported or not install(loop, PollClock()):
         print(
             f"fedtune: flwr {flwr_version}: running flower-supernode's own polling (3 s between pulls when idle); "
             f"fedtune's shorter polling is written for flwr {SUPPORTED}x",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not supported or not install_connection(connection, heartbeat):
+        print(
+            f"fedtune: flwr {flwr_version}: running Flower's own heartbeat ({FLOWER_HEARTBEAT_S} s) and "
+            f"reconnection; fedtune's are written for flwr {SUPPORTED}x",
             file=sys.stderr,
             flush=True,
         )
