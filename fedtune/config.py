@@ -646,9 +646,7 @@ def _secure_problems(cfg: FedtuneConfig) -> list[str]:
             "(every tensor goes through compression.codec); set it to 'same'"
         )
     if comp.error_feedback:
-        e.append(
-            "compression.error_feedback: not implemented with aggregation.secure = 'secagg+'; set it to false"
-        )
+        e.append("compression.error_feedback: not implemented with aggregation.secure = 'secagg+'; set it to false")
     m = cfg.federation.clients_per_round
     if isinstance(agg.modulus_range, int) and isinstance(agg.quantization_range, int):
         if m * agg.quantization_range >= agg.modulus_range:

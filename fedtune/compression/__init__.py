@@ -10,7 +10,8 @@ Codecs (`VALID_CODECS`) chain a sparsifier (top-k, rand-k) with a value coder
 (fp16, bf16, int8, int4, ComPEFT ternary, 1-bit sign); the wire format is described in
 `fedtune.compression.wire` and the size formulas in `fedtune.compression.codec`.
 ``small_codec`` sends small tensors (the task head) through a second codec
-(`fedtune.compression.split.SplitCodec`).
+(`fedtune.compression.split.SplitCodec`). Under secure aggregation, where only sums
+travel, `SharedRandK` and the packed residues of `fedtune.compression.masked` apply.
 """
 
 from fedtune.compression.codec import (
@@ -24,6 +25,7 @@ from fedtune.compression.codec import (
 )
 from fedtune.compression.config import CompressionConfig
 from fedtune.compression.feedback import compensate, residual_after
+from fedtune.compression.masked import SharedRandK
 from fedtune.compression.sparsify import k_for, randk_indices, topk_indices
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "ChainCodec",
     "Codec",
     "CompressionConfig",
+    "SharedRandK",
     "build_codec",
     "compensate",
     "expected_size",
