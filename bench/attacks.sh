@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Attacks x defences on the demo task (simulations/configs/default.toml) with all 10 clients each
 # round: sign flip, scale x10, Gaussian noise, ALIE and label flipping by 2 and by 4 of the 10
-# clients (attack.fraction 0.2 / 0.4, chosen from attack.seed, the same in every row), plus the
+# clients (attack.fraction 0.2 / 0.4, chosen from attack.seed, the same in every row), AGR-tailored
+# updates crafted against each row's own robust rule, plus the
 # no-attack rows, under FedAvg, norm bounding, median, trimmed mean, Krum and median + norm bound.
 # Row names are ATTACK[M]-DEFENCE (none-fedavg, sign2-median, alie4-krum, ...). Pass row names to
 # run a subset; every row is one `fedtune simulate` (bench/table.py), results in $OUT, then the
@@ -27,6 +28,10 @@ declare -A ATTACK=(
   [gauss]="attack.kind=gaussian,attack.noise_norm=$GAUSS"
   [alie]="attack.kind=alie,attack.z=$ALIE_Z"
   [flip]="attack.kind=label-flip"
+  # AGR-tailored (Shejwalkar & Houmansadr 2021): mean - gamma * std, gamma searched against the row's own rule
+  # from gamma_init 10 (agr) or 1 (agrg1: against Krum a gamma near 20 std is never picked by the real server)
+  [agr]="attack.kind=agr-tailored"
+  [agrg1]="attack.kind=agr-tailored,attack.gamma_init=1.0"
 )
 declare -A DEFENCE=(
   [fedavg]=""
@@ -44,8 +49,9 @@ for d in "${DEFENCES[@]}"; do  # no attack: Krum assumes 2 attackers, the trimme
   ORDER+=("none-$d")
 done
 for m in 2 4; do
-  for a in sign scale gauss alie flip; do
+  for a in sign scale gauss alie flip agr agrg1; do
     for d in "${DEFENCES[@]}"; do
+      [[ "$a" == agr* && "$d" == fedavg ]] && continue  # refused: no robust rule to tailor against
       row="$ALL,${ATTACK[$a]},attack.fraction=0.$m${DEFENCE[$d]:+,${DEFENCE[$d]}}"
       row=${row//BETA/0.$m}; row=${row//=M/=$m}  # trim as many as attack; Krum told how many attack
       ROWS[$a$m-$d]=$row

@@ -17,15 +17,23 @@ One invocation runs, in turn (alternating when ``--repeats`` > 1):
   (Flower's unmodified SuperNode loop: 3 s between pulls when idle, 0.5 s
   between checks for a reply), to show what fedtune's polling removes.
 
-All run the same config: ``simulations/configs/tiny.toml`` with
-``federation.num_clients`` = ``--silos``, every client sampled in every round,
-``federation.rounds`` = ``--rounds``. Round time is ``seconds`` in
+All run the same config: ``--config`` (default ``simulations/configs/tiny.toml``)
+with ``federation.num_clients`` = ``--silos``, every client sampled in every
+round, ``federation.rounds`` = ``--rounds``, plus any ``--set key=value``. Round time is ``seconds`` in
 ``metrics.jsonl`` (the ServerApp's time from sampling to the aggregated
 global: send, client work, replies, checks, aggregation; held-out evaluation and
 the checkpoint are outside it). Round 1 loads the model everywhere and is not
 counted; the figure is the median of rounds 2..R over all repeats.
 
     .venv/bin/python bench/deploy_round.py --rounds 8 --flower-polling
+    .venv/bin/python bench/deploy_round.py --silos 20 --rounds 4           # many SuperNodes
+    .venv/bin/python bench/deploy_round.py --no-simulation --silos 2 --rounds 3 \
+        --config simulations/configs/smollm2-chatterbot.toml --set adapter.r=64 ...  # a large adapter
+
+Besides round times, each run reports the bytes each way per client-round (from
+``metrics.jsonl``) and, for deployments, the peak resident memory (``VmHWM``
+summed over each process group, read just before it is stopped) of the SuperLink
+(with its ServerApp) and of each SuperNode (with its ClientApp worker).
 
 Raw outputs (every round, the processes' logs) in ``--out``
 (default ``bench/results/deploy_round/``); the table is printed and written to
@@ -70,6 +78,10 @@ def free_port(lo: int, hi: int) -> int:
     raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
+CONFIG = TINY
+EXTRA: list[str] = []  # --set overrides, for every mode
+
+
 def overrides(silos: int, rounds: int, out: Path) -> list[str]:
     return [
         f"federation.num_clients={silos}",
@@ -77,13 +89,38 @@ def overrides(silos: int, rounds: int, out: Path) -> list[str]:
         "federation.fraction_train=1.0",
         f"federation.rounds={rounds}",
         f"output.dir={out}",
+        *EXTRA,
     ]
 
 
-def round_seconds(out: Path) -> list[float]:
+def round_figures(out: Path) -> dict:
+    """Seconds of rounds 1..R and the mean bytes up / down per client-round."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["accepted"] == r["sampled"] for r in rows[1:]), f"a round lost an update: {out}"
-    return [r["seconds"] for r in rows if r["round"] >= 1]
+    trained = [r for r in rows if r["round"] >= 1]
+    ups = [b for r in trained for b in r.get("bytes_up_per_client", {}).values()]
+    downs = [b for r in trained for b in r.get("bytes_down_per_client", {}).values()]
+    return {
+        "seconds": [r["seconds"] for r in trained],
+        "bytes_up": statistics.mean(ups) if ups else None,
+        "bytes_down": statistics.mean(downs) if downs else None,
+    }
+
+
+def group_peak_mb(pgid: int) -> float:
+    """Peak resident memory (VmHWM) summed over the live processes of process group ``pgid``, in MB."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # fields after the command: state, ppid, pgrp, ...
+                continue
+            for line in (stat.parent / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+    return total / 1024
 
 
 def env() -> dict[str, str]:
@@ -100,13 +137,13 @@ def env() -> dict[str, str]:
 
 def run_simulation(work: Path, silos: int, rounds: int) -> dict:
     out = work / "out"
-    argv = [*FEDTUNE, "simulate", "-c", str(ROOT / TINY), "--out", str(out)]
+    argv = [*FEDTUNE, "simulate", "-c", str(ROOT / CONFIG), "--out", str(out)]
     for item in overrides(silos, rounds, out):
         argv += ["-s", item]
     t0 = time.monotonic()
     with (work / "simulate.log").open("w") as log:
         subprocess.run(argv, check=True, env=env(), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    return {"seconds": round_seconds(out), "wall": time.monotonic() - t0}
+    return {**round_figures(out), "wall": time.monotonic() - t0}
 
 
 class Deployment:
@@ -116,6 +153,7 @@ class Deployment:
         self.work, self.silos, self.flower_polling, self.database = work, silos, flower_polling, database
         self.env = env()
         self.procs: list[subprocess.Popen] = []
+        self.names: list[str] = []
         self.port = free_port(19000, 19899)
         self.cli_home = work / "home-cli"
 
@@ -131,7 +169,12 @@ class Deployment:
                 env={**self.env, "FLWR_HOME": str(home)},
             )
         self.procs.append(proc)
+        self.names.append(name)
         return proc
+
+    def peak_mb(self) -> dict[str, float]:
+        """Peak resident memory of each started process group (SuperLink, silo-1, ...), in MB."""
+        return {name: round(group_peak_mb(p.pid), 1) for name, p in zip(self.names, self.procs)}
 
     def wait_for(self, what: str, predicate, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -232,7 +275,7 @@ class Deployment:
                 "--app",
                 str(app),
                 "--config",
-                TINY,
+                CONFIG,
                 *[a for o in overrides(self.silos, rounds, out) for a in ("-s", o)],
             ],
             check=True,
@@ -258,7 +301,7 @@ class Deployment:
             if (out / "summary.json").exists():
                 break
             time.sleep(0.5)
-        return {"seconds": round_seconds(out), "wall": wall}
+        return {**round_figures(out), "wall": wall, "peak_mb": self.peak_mb()}
 
     def stop(self) -> None:
         for p in reversed(self.procs):
@@ -313,14 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also run the deployment with the SuperLink's state in SQLite (--database), as the guide does",
     )
+    p.add_argument("--config", default=TINY, help=f"the run's config (default {TINY})")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an extra override, repeatable")
+    p.add_argument("--no-simulation", action="store_true", help="run only the deployment mode(s)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "deploy_round"))
     args = p.parse_args(argv)
+    global CONFIG
+    CONFIG = args.config
+    EXTRA[:] = args.set
     if args.rounds < 3:
         p.error("--rounds: at least 3 (round 1 is not counted)")
     out = Path(args.out).resolve()  # `flwr run` runs in the app directory
     out.mkdir(parents=True, exist_ok=True)
     modes = (
-        ["simulation", "deployment"]
+        ([] if args.no_simulation else ["simulation"])
+        + ["deployment"]
         + (["deployment-database"] if args.database else [])
         + (["deployment-flower-polling"] if args.flower_polling else [])
     )
@@ -344,19 +394,36 @@ def main(argv: list[str] | None = None) -> int:
     def warm(mode: str) -> list[float]:
         return [s for r in runs[mode] for s in r["seconds"][1:]]
 
-    sim = statistics.median(warm("simulation"))
+    def mean_of(mode: str, key: str) -> str:
+        vals = [r[key] for r in runs[mode] if r.get(key) is not None]
+        return f"{statistics.mean(vals):,.0f}" if vals else ""
+
+    def peak(mode: str, which: str) -> str:
+        vals = [
+            mb
+            for r in runs[mode]
+            for name, mb in r.get("peak_mb", {}).items()
+            if (name == "superlink") == (which == "superlink")
+        ]
+        return f"{max(vals):,.0f}" if vals else ""
+
+    sim = statistics.median(warm("simulation")) if "simulation" in runs else None
     lines = [
-        f"tiny model, {args.silos} clients, all sampled, {args.rounds} rounds x {args.repeats} repeat(s); "
-        f"warm rounds = rounds 2..{args.rounds}; load average {min(load):.1f}-{max(load):.1f}",
+        f"{args.config} {' '.join(args.set)}: {args.silos} clients, all sampled, {args.rounds} rounds x "
+        f"{args.repeats} repeat(s); warm rounds = rounds 2..{args.rounds}; load average {min(load):.1f}-{max(load):.1f}",
         "",
-        "| mode | warm rounds | median (s) | min (s) | max (s) | median - simulation (s) | / simulation |",
-        "|---|---|---|---|---|---|---|",
+        "| mode | warm rounds | median (s) | min (s) | max (s) | median - simulation (s) | / simulation "
+        "| B up / client-round | B down / client-round | SuperLink peak MB | SuperNode peak MB (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for mode in modes:
         w = warm(mode)
         med = statistics.median(w)
+        vs = (f"{med - sim:+.3f}", f"{med / sim:.2f}x") if sim else ("", "")
         lines.append(
-            f"| {mode} | {len(w)} | {med:.3f} | {min(w):.3f} | {max(w):.3f} | {med - sim:+.3f} | {med / sim:.2f}x |"
+            f"| {mode} | {len(w)} | {med:.3f} | {min(w):.3f} | {max(w):.3f} | {vs[0]} | {vs[1]} "
+            f"| {mean_of(mode, 'bytes_up')} | {mean_of(mode, 'bytes_down')} | {peak(mode, 'superlink')} "
+            f"| {peak(mode, 'supernode')} |"
         )
     table = "\n".join(lines)
     print("\n" + table)
