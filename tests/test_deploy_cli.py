@@ -870,8 +870,18 @@ def test_a_refused_activation_is_asked_again_within_the_patience_then_given_up()
     with pytest.raises(type(refused)):
         invoker.invoke(never)
     assert now[0] == 40.0 and len(said) == 1  # refused at 10, 20, 30 (past 10 + 25): given up
-    # anything else is Flower's decision: a 404 is not retried
+    # while refused, the next attempt comes within ACTIVATION_RETRY_S; otherwise Flower's
+    # exponential back-off, capped at RECONNECT_CAP_S
     import httpx
+
+    from fedtune.deploy.supernode import ACTIVATION_RETRY_S, RECONNECT_CAP_S
+
+    invoker = patient_invoker(make_simple_http_retry_invoker, say=said.append)
+    waits = invoker.wait_gen_factory()
+    assert invoker.should_giveup(refused) is False and next(waits) == ACTIVATION_RETRY_S == 2.0
+    assert invoker.should_giveup(httpx.ConnectError("connection refused")) is False  # the SuperLink is down
+    assert [next(waits) for _ in range(5)] == [1.0, 2.0, 4.0, RECONNECT_CAP_S, RECONNECT_CAP_S]
+    # anything else is Flower's decision: a 404 is not retried
 
     request = httpx.Request("POST", "https://x/")
     other = httpx.HTTPStatusError("404", request=request, response=httpx.Response(404, request=request))

@@ -18,16 +18,24 @@ process (the same ServerApp and ClientApp over fedtune's in-process
 ``LocalGrid``; computed while the silos reconnect): a deployed run, killed and
 resumed, computes what the config computes.
 
+``test_deploy_refuses_supernodes``: SuperNodes that trust another CA, that are
+started ``--insecure`` against the TLS SuperLink, or that dial a plain-HTTP server
+over TLS stop before Flower starts (fedtune's TLS probe), in one ``fedtune: error:``
+line; the unregistered fourth key has stopped after its refused activations.
+
 ``test_deploy_secure_aggregation``: one round of SecAgg+ (``aggregation.secure``)
 with all three silos: the same apps switch to Flower's SecAgg+ workflow, four
 message exchanges per round.
 
-``test_deploy_tls_auth_dropout`` (last, with warm silos): two rounds with all
+``test_deploy_tls_auth_dropout`` (last): four rounds with all
 three silos; silo-3 is SIGKILLed (its whole process group: supervisor,
 SuperNode, ClientApp worker, as when a machine dies) once it has received round
-1, and the run still finishes with the other two silos. Then silo-2, still
-online, is unregistered: its ``fedtune deploy supernode`` stops with one line
-saying what to do, no traceback.
+1 and started again at once with the same command: round 1 finishes with the
+other two silos, and the restarted silo rejoins the same run as the same node
+(its key is refused until the SuperLink has declared the dead process gone,
+and asked again) and is sampled and accepted in a later round. Then silo-2,
+still online, is unregistered: its ``fedtune deploy supernode`` stops with one
+line saying what to do, no traceback.
 
 The refused fourth SuperNode runs with ``--isolation subprocess`` (Flower's own
 process model, no worker).
@@ -56,6 +64,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedtune.deploy.certs import create_ca
 from fedtune.deploy.cli import connection_toml, run_argv
 
 from .conftest import ROOT
@@ -65,11 +74,15 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 FEDTUNE = [sys.executable, "-m", "fedtune", "deploy"]
 # A healthy round of warm silos takes 2-6 s on 2 loaded cores (BENCHMARKS.md), a silo's
-# first round 20-30 s more (its ClientApp builds the model). A round with a killed
-# silo ends when the SuperLink reports it NODE_UNAVAILABLE (no heartbeat for up to
-# 60 s) or at the round timeout.
+# first round ~10 s (its worker, torch already imported while idle, builds the model). A
+# round with a killed silo ends when the SuperLink reports it NODE_UNAVAILABLE (no heartbeat
+# for 2 intervals: 20 s with fedtune's SuperNode, 60 s with Flower's own) or at the round
+# timeout.
 ROUND_TIMEOUT = 90.0
-WARM_ROUND_TIMEOUT = 12.0
+# A first round (cold silos, or the restarted one) must fit; a round with a killed silo ends
+# before, at its NODE_UNAVAILABLE, unless the restarted silo takes the node back in the instant
+# between the SuperLink's verdict and the ServerApp's next poll (then at this timeout)
+RESTART_ROUND_TIMEOUT = 30.0
 
 
 def _free_port(lo: int, hi: int) -> int:
@@ -201,36 +214,22 @@ class Deployment:
         self.cli_env = {**self.env, "FLWR_HOME": str(self.cli_home)}
         self.procs = Procs(self.env, logs)
         self.node_ids: dict[str, int] = {}
+        self.runtime_ports: dict[str, int] = {}  # each SuperNode's --port (its local Runtime API)
         self.timings: dict[str, float] = {}
-        self.warm = False
 
     def setup(self) -> None:
         t0 = time.monotonic()
-        subprocess.run(
-            [*FEDTUNE, "certs", "--out", str(self.pki), "--host", "localhost"],
-            check=True,
-            env=self.env,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                *FEDTUNE,
-                "keys",
-                "--out",
-                str(self.keys),
-                "--name",
-                "silo-1",
-                "--name",
-                "silo-2",
-                "--name",
-                "silo-3",
-                "--name",
-                "rogue",
-            ],
-            check=True,
-            env=self.env,
-            capture_output=True,
-        )
+        names = [x for name in ("silo-1", "silo-2", "silo-3", "rogue") for x in ("--name", name)]
+        made = [
+            subprocess.Popen(argv, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for argv in (
+                [*FEDTUNE, "certs", "--out", str(self.pki), "--host", "localhost"],
+                [*FEDTUNE, "keys", "--out", str(self.keys), *names],
+            )
+        ]
+        for proc in made:
+            text, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0, text
         self.cli_home.mkdir()
         (self.cli_home / "config.toml").write_text(
             '[superlink]\ndefault = "e2e"\n\n' + connection_toml("e2e", f"127.0.0.1:{self.port}", self.pki / "ca.crt")
@@ -249,19 +248,16 @@ class Deployment:
             )
             for i in (1, 2, 3)
         ]
+        # the silos start while their keys are being registered, so that their start-up (Flower,
+        # torch in the worker) overlaps the registration's: a key the SuperLink does not know yet
+        # is refused at activation and asked again (for 25 s, by fedtune's SuperNode: the
+        # unregistered key's, and a restarted silo's until the SuperLink lets its dead process go;
+        # test_deploy_refuses_supernodes checks that the unregistered one stopped)
+        for i in (1, 2, 3):
+            self.start_supernode(f"silo-{i}", i - 1)
         for reg in regs:
             text, _ = reg.communicate(timeout=60)
             assert reg.returncode == 0 and "registered successfully" in text, text
-
-        for i in (1, 2, 3):
-            self.start_supernode(f"silo-{i}", i - 1)
-
-        # the unregistered key is refused at activation; its SuperNode exits, and so does fedtune's
-        # supervisor, stopping the ClientApp worker it started
-        assert self.procs.procs["rogue"].wait(timeout=90) != 0
-        rogue_log = _tail(self.procs.log("rogue"), 100_000)
-        assert "Failed to activate SuperNode" in rogue_log, rogue_log
-        assert "No SuperNode found with the given public key" in _tail(self.procs.log("superlink"), 1_000_000)
 
         def all_online() -> bool:
             for i in (1, 2, 3):
@@ -274,6 +270,7 @@ class Deployment:
         for i in (1, 2, 3):  # --isolation process, with the ClientApp worker beside it
             log = _tail(self.procs.log(f"silo-{i}"), 100_000)
             assert "--isolation process" in log and "worker.py --runtime-api-address" in log, log
+        rogue_log = _tail(self.procs.log("rogue"), 100_000)
         assert "--isolation subprocess" in rogue_log and "worker.py" not in rogue_log
         self.timings["nodes_online"] = time.monotonic() - t0
 
@@ -303,28 +300,29 @@ class Deployment:
             [self.procs.log("superlink")],
         )
 
+    def supernode_argv(self, name: str, partition: int, isolation: str | None = None) -> list[str]:
+        """``fedtune deploy supernode`` for silo ``name``; the same line again for a restart."""
+        port = self.runtime_ports.setdefault(name, _free_port(29000, 29899))
+        return [
+            *FEDTUNE,
+            "supernode",
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--certs",
+            str(self.pki),
+            "--key",
+            str(self.keys / name),
+            "--partition-id",
+            str(partition),
+            "--num-partitions",
+            "3",
+            "--port",
+            str(port),
+            *(["--isolation", isolation] if isolation else []),
+        ]
+
     def start_supernode(self, name: str, partition: int, isolation: str | None = None) -> None:
-        self.procs.start(
-            name,
-            [
-                *FEDTUNE,
-                "supernode",
-                "--superlink",
-                f"127.0.0.1:{self.port}",
-                "--certs",
-                str(self.pki),
-                "--key",
-                str(self.keys / name),
-                "--partition-id",
-                str(partition),
-                "--num-partitions",
-                "3",
-                "--port",
-                str(_free_port(29000, 29899)),
-                *(["--isolation", isolation] if isolation else []),
-            ],
-            self.tmp / f"home-{name}",
-        )
+        self.procs.start(name, self.supernode_argv(name, partition, isolation), self.tmp / f"home-{name}")
 
     def online(self) -> int:
         listed = subprocess.run(
@@ -371,7 +369,6 @@ class Deployment:
             self.procs.procs[name].wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pytest.fail(f"{name} did not finish\n" + _tail(self.procs.log(name)) + _tail(self.procs.log("superlink")))
-        self.warm = True  # every live silo's worker has the model loaded
 
     def runs(self) -> str:
         ls = subprocess.run(
@@ -408,7 +405,7 @@ def _uninterrupted_in_process(out: Path, overrides: list[str]) -> None:
 
 def test_deploy_server_killed_and_resumed(deployment):
     dep = deployment
-    assert dep.online() == 3, "run this test before the one that kills silo-3"
+    assert not dep.procs.gone, "run this test before the one that kills silo-3"
     # two of the three silos per round, the same two in both runs (sampling is seeded by
     # (seed, round) over the silos ordered by partition id): a sum of two updates does not
     # depend on the order replies arrive in, so the two runs can be compared bit for bit
@@ -449,7 +446,8 @@ def test_deploy_server_killed_and_resumed(deployment):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    # A, while the silos' back-off runs (up to ~30 s): it needs the CPU, the wait does not
+    # A, while the silos' back-off runs (fedtune's SuperNode tries again within 5 s): it needs
+    # the CPU, the wait does not
     whole = dep.tmp / "run-whole"
     _uninterrupted_in_process(whole, dep.run_overrides(whole, over))
     dep.timings["resume_reference_in_process"] = time.monotonic() - t1
@@ -504,6 +502,56 @@ def test_deploy_server_killed_and_resumed(deployment):
     )
 
 
+def test_deploy_refuses_supernodes(deployment):
+    """A SuperNode the SuperLink must not admit stops, and says why in one line.
+
+    Trusting another CA, ``--insecure`` against the TLS SuperLink (which Flower would
+    retry forever) and TLS against a plain-HTTP server (silo-1's local Runtime API,
+    Flower's own uvicorn app without TLS, as a SuperLink started ``--insecure`` runs)
+    are found by fedtune's TLS probe before Flower starts; the unregistered key
+    started with the deployment is refused at activation, asked again for the
+    launcher's patience, then stops as Flower does."""
+    dep = deployment
+    t0 = time.monotonic()
+    other = create_ca(dep.tmp / "pki-other").cert  # another CA, with the same name as the SuperLink's
+    link, plain = f"127.0.0.1:{dep.port}", f"127.0.0.1:{dep.runtime_ports['silo-1']}"
+    key = ["--key", str(dep.keys / "silo-1")]
+    cases = {
+        "other-ca": (["--superlink", link, "--certs", str(other), *key], "did not sign"),
+        "insecure": (["--superlink", link, "--insecure"], "speaks TLS"),
+        "tls-to-plain": (["--superlink", plain, "--certs", str(dep.pki), *key], "speaks plain HTTP"),
+    }
+    for name, (args, _) in cases.items():
+        dep.procs.start(
+            name,
+            [
+                *FEDTUNE,
+                "supernode",
+                *args,
+                "--partition-id",
+                "0",
+                "--num-partitions",
+                "3",
+                "--port",
+                str(_free_port(29000, 29899)),
+            ],
+            dep.tmp / f"home-{name}",
+        )
+    for name, (_, what) in cases.items():
+        assert dep.procs.procs[name].wait(timeout=60) == 2, _tail(dep.procs.log(name))
+        text = _tail(dep.procs.log(name))
+        lines = [x for x in text.splitlines() if x.strip()]
+        assert len(lines) == 1 and "Traceback" not in text, text  # not even fedtune's "running:" line
+        assert lines[0].startswith("fedtune: error: ") and what in lines[0], text
+    dep.timings["refused_tls_mismatches"] = time.monotonic() - t0
+
+    assert dep.procs.procs["rogue"].wait(timeout=60) != 0
+    rogue_log = _tail(dep.procs.log("rogue"), 100_000)
+    assert "Failed to activate SuperNode" in rogue_log, rogue_log
+    assert "fedtune: the SuperLink refused to activate this SuperNode (code 2004)" in rogue_log, rogue_log
+    assert "No SuperNode found with the given public key" in _tail(dep.procs.log("superlink"), 1_000_000)
+
+
 def test_deploy_secure_aggregation(deployment):
     """SecAgg+ across the three silos: the same ServerApp/ClientApp, on Flower's legacy workflow."""
     dep = deployment
@@ -532,11 +580,13 @@ def test_deploy_tls_auth_dropout(deployment):
     dep = deployment
     out = dep.tmp / "run-dropout"
     seen = _size(dep.procs.log("silo-3"))
-    # warm silos answer within seconds, so a short timeout ends the killed silo's rounds
-    # before the SuperLink's ~60-s heartbeat verdict; cold ones first build the model
-    timeout = WARM_ROUND_TIMEOUT if dep.warm else ROUND_TIMEOUT
     t_run = time.monotonic()
-    dep.start_run("run-dropout", out, round_timeout=timeout)
+    # four rounds: silo-3 dies in round 1 and is started again at once, with the same command;
+    # the SuperLink reports the dead process (NODE_UNAVAILABLE, ending round 1) and accepts the
+    # key again 2 heartbeat intervals after its last heartbeat (20 s with fedtune's SuperNode),
+    # and a later round samples the restarted silo, whose worker builds the model again: the
+    # round timeout covers that first round
+    dep.start_run("run-dropout", out, round_timeout=RESTART_ROUND_TIMEOUT, overrides=("federation.rounds=4",))
 
     # kill silo-3 once it has taken round 1's message (its first of this run), before it can answer
     def silo3_in_round1() -> bool:
@@ -546,48 +596,64 @@ def test_deploy_tls_auth_dropout(deployment):
         silo3_in_round1, 120, "silo-3 to receive round 1", [dep.procs.log("run-dropout"), dep.procs.log("silo-3")]
     )
     dep.procs.kill("silo-3")
-    dep.timings["dropout_killed_after_run_start"] = time.monotonic() - t_run
-    dep.finish("run-dropout", 4 * timeout + 120)
+    t_kill = time.monotonic()
+    dep.timings["dropout_killed_after_run_start"] = t_kill - t_run
+    restarted = _size(dep.procs.log("silo-3"))
+    dep.start_supernode("silo-3", 2)  # the same `fedtune deploy supernode` line: same key, same port
+    dep.finish("run-dropout", 4 * RESTART_ROUND_TIMEOUT + 120)
     dep.timings["dropout_run_wall"] = time.monotonic() - t_run
-    assert "finished:completed" in dep.runs(), dep.runs() + _tail(dep.procs.log("run-dropout"))
-
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["rounds_completed"] == 2 and summary["num_clients"] == 3
-    rows = _rows(out)
-    assert [r["round"] for r in rows] == [0, 1, 2]
-    dead, alive = dep.node_ids["silo-3"], {dep.node_ids["silo-1"], dep.node_ids["silo-2"]}
-    r1, r2 = rows[1], rows[2]
-    # round 1: all three sampled, silo-3's update missing and silo-3 named: either no reply at
-    # all (round timeout), or the SuperLink's NODE_UNAVAILABLE error reply (its source is the
-    # SuperLink, not silo-3; the loop maps it to the node it was sent to)
-    gone = ("Node Unavailable", "no reply within federation.round_timeout")
-    assert r1["sampled"] == 3 and r1["accepted"] == 2
-    assert {c["node"] for c in r1["clients"]} == alive
-    assert [rej["node"] for rej in r1["rejected"]] == [dead], r1["rejected"]
-    assert all(any(g in rej["reason"] for g in gone) for rej in r1["rejected"]), r1["rejected"]
-    # round 2: only the two live silos contribute (silo-3 is sampled again if the SuperLink
-    # still lists it online, and again answers nothing or NODE_UNAVAILABLE)
-    assert r2["accepted"] == 2 and {c["node"] for c in r2["clients"]} == alive
-    assert all(rej["node"] == dead and any(g in rej["reason"] for g in gone) for rej in r2["rejected"]), r2["rejected"]
-    assert dead not in {int(k) for k in r2["bytes_up_per_client"]}
-    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
-
-    # the coordinator unregisters silo-2 while it is online: the silo stops, in one line saying
-    # what to do, and its supervisor exits non-zero (it was not asked to stop)
-    seen = _size(dep.procs.log("silo-2"))
-    res = subprocess.run(
+    # the coordinator unregisters silo-2 while it is online (checked below), and lists the runs
+    seen2 = _size(dep.procs.log("silo-2"))
+    unregister = subprocess.Popen(
         [str(BIN / "flwr"), "supernode", "unregister", str(dep.node_ids["silo-2"]), "e2e"],
         env=dep.cli_env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=60,
     )
-    assert res.returncode == 0 and "unregistered successfully" in res.stdout, res.stdout + res.stderr
+    runs = dep.runs()
+    assert "finished:completed" in runs, runs + _tail(dep.procs.log("run-dropout"))
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds_completed"] == 4 and summary["num_clients"] == 3
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
+    silo3, alive = dep.node_ids["silo-3"], {dep.node_ids["silo-1"], dep.node_ids["silo-2"]}
+    # the restarted SuperNode is the same node to the SuperLink: its key is bound to the node ID
+    again = dep.procs.log("silo-3").read_bytes()[restarted:].decode(errors="replace")
+    assert [int(x) for x in re.findall(r"SuperNode ID: (\d+)", again)] == [silo3], again[-4000:]
+    assert "Traceback" not in again, again[-4000:]
+    # round 1: all three sampled, silo-3's update missing and silo-3 named: either the SuperLink's
+    # NODE_UNAVAILABLE error reply (its source is the SuperLink, not silo-3; the loop maps it to
+    # the node it was sent to), or no reply at all (round timeout: the restarted silo took the
+    # node back in the instant between the SuperLink's verdict and the ServerApp's next poll)
+    gone = ("Node Unavailable", "no reply within federation.round_timeout")
+    r1 = rows[1]
+    assert r1["sampled"] == 3 and r1["accepted"] == 2
+    assert {c["node"] for c in r1["clients"]} == alive
+    assert [rej["node"] for rej in r1["rejected"]] == [silo3], r1["rejected"]
+    assert all(any(g in rej["reason"] for g in gone) for rej in r1["rejected"]), r1["rejected"]
+    # a later round samples silo-3 again and takes its update (partition 2, as before); until
+    # then the rounds run with the two others, and from then on with all three
+    back = next((r["round"] for r in rows[2:] if silo3 in {c["node"] for c in r["clients"]}), None)
+    assert back is not None, [(r["round"], r["clients"], r["rejected"]) for r in rows[1:]]
+    for r in rows[2:]:
+        nodes = {c["node"]: c["partition-id"] for c in r["clients"]}
+        assert set(nodes) == (alive | {silo3} if r["round"] >= back else alive), (back, r)
+        assert r["round"] < back or nodes[silo3] == 2
+        assert all(rej["node"] == silo3 for rej in r["rejected"]), r["rejected"]
+    assert rows[4]["sampled"] == rows[4]["accepted"] == 3 and not rows[4]["rejected"]
+    assert 0.0 <= summary["final"]["accuracy"] <= 1.0
+
+    # silo-2, unregistered while online, stops, in one line saying what to do, and its supervisor
+    # exits non-zero (it was not asked to stop)
+    said, _ = unregister.communicate(timeout=60)
+    assert unregister.returncode == 0 and "unregistered successfully" in said, said
     assert dep.procs.procs["silo-2"].wait(timeout=90) == 1
-    after = dep.procs.log("silo-2").read_bytes()[seen:].decode(errors="replace")
+    after = dep.procs.log("silo-2").read_bytes()[seen2:].decode(errors="replace")
     assert "Traceback" not in after, after
-    said = [line for line in after.splitlines() if line.startswith("fedtune: ") and "fedtune deploy register" in line]
-    assert said and all("no longer accepts its key" in x or "refused this SuperNode's key" in x for x in said), after
+    lines = [x for x in after.splitlines() if x.startswith("fedtune: ") and "fedtune deploy register" in x]
+    assert lines and all("no longer accepts its key" in x or "refused this SuperNode's key" in x for x in lines), after
     print(
         "deploy e2e dropout:",
         json.dumps(
@@ -596,6 +662,8 @@ def test_deploy_tls_auth_dropout(deployment):
                 "sampled": [r["sampled"] for r in rows[1:]],
                 "accepted": [r["accepted"] for r in rows[1:]],
                 "rejected": [r["rejected"] for r in rows[1:]],
+                "silo3_back_in_round": back,
+                "silo3_activation_asked_again": "refused to activate this SuperNode" in again,
                 "final": summary["final"],
             }
         ),

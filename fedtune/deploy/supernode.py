@@ -28,8 +28,8 @@ fault, and the launcher sets them too (`install_connection`):
   NODE_UNAVAILABLE, and by accepting the node's key again, in 20 s instead of 60 s;
 - the longest wait between reconnection attempts: 5 s instead of 20 s, so the
   SuperNodes are back within seconds of a SuperLink restart;
-- a refused activation (code 2004, "Failed to activate SuperNode") is asked again
-  for `ACTIVATION_PATIENCE_S`: the SuperLink refuses a key that is not
+- a refused activation (code 2004, "Failed to activate SuperNode") is asked again,
+  every 2 s at most, for `ACTIVATION_PATIENCE_S`: the SuperLink refuses a key that is not
   registered, but also the key of a node it still counts online, which is what
   a SuperNode restarted after a crash meets until those 2 intervals have passed.
   Flower gives up at once; the launcher says which two causes it can be, asks
@@ -72,6 +72,7 @@ __all__ = [
     "HEARTBEAT_S",
     "RECONNECT_CAP_S",
     "ACTIVATION_PATIENCE_S",
+    "ACTIVATION_RETRY_S",
 ]
 
 # Flower's fixed sleeps in flwr 1.41's SuperNode loop: after an empty pull; while waiting for
@@ -96,6 +97,7 @@ RECONNECT_CAP_S = 5.0  # ... up to this (Flower's: MAX_RETRY_DELAY, 20 s), each 
 # a restarted node's key is accepted again HEARTBEAT_PATIENCE intervals after its last
 # heartbeat; a few seconds more for the jittered retries
 ACTIVATION_PATIENCE_S = HEARTBEAT_PATIENCE * HEARTBEAT_S + 5.0
+ACTIVATION_RETRY_S = 2.0  # after a refused activation, the next attempt within this (drawn in [0, it])
 ACTIVATION_FAILED = 2004  # flwr's ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
 
 
@@ -208,14 +210,22 @@ def patient_invoker(
 ) -> Any:
     """Flower's retry invoker from ``factory`` (``make_simple_http_retry_invoker``), waiting at
     most ``cap`` between attempts and asking again for ``patience`` s after a refused activation
-    (`activation_refused`), with one line when that starts and one if it then succeeds."""
+    (`activation_refused`), within `ACTIVATION_RETRY_S` each time, so that a restarted node is
+    back within seconds of the SuperLink's verdict on its previous process; one line when the
+    refusals start and one if activation then succeeds."""
     invoker = factory()
-    invoker.wait_gen_factory = partial(capped_backoff, RECONNECT_FIRST_S, cap)
     giveup, succeeded = invoker.should_giveup, invoker.on_success
     refused_at: list[float] = []
+    refusing = [False]
+
+    def waits() -> Iterator[float]:
+        backoff = capped_backoff(RECONNECT_FIRST_S, cap)
+        while True:
+            yield min(ACTIVATION_RETRY_S, cap) if refusing[0] else next(backoff)
 
     def should_giveup(exc: Exception) -> bool:
-        if activation_refused(exc):
+        refusing[0] = activation_refused(exc)
+        if refusing[0]:
             now = clock()
             if not refused_at:
                 refused_at.append(now)
@@ -240,6 +250,7 @@ def patient_invoker(
         if succeeded is not None:
             succeeded(state)
 
+    invoker.wait_gen_factory = waits
     invoker.should_giveup, invoker.on_success = should_giveup, on_success
     return invoker
 
