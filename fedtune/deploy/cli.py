@@ -13,7 +13,9 @@ that keeps torch and the base model loaded across rounds; it supervises both and
 stops both, by PID, when either ends or it is signalled. ``--isolation
 subprocess`` is Flower's default (a fresh ``flwr-clientapp`` per message). The
 SuperNode is Flower's own, run through :mod:`fedtune.deploy.supernode` (short
-polling while a run is active) unless ``--flower-polling`` is given.
+polling while a run is active) unless ``--flower-polling`` is given. Before it
+starts, one TLS handshake with the SuperLink (:mod:`fedtune.deploy.probe`) stops a
+SuperNode that trusts another CA or disagrees on ``--insecure``, in one line.
 
 Nothing here imports ``flwr``; ``fedtune.cli`` registers the subcommands with
 :func:`register`. A failure a user can fix ends in one line saying what to do.

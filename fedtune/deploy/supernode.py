@@ -245,7 +245,7 @@ def patient_invoker(
             refused_at.append(clock())
             say(
                 f"fedtune: the SuperLink activated this SuperNode {refused_at[1] - refused_at[0]:.0f} s after "
-                "refusing it: it had still counted the node's previous process online"
+                "refusing it (its key is registered now, or it no longer counts a previous process online)"
             )
         if succeeded is not None:
             succeeded(state)
