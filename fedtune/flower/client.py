@@ -25,7 +25,7 @@ from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
 from fedtune.flower import protocol as P
-from fedtune.flower.records import from_arrayrecord, pack, to_arrayrecord
+from fedtune.flower.records import from_arrayrecord, pack
 from fedtune.seeds import derive_seed
 from fedtune.train import round_lr, train_local
 
@@ -84,7 +84,9 @@ def receive_global(msg: Message, context: Context, cfg: FedtuneConfig) -> Delta:
             for k, v in step.items():
                 state[k] = state[k] + v
     if cfg.compression.downlink != "none":
-        context.state[P.GLOBAL_COPY] = to_arrayrecord(state)
+        context.state[P.GLOBAL_COPY] = pack(
+            state
+        )  # packed: the context travels between SuperNode and worker each message
         context.state[P.CLIENT_META] = ConfigRecord({"version": int(msg.content[P.CONFIG]["version"])})
     return state
 
@@ -104,9 +106,7 @@ def encode_update(delta: Delta, context: Context, cfg: FedtuneConfig, round_seed
     payload = codec.encode(target, seed=round_seed)
     if ef:
         layout = {k: tuple(v.shape) for k, v in target.items()}
-        context.state[P.EF_RESIDUAL] = to_arrayrecord(
-            residual_after(target, codec.decode(payload, layout, seed=round_seed))
-        )
+        context.state[P.EF_RESIDUAL] = pack(residual_after(target, codec.decode(payload, layout, seed=round_seed)))
     # no key names: the codec header carries a checksum of the keys and shapes the server checks
     return ConfigRecord({"codec": codec.name, "payload": payload})
 
