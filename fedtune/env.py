@@ -35,13 +35,14 @@ def setup_environment(*, allow_hub: bool | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     warnings.filterwarnings("ignore", message="Could not find a config file in")
-    try:
-        import transformers
-
+    # transformers reads its verbosity (and, through huggingface_hub, the progress-bar switch)
+    # when imported; importing it here only to set them would cost every `fedtune deploy`
+    # command ~0.7 s of CPU
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    transformers = sys.modules.get("transformers")
+    if transformers is not None:  # imported already: tell it directly
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
-    except ImportError:
-        pass
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 

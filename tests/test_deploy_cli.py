@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import ipaddress
+import logging
 import os
 import shlex
 import shutil
@@ -902,3 +903,19 @@ def test_install_connection_sets_heartbeat_and_retries_or_changes_nothing():
     other = types.SimpleNamespace(HEARTBEAT_DEFAULT_INTERVAL=15, make_simple_http_retry_invoker=factory)
     assert not launcher.install_connection(other, types.SimpleNamespace(HEARTBEAT_DEFAULT_INTERVAL=30))
     assert other.HEARTBEAT_DEFAULT_INTERVAL == 15 and other.make_simple_http_retry_invoker is factory
+
+
+def test_setup_environment_leaves_transformers_unimported_and_quiet_once_imported():
+    """`fedtune deploy` commands start fast: no transformers import just to set its verbosity."""
+    code = (
+        "import sys\n"
+        "from fedtune.env import setup_environment\n"
+        "setup_environment()\n"
+        "assert 'transformers' not in sys.modules\n"
+        "from transformers.utils import logging\n"
+        "print(logging.get_verbosity(), logging.is_progress_bar_enabled())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS")}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [str(logging.ERROR), "False"]

@@ -558,7 +558,14 @@ def test_deploy_secure_aggregation(deployment):
     out = dep.tmp / "run-secagg"
     before = _tail(dep.procs.log("silo-1"), 1_000_000).count("Receiving: train message")
     t0 = time.monotonic()
-    over = ("aggregation.secure=secagg+", "federation.fraction_train=1.0", "federation.rounds=1")
+    # with the codec SecAgg+ composes with: every silo masks the same random 10% of each tensor
+    over = (
+        "aggregation.secure=secagg+",
+        "federation.fraction_train=1.0",
+        "federation.rounds=1",
+        "compression.codec=randk",
+        "compression.ratio=0.1",
+    )
     dep.start_run("run-secagg", out, overrides=over)
     dep.finish("run-secagg", 240)
     dep.timings["secagg_run_wall"] = time.monotonic() - t0
@@ -570,6 +577,11 @@ def test_deploy_secure_aggregation(deployment):
     assert {c["node"] for c in rows[1]["clients"]} == set(dep.node_ids.values())
     seen = _tail(dep.procs.log("silo-1"), 1_000_000).count("Receiving: train message")
     assert seen - before >= 4, (seen, before)  # SecAgg+'s 4 stages: setup, share keys, masked vectors, unmask
+    stages = rows[1]["bytes_by_stage"]
+    assert set(stages) == {"setup", "share_keys", "collect_masked_vectors", "unmask"}
+    # the masked vectors are the k kept values, not the whole adapter: under 10% + headers of its fp32 size
+    dense = sum(4 * v.numel() for v in load_file(str(out / "adapter" / "adapter_model.safetensors")).values())
+    assert stages["collect_masked_vectors"]["up"] / 3 < 0.1 * dense + 2_000, (stages, dense)
     print(
         "deploy e2e secagg:",
         json.dumps({"round_seconds": [round(r.get("seconds", 0.0), 1) for r in rows[1:]], "final": summary["final"]}),
