@@ -155,3 +155,40 @@ def test_downlink_clients_track_the_public_adapter(tiny_cfg, tmp_path, downlink)
                 torch.testing.assert_close(copy[k], v, rtol=0, atol=0)
     dense = sum(v.numel() * 4 for v in loop.protocol.broadcast.public.values())
     assert min(min(r["bytes_down_per_client"].values()) for r in rows[2:]) < dense
+
+
+def test_a_client_with_no_copy_starts_from_its_seeded_version_0(tiny_cfg, tmp_path):
+    """Round 1 sends every client only the compressed payload (each builds version 0, the seeded initial
+    adapter, itself and checks its digest); a client whose version 0 differs is refused that round and
+    gets the full adapter the next time."""
+    cfg = tiny_cfg.replace(**{"federation.rounds": 2, "compression.downlink": "int8"})
+    seen: list[tuple[int, int, str]] = []  # (round, node, "downlink" | "arrays")
+    odd = {}
+
+    def client(msg, ctx):
+        rnd = int(msg.content[P.CONFIG]["server-round"])
+        seen.append((rnd, ctx.node_id, "downlink" if P.DOWNLINK in msg.content else "arrays"))
+        if rnd == 1 and not odd:  # the first client reached claims a different version 0
+            odd["node"] = ctx.node_id
+            msg.content[P.DOWNLINK]["base-digest"] = b"\0" * 16
+        reply = handle_train(msg, ctx, cfg)
+        if rnd == 1 and ctx.node_id != odd["node"]:  # it holds exactly the server's public version 1
+            held = from_arrayrecord(ctx.state[P.GLOBAL_COPY])
+            for k, v in loop.protocol.broadcast.public.items():
+                torch.testing.assert_close(held[k], v, rtol=0, atol=0)
+        return reply
+
+    loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
+    loop.main(LocalGrid(cfg.federation.num_clients, client))
+    rows = _rows(tmp_path)
+    n = cfg.federation.num_clients
+    assert [kind for rnd, _, kind in seen if rnd == 1] == ["downlink"] * n
+    assert [r["node"] for r in rows[1]["rejected"]] == [odd["node"]]
+    assert "differs from this client's seeded initial adapter" in rows[1]["rejected"][0]["reason"]
+    assert rows[1]["accepted"] == n - 1 and rows[2]["accepted"] == n
+    assert {node: kind for rnd, node, kind in seen if rnd == 2} == {
+        node: "arrays" if node == odd["node"] else "downlink" for _, node, _ in seen
+    }
+    # round 1's downlink is one int8 payload a client: about a quarter of the fp32 adapter
+    dense = sum(v.numel() * 4 for v in loop.protocol.broadcast.public.values())
+    assert max(rows[1]["bytes_down_per_client"].values()) < 0.3 * dense + 1024

@@ -25,7 +25,7 @@ from fedtune.config import CAUSAL_LM, FedtuneConfig
 from fedtune.delta import Delta, subtract
 from fedtune.env import setup_environment
 from fedtune.flower import protocol as P
-from fedtune.flower.records import from_arrayrecord, pack
+from fedtune.flower.records import from_arrayrecord, pack, state_digest
 from fedtune.seeds import derive_seed
 from fedtune.train import round_lr, train_local
 
@@ -62,8 +62,9 @@ def local_data(ws: workspace.Workspace, context: Context, cfg: FedtuneConfig) ->
     return pid, data
 
 
-def receive_global(msg: Message, context: Context, cfg: FedtuneConfig) -> Delta:
-    """The adapter to start from: a full record, or compressed broadcasts applied to our copy."""
+def receive_global(msg: Message, context: Context, cfg: FedtuneConfig, base: Delta | None = None) -> Delta:
+    """The adapter to start from: a full record, or compressed broadcasts applied to our copy
+    (with no copy yet: to ``base``, the seeded initial adapter's travelling keys, version 0)."""
     content = msg.content
     if P.ARRAYS in content:
         state = from_arrayrecord(content[P.ARRAYS])
@@ -71,10 +72,18 @@ def receive_global(msg: Message, context: Context, cfg: FedtuneConfig) -> Delta:
         from fedtune.compression import build_codec
 
         down = content[P.DOWNLINK]
-        if P.GLOBAL_COPY not in context.state:
+        if P.GLOBAL_COPY in context.state:
+            state = from_arrayrecord(context.state[P.GLOBAL_COPY])
+            have = int(context.state[P.CLIENT_META]["version"])
+        elif "base-digest" in down and base is not None:
+            state, have = {k: v.clone() for k, v in base.items()}, 0
+            if state_digest(state) != bytes(down["base-digest"]):
+                raise ValueError(
+                    "the server's version 0 of the adapter differs from this client's seeded initial adapter "
+                    "(another model, adapter or train.seed?); it sends the full adapter next time"
+                )
+        else:
             raise ValueError("server sent a compressed broadcast but this client holds no adapter copy")
-        state = from_arrayrecord(context.state[P.GLOBAL_COPY])
-        have = int(context.state[P.CLIENT_META]["version"])
         if int(down["from-version"]) != have:
             raise ValueError(f"broadcast starts at version {down['from-version']} but this client holds {have}")
         codec = build_codec(cfg.compression, "downlink")
@@ -207,7 +216,9 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     pid, data = local_data(ws, context, cfg)
     rnd = int(conf["server-round"])
     # the server sends the trainable keys; frozen ones are the seeded initial values on every party
-    global_state = {**ws.initial_state(), **receive_global(msg, context, cfg)}
+    initial = ws.initial_state()
+    base = {k: initial[k] for k in ws.trainable_keys()}  # the keys that travel: version 0 of the broadcast
+    global_state = {**initial, **receive_global(msg, context, cfg, base)}
     model, rank = ws.model, None
     if cfg.aggregation.lora_mode == "hetero":
         from fedtune.aggregation import LoraScaling, cut_to_rank

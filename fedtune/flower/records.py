@@ -140,6 +140,18 @@ def update_digest(record) -> bytes:
     return h.digest()
 
 
+def state_digest(state: Delta) -> bytes:
+    """A 16-byte digest of an adapter state: its keys, dtypes, shapes and values, in key order."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state):
+        v = state[k].detach().to("cpu").contiguous()
+        h.update(repr((k, str(v.dtype), tuple(v.shape))).encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
 def wire_bytes(content: RecordDict) -> int:
     """Bytes of the serialized records as they cross the wire (protobuf size)."""
     return int(recorddict_to_proto(content).ByteSize())

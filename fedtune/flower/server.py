@@ -51,7 +51,15 @@ from fedtune.delta import Delta
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.identity import NodeIdentities
-from fedtune.flower.records import from_arrayrecord, pack, to_arrayrecord, update_bytes, update_digest, wire_bytes
+from fedtune.flower.records import (
+    from_arrayrecord,
+    pack,
+    state_digest,
+    to_arrayrecord,
+    update_bytes,
+    update_digest,
+    wire_bytes,
+)
 from fedtune.flower.transport import send_and_receive
 from fedtune.metrics import held_out_metrics
 from fedtune.privacy.ledger import RunPrivacy
@@ -127,9 +135,12 @@ class Broadcast:
     Each round the server compresses ``global - public`` (so what compression
     dropped last round is sent again: error feedback on the downlink), applies the
     decoded change to ``public`` and keeps the payload. A client that holds version
-    v receives the payloads v+1..r; a client with no copy, or too far behind, gets
-    ``public`` in full. Clients train from ``public``; the server adds their deltas
-    to the true global.
+    v receives the payloads v+1..r. Version 0 is the seeded initial adapter, which
+    every client builds itself, so a client with no copy yet receives the payloads
+    1..r with the digest of version 0 (`state_digest`) to check its own against; a
+    client too far behind, or one that could not start from version 0 (its reply
+    was an error), gets ``public`` in full, whichever is smaller. Clients train
+    from ``public``; the server adds their deltas to the true global.
     """
 
     def __init__(self, cfg: FedtuneConfig, state: Delta, max_payloads: int = 32):
@@ -138,9 +149,11 @@ class Broadcast:
         self.codec = build_codec(cfg.compression, "downlink")
         self.keys = sorted(state)
         self.public = {k: state[k].clone() for k in self.keys}
+        self.base_digest = state_digest(self.public)  # version 0
         self.payloads: dict[int, bytes] = {}
         self.version = 0
         self.node_version: dict[int, int] = {}
+        self.no_base: set[int] = set()  # nodes sent from version 0 whose reply was an error: full copies
         self.max_payloads = max_payloads
         self.full_bytes = sum(v.numel() * 4 for v in self.public.values())
 
@@ -156,16 +169,25 @@ class Broadcast:
 
     def content_for(self, node: int, config: ConfigRecord) -> RecordDict:
         have = self.node_version.get(node)
+        if have is None and node not in self.no_base:
+            have = 0
         needed = list(range(have + 1, self.version + 1)) if have is not None else []
         if have is not None and all(r in self.payloads for r in needed):
             blobs = [self.payloads[r] for r in needed]
             if sum(map(len, blobs)) < self.full_bytes:
                 down = ConfigRecord({"from-version": have, "payloads": blobs})
+                if node not in self.node_version:  # it starts from its own version 0
+                    down["base-digest"] = self.base_digest
                 return RecordDict({P.CONFIG: config, P.DOWNLINK: down})
         return RecordDict({P.CONFIG: config, P.ARRAYS: pack(self.public)})
 
     def acknowledge(self, node: int, rnd: int) -> None:
         self.node_version[node] = rnd
+
+    def failed(self, node: int) -> None:
+        """``node``'s reply was an error: if it had no copy yet, its version 0 may differ; full copies from now on."""
+        if node not in self.node_version:
+            self.no_base.add(node)
 
 
 class HeteroRanks:
@@ -477,7 +499,8 @@ class DeltaRounds:
         return {k: float(v) for k, v in m.items()}
 
     def failed(self, node: int) -> None:
-        pass
+        if self.broadcast is not None:
+            self.broadcast.failed(node)
 
     def aggregate(self, rnd: int) -> tuple[dict[str, float], dict[str, Any]]:
         cfg, state = self.cfg, self.state
