@@ -29,13 +29,16 @@ declare -A ROWS=(
   # the task head (768 + 2 values, under small_numel = 1024) in int4, the LoRA matrices 1-bit
   [sign-rms-head4]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4"
   [sign-rms+EF]="compression.codec=sign,compression.sign_scale=rms,compression.error_feedback=true"
+  # and the broadcast 1-bit too: a client gets the rms-sign payloads of the rounds it missed
+  # (from the seeded initial adapter in its first round), or the full adapter when smaller
+  [sign-rms-head4-down-sign]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4,compression.downlink=sign"
   # SecAgg+ (the server sees only the masked sum): masked values packed at log2(modulus_range) bits
   [secagg]="aggregation.secure=secagg+"
   # every client masks the same random-k coordinates, drawn from the round seed; n/k-scaled
   [secagg-randk25]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25,compression.randk_unbiased=true"
   [secagg-randk25-biased]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25"
 )
-ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 secagg secagg-randk25 secagg-randk25-biased)
+ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 sign-rms-head4-down-sign secagg secagg-randk25 secagg-randk25-biased)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
