@@ -3,10 +3,12 @@
 On the wire an adapter (or a dense update) travels *packed*: one ``uint8`` array
 under the key `PACKED` holding the safetensors serialization of all its tensors
 (`pack`). Flower sends every array of a record as its own objects (the array and
-its chunks, one request each in a deployment), so an adapter of 24 tensors would
-take about 50 requests a message; packed it takes two. `from_arrayrecord` reads
-either form; inside the server (the strategy's per-key averaging) and in a
-client's own state, records stay one array per tensor (`to_arrayrecord`).
+its chunks, one HTTPS request each in a deployment), so the arrays of a 24-tensor
+adapter would be about 48 objects a message; packed they are two. A client's own
+adapter copy and error-feedback residual in ``context.state`` are packed too (the
+context travels between SuperNode and ClientApp worker with every message).
+`from_arrayrecord` reads either form; inside the server (the strategy's per-key
+averaging) records stay one array per tensor (`to_arrayrecord`).
 """
 
 from __future__ import annotations
