@@ -258,6 +258,20 @@ def test_superlink_command_execs_flower(tmp_path, execs, capsys):
     assert f"fedtune: running: {shlex.join(argv)}" in capsys.readouterr().out
 
 
+def test_superlink_command_refuses_a_port_in_use_in_one_line(tmp_path, execs, capsys):
+    import socket
+
+    pki = _certs(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["deploy", "superlink", "--certs", str(pki), "--host", "127.0.0.1", "--port", str(port)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"fedtune: error: --port: {port} on 127.0.0.1 is in use") and not execs
+    assert cli.main(["deploy", "superlink", "--certs", str(pki), "--host", "127.0.0.1", "--port", str(port)]) == 0
+
+
 def test_superlink_command_needs_certs_unless_insecure(tmp_path, execs, capsys):
     assert cli.main(["deploy", "superlink"]) == 2  # plain text only when asked for
     line = _one_line(capsys.readouterr().err)

@@ -337,7 +337,7 @@ def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if os.path.lexists(p)]
     if existing:
         raise FedtuneError(
-            f"refusing to overwrite existing file(s): {', '.join(existing)} (pass overwrite=True to replace them)"
+            f"refusing to overwrite existing file(s): {', '.join(existing)} (pass --overwrite, or overwrite=True from Python, to replace them)"
         )
 
 

@@ -528,9 +528,27 @@ def cmd_superlink(args) -> int:
         print("fedtune: WARNING: --insecure: plain-text traffic and no SuperNode authentication", file=sys.stderr)
     if args.database is not None:
         _check_database(args.database)
+    _check_port_free(host, args.port)
     return _exec(
         superlink_argv(certs or ".", host=host, port=args.port, insecure=args.insecure, database=args.database)
     )
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A Fleet API port already taken makes flower-superlink log uvicorn's error and exit; say so in one line."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                return  # not ours to judge (an address of another machine, ...): Flower says what it says
+            raise FedtuneError(
+                f"--port: {port} on {host} is in use (another SuperLink still running?); stop it or pick another port"
+            ) from None
 
 
 def _check_database(database: str) -> None:
