@@ -93,9 +93,8 @@ def receive_global(msg: Message, context: Context, cfg: FedtuneConfig, base: Del
             for k, v in step.items():
                 state[k] = state[k] + v
     if cfg.compression.downlink != "none":
-        context.state[P.GLOBAL_COPY] = pack(
-            state
-        )  # packed: the context travels between SuperNode and worker each message
+        # packed (one array): the context travels between SuperNode and worker with every message
+        context.state[P.GLOBAL_COPY] = pack(state)
         context.state[P.CLIENT_META] = ConfigRecord({"version": int(msg.content[P.CONFIG]["version"])})
     return state
 

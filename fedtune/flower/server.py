@@ -137,9 +137,10 @@ class Broadcast:
     decoded change to ``public`` and keeps the payload. A client that holds version
     v receives the payloads v+1..r. Version 0 is the seeded initial adapter, which
     every client builds itself, so a client with no copy yet receives the payloads
-    1..r with the digest of version 0 (`state_digest`) to check its own against; a
-    client too far behind, or one that could not start from version 0 (its reply
-    was an error), gets ``public`` in full, whichever is smaller. Clients train
+    1..r with the digest of version 0 (`state_digest`) to check its own against.
+    A client gets ``public`` in full instead when that is smaller than the payloads
+    it needs, when it is too far behind (its payloads are no longer kept), or when
+    it could not start from version 0 (its reply was an error). Clients train
     from ``public``; the server adds their deltas to the true global.
     """
 
@@ -414,9 +415,10 @@ class DeltaRounds:
         if cfg.aggregation.server_optimizer == "fedprox":
             train_cfg["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
         msgs = list(self.strategy.configure_train(rnd, self.global_arrays, train_cfg, _FixedGrid(nodes)))
-        wire = pack(self.sent())  # the same global, packed for the wire (records.pack)
-        for m in msgs:
-            m.content[P.ARRAYS] = wire
+        if self.broadcast is None and self.hetero is None:  # (those two build each node's content themselves)
+            wire = pack(self.sent())  # the same global, packed for the wire (records.pack)
+            for m in msgs:
+                m.content[P.ARRAYS] = wire
         if self.broadcast is not None:
             self.broadcast.advance(rnd, self.sent())
             for m in msgs:
