@@ -63,3 +63,21 @@ def test_grids_without_push_and_pull_use_their_own():
     seen = {}
     grid = SimpleNamespace(send_and_receive=lambda m, timeout: seen.setdefault("t", timeout) and ["r"])
     assert send_and_receive(grid, msgs(1), timeout=7) == ["r"] and seen == {"t": 7}
+
+
+class StallingGrid(FakeGrid):
+    """The first pull blocks past the timeout (a reply whose objects never come, as when its
+    sender dies mid-upload) while node 2's reply arrives during it."""
+
+    def pull_messages(self, ids):
+        if self.pulls == 0:
+            self.pulls += 1
+            time.sleep(0.5)
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="id1"), node=1)]
+        return super().pull_messages(ids)
+
+
+def test_a_reply_that_arrived_while_a_pull_blocked_past_the_timeout_still_counts():
+    grid = StallingGrid({1: 0.0, 2: 0.1, 3: None})  # node 3 never answers
+    replies = send_and_receive(grid, msgs(1, 2, 3), timeout=0.3)
+    assert sorted(r.node for r in replies) == [1, 2] and grid.pulls == 2

@@ -61,15 +61,19 @@ def send_and_receive(grid, messages: Iterable[Message], *, timeout: float | None
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
     wait = FIRST_POLL_S
+    last = False
     while pending:
         got = list(pull(pending))
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending:
+        if not pending or last:
             break
         left = None if deadline is None else deadline - time.monotonic()
         if left is not None and left <= 0:
-            break
+            # one more pull: a pull can block for long on one reply whose objects never come (its
+            # sender died mid-upload) while others arrive in time; those still count
+            last = True
+            continue
         time.sleep(wait if left is None else min(wait, left))
         wait = min(2 * wait, MAX_POLL_S)
     return replies
