@@ -20,6 +20,7 @@ LORA_MODES = ("naive", "exact", "ffa", "hetero")
 ROBUST_RULES = ("none", "trimmed-mean", "median", "krum")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedprox")
 SECURE_MODES = ("none", "secagg+")
+WEIGHTINGS = ("examples", "uniform")
 # server optimizers whose server step is a weighted mean (FedProx's mu acts on the clients)
 SERVER_MEAN_OPTIMIZERS = ("fedavg", "fedprox")
 # Flower's SecAggPlusWorkflow parameters (flwr.server.workflow, flwr 1.41); the
@@ -95,9 +96,10 @@ class AggregationConfig(Section):
             quantization_range, max_weight, modulus_range: ``SecAggPlusWorkflow``'s
             parameters under ``"secagg+"`` (an int share count, or a float
             fraction as in Flower); ``None`` elsewhere. Each delta coordinate,
-            times its weight ``num_examples / max_weight``, is clipped to
-            ``[-clipping_range, clipping_range]`` and quantized to
-            ``quantization_range`` levels; masks and sums are taken modulo
+            times its weight ``num_examples / max_weight`` (about 1 under
+            ``weighting = "uniform"``, `fedtune.flower.secagg.secagg_weight`),
+            is clipped to ``[-clipping_range, clipping_range]`` and quantized
+            to ``quantization_range`` levels; masks and sums are taken modulo
             ``modulus_range`` (a power of two), and each masked entry travels
             in ``log2(modulus_range)`` bits.
         swa_start: server-side stochastic weight averaging (FedSWA, Caldarola
@@ -107,6 +109,26 @@ class AggregationConfig(Section):
             keep training from the latest global. Averaging the last rounds'
             globals cancels the pull of each round's few (label-skewed) clients.
             ``None``: off.
+        weighting: each accepted client update's weight in the mean:
+            ``"examples"`` (FedAvg, McMahan et al. 2017, arXiv:1602.05629: its
+            ``num-examples``) or ``"uniform"`` (1 each: the unweighted mean of
+            the clients' objectives, one of the client mixtures of Mohri et al.
+            2019, arXiv:1902.00146), so every client, e.g. every silo of a
+            cross-silo run, has an equal say however much data it holds. The
+            server takes the weight once per accepted reply (`client_weight`),
+            so every path that weights updates sees it: the Flower strategy's
+            mean and the server optimizers and FedProx built on it, the
+            LoRA-aware aggregators (exact / ffa / hetero), compressed updates,
+            SecAgg+ (every client masks its delta with the same weight,
+            `fedtune.flower.secagg`) and zeroth-order rounds (the mean of the
+            seeds' scalars). The round's train metrics are averaged with the
+            same weights. Two rules weight no update, so both values give the
+            same global there: the robust rules (median and trimmed mean are
+            coordinate-wise order statistics, Krum keeps one update) and
+            ``privacy.mode = "client-central"``, whose DP-FedAvg mean is
+            unweighted by design (the clipped updates summed and divided by
+            the number of sampled clients; a weight above 1 would raise a
+            client's sensitivity). FedSWA averages rounds, not clients.
     """
 
     SECTION = "aggregation"
@@ -132,6 +154,7 @@ class AggregationConfig(Section):
     max_weight: float | None = None
     modulus_range: int | None = None
     swa_start: int | None = None
+    weighting: str = "examples"
 
     def resolved(self) -> dict[str, Any]:
         """Flower's defaults for the parameters the chosen server optimizer (and SecAgg+) reads and left unset."""
@@ -152,6 +175,7 @@ class AggregationConfig(Section):
         choice(e, "aggregation.robust", self.robust, ROBUST_RULES)
         choice(e, "aggregation.server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
         choice(e, "aggregation.secure", self.secure, SECURE_MODES)
+        choice(e, "aggregation.weighting", self.weighting, WEIGHTINGS)
         if self.client_ranks is not None:
             if not self.client_ranks or any(r < 1 for r in self.client_ranks):
                 e.append(
@@ -279,6 +303,10 @@ class AggregationConfig(Section):
                 f"and at most 2**32 (got {m!r})"
             )
         return e
+
+    def client_weight(self, num_examples: float) -> float:
+        """A client update's weight in the server's mean: ``num_examples``, or 1 under ``weighting = "uniform"``."""
+        return 1.0 if self.weighting == "uniform" else float(num_examples)
 
     def client_rank(self, partition_id: int, default: int) -> int:
         """LoRA rank of the client with ``partition_id`` under ``"hetero"``; ``default`` (``adapter.r``) if unset."""

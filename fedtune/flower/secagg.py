@@ -13,9 +13,11 @@ this mode has its own server loop and client over the same building blocks:
   the trainable keys, sorted by name, through `SharedRandK` (all of it, or with
   ``compression.codec = "randk"`` the ``k`` coordinates of each tensor that the
   round seed picks, the same for every client). ``secaggplus_mod`` weights it
-  by ``num_examples / max_weight``, quantizes and masks it; `handle_secagg_train`
-  then packs the masked residues at ``log2(modulus_range)`` bits each
-  (`fedtune.compression.masked.pack_residues`) instead of Flower's int64;
+  by ``weight / max_weight`` (`secagg_weight`: ``num_examples``, or the same for
+  every client under ``aggregation.weighting = "uniform"``), quantizes and
+  masks it; `handle_secagg_train` then packs the masked residues at
+  ``log2(modulus_range)`` bits each (`fedtune.compression.masked.pack_residues`)
+  instead of Flower's int64;
 - server: `SecAggWire` measures every message of the four stages per node and
   widens the packed residues back to the int64 arrays Flower's workflow sums (a
   malformed one becomes that client's error reply: it drops out, SecAgg+
@@ -149,6 +151,21 @@ def check_weight(num_examples: int, cfg: FedtuneConfig) -> None:
         )
 
 
+def secagg_weight(num_examples: int, cfg: FedtuneConfig) -> int:
+    """The weight a client hands ``secaggplus_mod`` (Flower's ``FitRes.num_examples``, an int).
+
+    ``aggregation.weighting = "examples"``: its example count. ``"uniform"``: the same for
+    every client, so SecAgg+'s weighted mean is the plain mean (`AggregationConfig.client_weight`
+    up to a common factor). That weight is ``max_weight`` (rounded down, at least 1) rather than
+    1 because the mod quantizes ``delta * weight / max_weight`` on a grid of step
+    ``2 * clipping_range / quantization_range``: a factor of 1 keeps the delta's precision, where
+    ``1 / max_weight`` (1/1000 by default) would make the grid that much coarser relative to it.
+    """
+    if cfg.aggregation.weighting == "uniform":
+        return max(1, int(cfg.aggregation.max_weight))
+    return int(num_examples)
+
+
 def train_delta(state: Delta, fit_cfg: dict[str, Any], context: Context, cfg: FedtuneConfig) -> tuple[Delta, dict]:
     """Run fedtune's train handler on ``state``; return (delta of the trainable keys, metrics)."""
     from fedtune.flower.client import handle_train
@@ -192,10 +209,11 @@ class SecAggClient(NumPyClient):
             raise ValueError(f"server sent {len(parameters)} arrays, expected the adapter as one vector")
         state = unflatten(parameters[0], full)
         delta, metrics = train_delta(state, dict(config), self.flwr_context, self.cfg)
-        n = int(metrics.pop("num-examples"))
-        check_weight(n, self.cfg)
+        n = int(metrics["num-examples"])  # stays in the (unmasked) metrics: the round row's count
+        weight = secagg_weight(n, self.cfg)
+        check_weight(weight, self.cfg)
         values = masked_codec(self.cfg).encode({k: delta[k] for k in trainable}, seed=int(config["round-seed"]))
-        return [values], n, metrics
+        return [values], weight, metrics
 
 
 def handle_secagg_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
@@ -293,7 +311,7 @@ class MeanDeltaFedAvg(FedAvg):
         return ndarrays_to_parameters(self.ndarrays()), metrics
 
 
-def _weighted_metrics(pairs: list[tuple[int, dict]]) -> dict[str, float]:
+def _weighted_metrics(pairs: list[tuple[float, dict]]) -> dict[str, float]:
     total = sum(n for n, _ in pairs) or 1
     names = {
         k
@@ -430,7 +448,8 @@ def run_secagg(
             info = strategy.last_round or {"accepted": 0, "rejected": [], "clients": []}
             strategy.last_round = {}
             traffic = wire.take()  # what the four stages of this round sent and received, measured
-            train = _weighted_metrics([(int(c["num-examples"]), c) for c in info["clients"]])
+            # weighted as the masked mean was (aggregation.weighting), as DeltaRounds' strategy does
+            train = _weighted_metrics([(agg.client_weight(c["num-examples"]), c) for c in info["clients"]])
             record = round_record(
                 rnd,
                 info["accepted"] + len(traffic["rejected"]),
@@ -514,6 +533,7 @@ __all__ = [
     "layouts",
     "masked_codec",
     "run_secagg",
+    "secagg_weight",
     "train_delta",
     "unflatten",
 ]

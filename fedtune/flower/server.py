@@ -16,7 +16,8 @@ What differs between kinds of round plugs in behind `RoundProtocol`:
   `Broadcast`, or cut to each node's rank, `HeteroRanks`), adapter deltas come
   up (dense or through an uplink codec), are checked (the round the reply
   claims, a size bound before decoding, a per-node digest against replays,
-  then `validate_update`) and combined by the aggregation chosen once at
+  then `validate_update`) and combined, each weighted as ``aggregation.weighting``
+  says (`AggregationConfig.client_weight`), by the aggregation chosen once at
   set-up: a Flower strategy (``aggregate_train`` sees global + delta per
   client, so FedAvg, FedAdam, Krum, ... see ordinary model arrays), a LoRA-aware aggregator (product-space,
   FFA-LoRA, heterogeneous ranks), or client-level central DP (DP-FedAvg).
@@ -488,14 +489,18 @@ class DeltaRounds:
         while len(seen) > REPLAY_WINDOW:
             seen.pop(next(iter(seen)))
         m = MetricRecord({k: v for k, v in m.items() if k != "server-round"})  # checked; no train metric
+        # the one place a reply's weight is taken (aggregation.weighting): the strategy (its arrays and
+        # train metrics, so the server optimizers and FedProx too) and the LoRA aggregators read it
+        weight = self.cfg.aggregation.client_weight(float(m["num-examples"]))
         # the same keys, in the same order, as the global record the strategy saw
         full = {k: start[k] + delta[k] if k in delta else start[k] for k in start}
         # mixed ranks cannot be averaged array by array: the strategy gets the global
         # (and only aggregates the metrics), hetero_round aggregates the factors
         arrays = self.global_arrays if self.hetero is not None else to_arrayrecord(self.sent(full))
-        reply.content = RecordDict({P.ARRAYS: arrays, P.METRICS: m})
+        weighted = MetricRecord({**m, self.strategy.weighted_by_key: weight})
+        reply.content = RecordDict({P.ARRAYS: arrays, P.METRICS: weighted})
         self.accepted.append(reply)
-        self.decoded.append((delta, full, float(m["num-examples"])))
+        self.decoded.append((delta, full, weight))
         if self.broadcast is not None:
             self.broadcast.acknowledge(node, rnd)
         return {k: float(v) for k, v in m.items()}

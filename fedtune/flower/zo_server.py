@@ -4,8 +4,9 @@ FedKSeed: Qin et al. 2024, arXiv:2312.06353. `SeedRounds` is the
 `fedtune.flower.server.RoundProtocol` of ``train.mode = "zo"``: each sampled node
 is sent the rounds of the seed history it lacks (never a tensor), replies with
 (seed index, scalar) pairs; malformed replies are dropped (`decode_reply`), the
-accepted ones are aggregated into one round entry weighted by num-examples
-(`fedtune.zo.aggregate_pairs`: FedAvg of the local updates), appended to the
+accepted ones are aggregated into one round entry weighted by num-examples (1 each
+under ``aggregation.weighting = "uniform"``; the round's train loss takes the same
+weights) (`fedtune.zo.aggregate_pairs`: FedAvg of the local updates), appended to the
 history and replayed onto the server's copy of the tuned parameters, which
 `ServerLoop` evaluates on the held-out split. Sampling, replies, rejections,
 checkpoints, records and the summary are the loop's, as for dense rounds.
@@ -43,7 +44,10 @@ HISTORY_FILE = "zo_history.bin"
 
 
 def decode_reply(content: RecordDict, cfg) -> tuple[list[tuple[int, float]], float]:
-    """(pairs, weight) from a client's reply; `PayloadError` says why it is dropped."""
+    """(pairs, weight) from a client's reply; `PayloadError` says why it is dropped.
+
+    The weight is ``aggregation.weighting``'s (`AggregationConfig.client_weight`); a reply
+    still needs a positive finite ``num-examples`` under ``"uniform"``."""
     try:
         payload = content[P.ZO][UPLINK_KEY]
         metrics = content[P.METRICS]
@@ -58,7 +62,7 @@ def decode_reply(content: RecordDict, cfg) -> tuple[list[tuple[int, float]], flo
     clip = cfg.zo.grad_clip
     if clip > 0 and any(abs(s) > clip for _, s in pairs):
         raise PayloadError(f"a scalar exceeds zo.grad_clip = {clip} (clients skip such steps)")
-    return pairs, weight
+    return pairs, cfg.aggregation.client_weight(weight)
 
 
 class SeedRounds:
