@@ -3,7 +3,9 @@
 For quick looks at a recipe's learning curve; same client and server code as
 `fedtune simulate`, progress printed per round. Usage:
 
-    .venv/bin/python bench/fed_probe.py OUT_DIR key=value [key=value ...]
+    .venv/bin/python bench/fed_probe.py OUT_DIR [--config PATH] key=value [key=value ...]
+
+(``--config`` defaults to simulations/configs/default.toml)
 
 e.g. the DP recipe of BENCHMARKS.md at clip 5 on an IID split:
     .venv/bin/python bench/fed_probe.py bench/results/fed-probe/dp-iid data.partition=iid model.pooling=mean \
@@ -26,9 +28,13 @@ from fedtune.flower.server import ServerLoop  # noqa: E402
 
 if len(sys.argv) < 2:
     sys.exit(__doc__)
-out = sys.argv[1]
-overrides = config.parse_overrides(sys.argv[2:] + ["simulation.threads_per_client=2"])
-cfg = config.load(Path(__file__).resolve().parents[1] / "simulations/configs/default.toml", overrides)
+out, args = sys.argv[1], sys.argv[2:]
+root = Path(__file__).resolve().parents[1]
+path = root / "simulations/configs/default.toml"
+if args[:1] == ["--config"]:
+    path, args = Path(args[1]), args[2:]
+overrides = config.parse_overrides(args + ["simulation.threads_per_client=2"])
+cfg = config.load(path, overrides)
 torch.set_num_threads(2)
 grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
 t0 = time.time()

@@ -351,6 +351,23 @@ def test_zo_loss_applies_the_configured_logit_adjustment():
     assert len(plain) == len(adjusted) == 1  # every call logs its loss
 
 
+def test_zo_loss_runs_under_the_configured_mixed_precision():
+    """train.mixed_precision reaches ZO forward passes (bf16 autocast), not only gradient training's."""
+    ws = workspace.get(zo_cfg())
+    zc.load_params_(ws, "adapter", zc.initial_params(ws, "adapter"))
+    data = ws.client_data(0)
+    ws.model.eval()
+    values = {}
+    for mode in ("no", "bf16"):
+        g = torch.Generator().manual_seed(0)
+        values[mode] = zc.batch_loss_fns(ws, data, 1, 4, g, [], mixed_precision=mode)[0]()
+    batch = collate(next(batch_stream(data, 4, torch.Generator().manual_seed(0))), ws.pad_id, ws.task)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want_bf16 = float(ws.model(**batch).loss.float())
+    assert values["bf16"] == want_bf16
+    assert values["no"] != values["bf16"]  # the check can tell the two apart
+
+
 def test_initial_model_is_the_built_adapter_even_after_other_training():
     """A process that moved the adapter before (e.g. a backprop run) still starts ZO from the built one."""
     ws = workspace.get(zo_cfg())

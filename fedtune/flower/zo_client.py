@@ -55,7 +55,7 @@ from fedtune.errors import PayloadError
 from fedtune.flower import protocol as P
 from fedtune.flower.client import local_data
 from fedtune.seeds import derive_seed
-from fedtune.train import batch_loss, batch_stream, logit_adjustment_bias
+from fedtune.train import autocast, batch_loss, batch_stream, logit_adjustment_bias
 from fedtune.zo import (
     SeedHistory,
     decode_downlink,
@@ -147,11 +147,15 @@ def batch_loss_fns(
     losses: list[float],
     *,
     logit_adjustment: float = 0.0,
+    mixed_precision: str = "no",
 ) -> list[LossFn]:
     """One loss function per step, each on its own fixed mini-batch; every call logs its loss.
 
     The model's own loss (cross-entropy on the labels the batch carries, for
-    classification and causal LM alike); call it with the model in ``eval()``.
+    classification and causal LM alike); call it with the model in ``eval()``. The
+    forward pass runs under ``train.mixed_precision`` as gradient training's does (bf16
+    autocast: about 6x faster SmolLM2 forward passes on this CPU); the loss itself is
+    float32, so the two-point difference is taken in float32.
     For classification with ``logit_adjustment`` > 0, the cross-entropy of
     ``logits + logit_adjustment * log p_local(y)`` (`fedtune.train.logit_adjustment_bias`),
     as gradient training does: without it a silo holding one label fits that label's prior.
@@ -162,7 +166,8 @@ def batch_loss_fns(
 
     def make(batch: dict[str, torch.Tensor]) -> LossFn:
         def loss() -> float:
-            value = float(batch_loss(model, batch, adjust))
+            with autocast(device, mixed_precision):
+                value = float(batch_loss(model, batch, adjust))
             losses.append(value)
             return value
 
@@ -184,8 +189,16 @@ def local_round_(
     zo = cfg.zo
     seed_gen, batch_gen = step_generators(cfg, rnd, pid)
     losses: list[float] = []
+    adjust, precision = cfg.train.logit_adjustment, cfg.train.mixed_precision
     fns = batch_loss_fns(
-        ws, data, zo.local_steps, cfg.train.batch_size, batch_gen, losses, logit_adjustment=cfg.train.logit_adjustment
+        ws,
+        data,
+        zo.local_steps,
+        cfg.train.batch_size,
+        batch_gen,
+        losses,
+        logit_adjustment=adjust,
+        mixed_precision=precision,
     )
     ws.model.eval()
     pairs = train_round_(
