@@ -473,6 +473,9 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
     if cfg.aggregation.secure != "none":
         errors.extend(_secure_problems(cfg))
     errors.extend(_budget_problems(cfg))
+    from fedtune.privacy.config import adaptive_clip_problems
+
+    errors.extend(adaptive_clip_problems(cfg.privacy, cfg.federation.clients_per_round))
     from fedtune.labelwords import config_problems as label_words_problems
 
     errors.extend(label_words_problems(cfg))

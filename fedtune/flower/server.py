@@ -84,7 +84,9 @@ def sample_nodes(
     """Sample ``max(fraction * N, minimum)`` nodes, reproducibly from (seed, round).
 
     ``order`` puts the nodes in a run-independent order first (`NodeIdentities.order`:
-    by partition id); picks index into that order.
+    by partition id); picks index into that order. A fixed-size sample without
+    replacement, not Poisson: what that means for client-level DP's epsilon is in
+    `fedtune.privacy.client_level.central_accounting_statement`.
     """
     nodes = list(order(node_ids))
     k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
@@ -355,6 +357,9 @@ class DeltaRounds:
             self.broadcast = Broadcast(cfg, self.sent())
         self.swa: Delta | None = None  # FedSWA's running mean of the globals since aggregation.swa_start
         self.swa_rounds = 0
+        # client-central DP's bound C: fixed, or moved each round by adaptive clipping (a DP release, kept
+        # in the checkpoint)
+        self.clip_norm = cfg.privacy.clip_norm
         n = self.trainable_params()
         return f"adapter {cfg.adapter.method}: {n:,} trainable params ({4 * n / 1e6:.2f} MB fp32)"
 
@@ -375,7 +380,8 @@ class DeltaRounds:
     def aggregation_name(self) -> str:
         """What combines the accepted updates (config validation refuses what would not compose)."""
         if self.cfg.privacy.mode == "client-central":
-            return "DP-FedAvg (client-level, central: clipped unweighted mean + Gaussian noise)"
+            adaptive = ", adaptive clipping" if self.cfg.privacy.adaptive_clip else ""
+            return f"DP-FedAvg (client-level, central: clipped unweighted mean + Gaussian noise{adaptive})"
         if self.lora_aggregator is not None:
             return type(self.lora_aggregator).__name__
         return type(self.strategy).__name__
@@ -512,6 +518,8 @@ class DeltaRounds:
     def aggregate(self, rnd: int) -> tuple[dict[str, float], dict[str, Any]]:
         cfg, state = self.cfg, self.state
         extra: dict[str, Any] = {}
+        if cfg.privacy.adaptive_clip:
+            extra["dp_clip_norm"] = self.clip_norm  # this round's C: public (post-processing of past releases)
         if not self.accepted:
             self.average_(rnd)
             return {}, extra
@@ -522,13 +530,34 @@ class DeltaRounds:
             from fedtune.privacy import private_mean
 
             noise_gen = torch.Generator().manual_seed(derive_seed(cfg.federation.seed, "dp", rnd))
-            mean = private_mean(
-                [delta for delta, _, _ in self.decoded],
-                clip_norm=cfg.privacy.clip_norm,
-                noise_multiplier=cfg.privacy.noise_multiplier,
-                num_sampled_clients=self.sampled,
-                generator=noise_gen,
-            )
+            deltas = [delta for delta, _, _ in self.decoded]
+            adaptive = cfg.privacy.adaptive
+            if adaptive is None:
+                mean = private_mean(
+                    deltas,
+                    clip_norm=self.clip_norm,
+                    noise_multiplier=cfg.privacy.noise_multiplier,
+                    num_sampled_clients=self.sampled,
+                    generator=noise_gen,
+                )
+            else:
+                # adaptive clipping (Andrew et al. 2021): the unclipped fraction is released with noise from
+                # its own (seed, round) stream, and moves C for the next round
+                from fedtune.privacy.client_level import adaptive_private_mean, next_clip_norm
+
+                mean, fraction = adaptive_private_mean(
+                    deltas,
+                    clip_norm=self.clip_norm,
+                    noise_multiplier=cfg.privacy.noise_multiplier,
+                    count_std=adaptive.count_std(cfg.federation.clients_per_round),
+                    num_sampled_clients=self.sampled,
+                    generator=noise_gen,
+                    count_generator=torch.Generator().manual_seed(derive_seed(cfg.federation.seed, "dp-count", rnd)),
+                )
+                extra["dp_unclipped_fraction"] = fraction
+                self.clip_norm = next_clip_norm(
+                    self.clip_norm, fraction, target_quantile=adaptive.target_quantile, clip_lr=adaptive.clip_lr
+                )
             state.update({k: state[k] + mean[k] for k in self.keys})
         elif self.lora_aggregator is not None:
             # product-space LoRA averaging replaces the strategy's per-matrix mean
@@ -553,6 +582,7 @@ class DeltaRounds:
             "broadcast": vars(self.broadcast) if self.broadcast is not None else None,
             "hetero_node_rank": dict(self.hetero.node_rank) if self.hetero is not None else None,
             "swa_rounds": self.swa_rounds,
+            "dp_clip_norm": self.clip_norm,
         }
         save_file({k: v.contiguous() for k, v in self.state.items()}, str(directory / "adapter_state.safetensors"))
         if self.swa is not None:
@@ -574,6 +604,9 @@ class DeltaRounds:
         if self.hetero is not None and extras.get("hetero_node_rank"):
             self.hetero.node_rank.update(extras["hetero_node_rank"])
         self.swa_rounds = extras.get("swa_rounds", 0)
+        if self.cfg.privacy.adaptive_clip and extras.get("dp_clip_norm") is None:
+            raise FedtuneError(f"--resume: {directory} holds no adaptive clipping bound (privacy.adaptive_clip)")
+        self.clip_norm = extras.get("dp_clip_norm", self.clip_norm)
         if (directory / "swa_state.safetensors").is_file():
             self.swa = load_file(str(directory / "swa_state.safetensors"))
 
@@ -586,6 +619,18 @@ class DeltaRounds:
         }
         if self.swa is not None:  # what was evaluated and exported
             out["aggregation"]["swa_rounds_averaged"] = self.swa_rounds
+        adaptive = self.cfg.privacy.adaptive if self.cfg.privacy.mode == "client-central" else None
+        if adaptive is not None:
+            from fedtune.privacy.client_level import update_noise_multiplier
+
+            count_std = adaptive.count_std(self.cfg.federation.clients_per_round)
+            out["privacy"] = {
+                "adaptive_clip": {
+                    "count_noise_std": count_std,
+                    "update_noise_multiplier": update_noise_multiplier(self.cfg.privacy.noise_multiplier, count_std),
+                    "final_clip_norm": self.clip_norm,
+                }
+            }
         if self.cfg.attack.kind != "none":  # a simulated attack: which partitions ran it
             from fedtune.attack import attackers
 
@@ -694,13 +739,19 @@ class ServerLoop:
             self.runlog.end_round(self.run_round(grid, rnd), t0, evaluate)
             self.save_checkpoint(rnd)
         summary = proto.finish(self.path)
+        privacy = self.privacy.summary()
+        if cfg.privacy.mode == "client-central":  # what its epsilon assumes about the sampler above
+            from fedtune.privacy.client_level import central_accounting_statement
+
+            privacy.update(central_accounting_statement(self.privacy.accountant))
+        privacy.update(summary.pop("privacy", {}))
         return self.runlog.finish(
             ws.task,
             evaluate,
             proto.export,
             trainable_params=proto.trainable_params(),
             aggregation=summary.pop("aggregation"),
-            privacy=self.privacy.summary(),
+            privacy=privacy,
             mode=proto.mode,
             stopped_early=stopped,
             **summary,

@@ -18,6 +18,15 @@ Two placements of the noise:
   update (:func:`local_noise_std`) before sending; the server sees only noisy
   updates. See :func:`local_epsilon` for what that guarantees.
 
+Adaptive clipping (``privacy.adaptive_clip``, central only): Andrew, Thakkar,
+McMahan, Ramaswamy 2021, "Differentially Private Learning with Adaptive Clipping"
+(arXiv:1905.03871). Each sampled client's bit b_i = 1[||delta_i|| <= C] is summed
+beside its clipped update, the server releases the noisy unclipped fraction
+(:func:`noisy_unclipped_fraction`) and moves C geometrically toward the target
+quantile (:func:`next_clip_norm`); :func:`update_noise_multiplier` raises the
+update's noise so that the pair keeps the privacy of noise multiplier z, which is
+what the accountant records. :func:`adaptive_private_mean` is one such round.
+
 The math is pure functions on :data:`fedtune.delta.Delta`; randomness comes only
 from an explicit ``torch.Generator``.
 """
@@ -165,16 +174,121 @@ def private_mean(
     return add_gaussian_noise(mean, std, generator)
 
 
+def update_noise_multiplier(noise_multiplier: float, count_std: float) -> float:
+    """z_delta, the update's noise multiplier when the unclipped count is released beside it.
+
+    Andrew et al. 2021 (arXiv:1905.03871), Thm. 1: the clipped sum (sensitivity C,
+    noise z_delta * C) and the sum of the centred bits b_i - 1/2 (sensitivity 1/2,
+    noise ``count_std`` = sigma_b) are together one Gaussian mechanism with noise
+    multiplier z when ``z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2)``: the squared
+    sensitivities over the squared stds add up, 1/z_delta^2 + (1/2)^2/sigma_b^2 = 1/z^2.
+    Needs sigma_b > z / 2 (else no z_delta exists: ConfigError). ``z = 0`` gives 0.
+    """
+    _check_nonneg("noise_multiplier", noise_multiplier)
+    _check_nonneg("count_std", count_std)
+    if noise_multiplier == 0:
+        return 0.0
+    if not count_std > noise_multiplier / 2:
+        raise ConfigError(
+            f"count_std={count_std!r} must exceed noise_multiplier / 2 = {noise_multiplier / 2:g} "
+            "(Andrew et al. 2021, Thm. 1)"
+        )
+    return float((noise_multiplier**-2 - (2 * count_std) ** -2) ** -0.5)
+
+
+def noisy_unclipped_fraction(
+    norms: Sequence[float],
+    clip_norm: float,
+    *,
+    count_std: float,
+    num_sampled_clients: int,
+    generator: torch.Generator,
+) -> float:
+    """The released fraction of sampled clients whose update fits in C: ``b~`` of Andrew et al. 2021.
+
+    ``1/2 + (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m`` with b_i = 1[norm_i <= C] over
+    the accepted updates' ``norms`` and the fixed denominator m =
+    ``num_sampled_clients`` (arXiv:1905.03871, Sec. 3: centring the bits halves the
+    sensitivity to 1/2). With all m replies in this is ``(sum_i b_i + noise) / m``; a
+    dropped reply counts as half in, half out. One draw from ``generator`` (float64),
+    so the same seed gives the same release.
+    """
+    _check_positive("clip_norm", clip_norm)
+    _check_nonneg("count_std", count_std)
+    if isinstance(num_sampled_clients, bool) or not isinstance(num_sampled_clients, int) or num_sampled_clients < 1:
+        raise ConfigError(f"num_sampled_clients={num_sampled_clients!r} must be an int >= 1")
+    if len(norms) > num_sampled_clients:
+        raise ValueError(f"got {len(norms)} norms but only {num_sampled_clients} clients were sampled")
+    centred = sum((1.0 if n <= clip_norm else 0.0) - 0.5 for n in norms)
+    noise = float(torch.randn((), generator=generator, dtype=torch.float64, device=generator.device))
+    return 0.5 + (centred + count_std * noise) / num_sampled_clients
+
+
+def next_clip_norm(clip_norm: float, unclipped_fraction: float, *, target_quantile: float, clip_lr: float) -> float:
+    """The geometric update ``C * exp(-eta_C * (b~ - gamma))`` (Andrew et al. 2021, arXiv:1905.03871, Sec. 3).
+
+    More clients than the target fit in C: C shrinks, fewer: it grows; by at most a
+    factor exp(eta_C) a round whatever the noise on ``unclipped_fraction``, which is
+    a DP release, so the new C is post-processing and may be published.
+    """
+    _check_positive("clip_norm", clip_norm)
+    _check_positive("clip_lr", clip_lr)
+    if not 0 < target_quantile < 1:
+        raise ConfigError(f"target_quantile={target_quantile!r} must be in (0, 1)")
+    return float(clip_norm * math.exp(-clip_lr * (unclipped_fraction - target_quantile)))
+
+
+def adaptive_private_mean(
+    deltas: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    count_std: float,
+    num_sampled_clients: int,
+    generator: torch.Generator,
+    count_generator: torch.Generator,
+) -> tuple[Delta, float]:
+    """One round of DP-FedAvg with adaptive clipping: ``(noised mean, released unclipped fraction)``.
+
+    :func:`private_mean` at the current ``clip_norm`` with the raised update noise
+    multiplier :func:`update_noise_multiplier` (``noise_multiplier`` is z, the
+    privacy of the pair, which the accountant records), and
+    :func:`noisy_unclipped_fraction` of the same deltas' norms with noise of std
+    ``count_std`` (sigma_b) from ``count_generator``, a generator of its own so the
+    update's noise is the same draw whether or not the count is released. Feed the
+    fraction to :func:`next_clip_norm` for the next round's C.
+    """
+    z_delta = update_noise_multiplier(noise_multiplier, count_std)
+    mean = private_mean(
+        deltas,
+        clip_norm=clip_norm,
+        noise_multiplier=z_delta,
+        num_sampled_clients=num_sampled_clients,
+        generator=generator,
+    )
+    norms = [global_norm(d) for d in deltas]
+    fraction = noisy_unclipped_fraction(
+        norms, clip_norm, count_std=count_std, num_sampled_clients=num_sampled_clients, generator=count_generator
+    )
+    return mean, fraction
+
+
 class ClientLevelAccountant:
     """RDP accountant for client-level DP over federated rounds.
 
     Each round is one sampled Gaussian mechanism with noise multiplier z and
     sampling rate q = sampled clients / total clients (McMahan et al. 2018,
     arXiv:1710.06963, Sec. 3; moments accountant replaced by opacus' RDP
-    analysis). The amplification by q assumes each client is included
-    independently with probability q (Poisson sampling); Flower's default
-    samplers pick a fixed number of clients, for which ``sample_rate=1.0`` (no
-    amplification) is the rigorous choice.
+    analysis). The amplification by q is proven for Poisson sampling, each
+    client included independently with probability q. fedtune's server draws
+    exactly m of the N clients without replacement instead
+    (`fedtune.flower.server.sample_nodes`), for which the Poisson figure is the
+    usual approximation, not a proven bound: see
+    :func:`central_accounting_statement`, which the run summary carries.
+    ``sample_rate=1.0`` (no amplification) is a proven bound for any sampler that
+    does not look at the data. With adaptive clipping z is the privacy of the
+    update and the count together (:func:`update_noise_multiplier`), so the
+    history records z, not the update's larger z_delta.
 
     Satisfies :class:`fedtune.privacy.accounting.PrivacyAccountant`.
     """
@@ -242,6 +356,43 @@ class ClientLevelAccountant:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._rdp.load_state_dict(state)
+
+
+def central_accounting_statement(accountant: ClientLevelAccountant) -> dict[str, Any]:
+    """What the server's ``"client-central"`` epsilon assumes, for the run summary's ``privacy`` block.
+
+    ``epsilon`` is opacus' RDP analysis of the Poisson-subsampled Gaussian at q = m/N,
+    while the server samples a fixed-size set, m of N without replacement. The two
+    are close for small q, but the Poisson analysis is not a proven bound for
+    fixed-size sampling, whose own bounds (Wang, Balle, Kasiviswanathan 2019,
+    arXiv:1808.00087, for the replace-one relation) can be larger. So the summary
+    says so and adds ``epsilon_without_sampling``: the same rounds at q = 1. That
+    one is proven for this sampler under zero-out adjacency (a client's data
+    replaced by one that contributes nothing, N unchanged; Kairouz et al. 2021,
+    arXiv:2103.00039): for every fixed set of sampled clients a round is a plain
+    Gaussian mechanism with noise multiplier z, and a data-independent mixture of
+    such mechanisms is no less private than the worst of them.
+    """
+    history = accountant.history
+    if accountant.sample_rate == 1.0:  # every client every round: no credit for sampling is claimed
+        return {
+            "accounting": (
+                f"RDP (opacus) of the Gaussian mechanism: noise multiplier {accountant.noise_multiplier:g} a round, "
+                "every client sampled (q = 1)"
+            )
+        }
+    return {
+        "accounting": (
+            f"RDP (opacus) of the Poisson-subsampled Gaussian mechanism: noise multiplier "
+            f"{accountant.noise_multiplier:g}, sampling rate q = {accountant.sample_rate:g} a round"
+        ),
+        "sampling": (
+            "the server samples exactly m of the N clients without replacement each round; the Poisson analysis "
+            "of epsilon is the usual approximation for that, not a proven bound. epsilon_without_sampling (q = 1, "
+            "zero-out adjacency) is proven"
+        ),
+        "epsilon_without_sampling": history_epsilon([(z, 1.0, n) for z, _, n in history], accountant.delta),
+    }
 
 
 def check_budget_at_start(cfg: PrivacyConfig, accountant: ClientLevelAccountant, num_rounds: int) -> None:
