@@ -626,6 +626,8 @@ class DeltaRounds:
             count_std = adaptive.count_std(self.cfg.federation.clients_per_round)
             out["privacy"] = {
                 "adaptive_clip": {
+                    "target_quantile": adaptive.target_quantile,
+                    "clip_lr": adaptive.clip_lr,
                     "count_noise_std": count_std,
                     "update_noise_multiplier": update_noise_multiplier(self.cfg.privacy.noise_multiplier, count_std),
                     "final_clip_norm": self.clip_norm,
