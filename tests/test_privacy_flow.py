@@ -139,3 +139,24 @@ def test_dp_sgd_logit_adjustment_uses_noisy_label_counts_released_once(tiny_cfg,
             ref = RDPAccountant()
             ref.history = [(5.0, 1.0, 1), (1.0, client["dp-sample-rate"], 2 * rnd)]
             assert client["dp-epsilon"] == pytest.approx(ref.get_epsilon(delta=1e-5), rel=1e-6)
+
+
+def test_client_local_replies_carry_nothing_computed_from_the_data_in_the_clear(tiny_cfg, tmp_path):
+    """Local DP: the server is not trusted, so a reply's metrics hold only bookkeeping (no norm, no loss)."""
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 1,
+            "privacy.mode": "client-local",
+            "privacy.clip_norm": 0.5,
+            "privacy.noise_multiplier": 1.0,
+        }
+    )
+    sent = []
+
+    def client(m, c):
+        reply = handle_train(m, c, cfg)
+        sent.append(dict(reply.content["metrics"]))
+        return reply
+
+    ServerLoop(cfg, tmp_path, progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, client))
+    assert sent and all(set(m) == {"num-examples", "partition-id", "server-round"} for m in sent), sent

@@ -234,10 +234,12 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
         # local DP: clip and noise before anything leaves (compression is post-processing)
         from fedtune.privacy import add_gaussian_noise, clip_delta, local_noise_std
 
-        delta, norm = clip_delta(delta, privacy.clip_norm)
+        delta, _ = clip_delta(delta, privacy.clip_norm)
         noise_gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, "dp-local", rnd, pid))
         delta = add_gaussian_noise(delta, local_noise_std(privacy.noise_multiplier, privacy.clip_norm), noise_gen)
-        metrics["update-norm"] = float(norm)
+        # the server is not trusted here: nothing computed from the data leaves in the clear
+        # (not the unclipped norm, not the training loss), only the noised update and the count
+        metrics = {}
     if rank is not None:
         metrics["lora-rank"] = rank  # the server learns which cut to send this node next round
     # a simulated attacker (fedtune.attack) turns what it would send into what the attack says
