@@ -193,9 +193,22 @@ class TrainConfig(Section):
         return e
 
 
+SAMPLINGS = ("fixed", "poisson")  # federation.sampling
+
+
 @dataclass(frozen=True)
 class FederationConfig(Section):
-    """The federated loop run by the ServerApp."""
+    """The federated loop run by the ServerApp.
+
+    ``sampling`` picks each round's clients (seeded by (seed, round), `fedtune.flower.server`):
+    ``"fixed"`` draws exactly `clients_per_round` of the available clients without
+    replacement; ``"poisson"`` includes each available client independently with
+    probability q = ``fraction_train``, so a round's count varies and may be 0, which is
+    the sampler that client-level DP's accountant analyses exactly (`sample_rate`).
+    Under ``"poisson"`` ``min_train_clients`` is no floor: drawing again until enough
+    clients were in would change that analysis, so a value above the expected count
+    is refused and a smaller one is not enforced.
+    """
 
     SECTION = "federation"
     num_clients: int = 10
@@ -207,11 +220,30 @@ class FederationConfig(Section):
     eval_every: int = 1
     round_eval_examples: int = 0
     seed: int = 0
+    sampling: str = "fixed"
 
     @property
     def clients_per_round(self) -> int:
-        """How many clients the server samples each round with all of them up (`sample_nodes`' rule)."""
+        """How many clients the server samples each round with all of them up (`sample_nodes`' rule);
+        under ``"poisson"`` the whole part of the expected count (at least 1)."""
         return min(self.num_clients, max(int(self.num_clients * self.fraction_train), self.min_train_clients))
+
+    @property
+    def expected_clients_per_round(self) -> float:
+        """The clients a round has on average with all of them up: q*N under ``"poisson"``, else
+        `clients_per_round`; client-level DP's fixed denominator (McMahan et al. 2018)."""
+        if self.sampling == "poisson":
+            return self.fraction_train * self.num_clients
+        return self.clients_per_round
+
+    @property
+    def sample_rate(self) -> float:
+        """q, the probability that a given client is in a round, as client-level DP accounts it:
+        ``fraction_train`` under ``"poisson"`` (exact), m/N under ``"fixed"`` (see
+        `fedtune.privacy.client_level.central_accounting_statement`)."""
+        if self.sampling == "poisson":
+            return self.fraction_train
+        return self.clients_per_round / self.num_clients
 
     def problems(self) -> list[str]:
         e: list[str] = []
@@ -232,6 +264,17 @@ class FederationConfig(Section):
                     f"federation.{name}: must be at most federation.num_clients = {self.num_clients} "
                     f"(got {getattr(self, name)!r})"
                 )
+        choice(e, "federation.sampling", self.sampling, SAMPLINGS)
+        expected = max(1, int(self.num_clients * self.fraction_train))
+        if self.sampling == "poisson" and self.min_train_clients > expected:
+            e.append(
+                "federation.min_train_clients: federation.sampling = 'poisson' keeps no minimum (each client is in "
+                "a round with probability federation.fraction_train, so a round may have fewer, even none; drawing "
+                "again until enough were in would break the privacy analysis of that sampler); lower it to at most "
+                f"{expected} (fraction_train x num_clients = {self.fraction_train * self.num_clients:g} expected a "
+                "round), which is then not enforced, raise federation.fraction_train, or use federation.sampling = "
+                f"'fixed' (got {self.min_train_clients!r})"
+            )
         return e
 
 
@@ -475,7 +518,8 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
     errors.extend(_budget_problems(cfg))
     from fedtune.privacy.config import adaptive_clip_problems
 
-    errors.extend(adaptive_clip_problems(cfg.privacy, cfg.federation.clients_per_round))
+    # sigma_b scales with the estimator's denominator: m, or q*N under Poisson sampling
+    errors.extend(adaptive_clip_problems(cfg.privacy, cfg.federation.expected_clients_per_round))
     from fedtune.labelwords import config_problems as label_words_problems
 
     errors.extend(label_words_problems(cfg))
@@ -619,7 +663,7 @@ def _budget_problems(cfg: FedtuneConfig) -> list[str]:
     from fedtune.privacy import ClientLevelAccountant
 
     # the server's accountant (ServerLoop): central DP is amplified by client sampling, local DP is not
-    rate = fed.clients_per_round / fed.num_clients if priv.mode == "client-central" else None
+    rate = fed.sample_rate if priv.mode == "client-central" else None
     acc = ClientLevelAccountant.from_config(priv, sample_rate=rate)
     eps = acc.epsilon_after(fed.rounds)
     if eps <= priv.epsilon_budget:
@@ -671,6 +715,12 @@ def _secure_problems(cfg: FedtuneConfig) -> list[str]:
         e.append("privacy.epsilon_budget: not supported with aggregation.secure = 'secagg+'; unset it")
     if cfg.train.mode != "backprop":
         e.append(f"train.mode: aggregation.secure = 'secagg+' needs 'backprop' (dense deltas) (got {cfg.train.mode!r})")
+    if cfg.federation.sampling == "poisson":
+        e.append(
+            "federation.sampling: 'poisson' cannot be combined with aggregation.secure = 'secagg+' (a Poisson round "
+            "may sample fewer than the 2 clients, or the secret-sharing threshold, that SecAgg+ needs, and "
+            "aggregation.modulus_range is sized for a fixed count); use sampling = 'fixed'"
+        )
     sampled = cfg.federation.clients_per_round
     if sampled < 2:
         e.append(

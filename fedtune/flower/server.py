@@ -2,7 +2,10 @@
 
 `ServerLoop` owns what every federated run does the same way: sampling
 (seeded by (seed, round) over nodes ordered by partition id, so a run is
-reproducible and a resumed run samples what the uninterrupted one would have),
+reproducible and a resumed run samples what the uninterrupted one would have;
+a fixed-size sample, or Poisson with ``federation.sampling = "poisson"``, whose
+rounds may sample nobody: such a round sends nothing, and only client-central
+DP still releases its noise),
 sending a round and collecting its replies, mapping SuperLink error replies to
 the node they were sent to (a sampled node's reply to another node's message,
 or a second reply, is dropped), rejections with reasons, privacy accounting
@@ -86,13 +89,37 @@ def sample_nodes(
     ``order`` puts the nodes in a run-independent order first (`NodeIdentities.order`:
     by partition id); picks index into that order. A fixed-size sample without
     replacement, not Poisson: what that means for client-level DP's epsilon is in
-    `fedtune.privacy.client_level.central_accounting_statement`.
+    `fedtune.privacy.client_level.central_accounting_statement`;
+    `poisson_sample_nodes` is the Poisson sampler.
     """
     nodes = list(order(node_ids))
     k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
     rng = np.random.default_rng([seed, rnd])
     picks = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids can exceed int64
     return sorted(nodes[int(i)] for i in picks)
+
+
+def poisson_sample_nodes(
+    node_ids: Iterable[int],
+    rate: float,
+    *,
+    seed: int,
+    rnd: int,
+    order: Callable[[Iterable[int]], list[int]] = sorted,
+) -> list[int]:
+    """Each node in independently with probability ``rate``, reproducibly from (seed, round).
+
+    Poisson sampling, the sampler whose amplification opacus' RDP analysis of the
+    subsampled Gaussian proves (Mironov, Talwar, Zhang 2019, arXiv:1908.10530) and
+    that DP-FedAvg assumes (McMahan et al. 2018, arXiv:1710.06963, Alg. 1): the
+    count varies from round to round and may be 0, and nothing draws again to
+    reach a minimum. One uniform per node, in ``order`` (as `sample_nodes`), from
+    the generator `sample_nodes` uses.
+    """
+    nodes = list(order(node_ids))
+    rng = np.random.default_rng([seed, rnd])
+    keep = rng.random(len(nodes)) < rate
+    return sorted(n for n, k in zip(nodes, keep) if k)
 
 
 class _FixedGrid:
@@ -249,7 +276,8 @@ def round_seed(cfg: FedtuneConfig, rnd: int) -> int:
 
 
 class NodeSampler:
-    """This round's clients: `sample_nodes` seeded by (federation.seed, round) over nodes ordered by partition id."""
+    """This round's clients: `sample_nodes` (or `poisson_sample_nodes`, ``federation.sampling``) seeded by
+    (federation.seed, round) over nodes ordered by partition id."""
 
     def __init__(self, cfg: FedtuneConfig):
         self.fed = cfg.federation
@@ -261,6 +289,10 @@ class NodeSampler:
             return []
         available = list(grid.get_node_ids() if available is None else available)
         self.identities.learn(grid, available, timeout=fed.round_timeout)
+        if fed.sampling == "poisson":  # no minimum: min_train_clients is not enforced (FederationConfig)
+            return poisson_sample_nodes(
+                available, fed.fraction_train, seed=fed.seed, rnd=rnd, order=self.identities.order
+            )
         return sample_nodes(
             available, fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd, order=self.identities.order
         )
@@ -381,7 +413,12 @@ class DeltaRounds:
         """What combines the accepted updates (config validation refuses what would not compose)."""
         if self.cfg.privacy.mode == "client-central":
             adaptive = ", adaptive clipping" if self.cfg.privacy.adaptive_clip else ""
-            return f"DP-FedAvg (client-level, central: clipped unweighted mean + Gaussian noise{adaptive})"
+            mean = (
+                "clipped sum over the expected count q*N"
+                if self.cfg.federation.sampling == "poisson"
+                else "clipped unweighted mean"
+            )
+            return f"DP-FedAvg (client-level, central: {mean} + Gaussian noise{adaptive})"
         if self.lora_aggregator is not None:
             return type(self.lora_aggregator).__name__
         return type(self.strategy).__name__
@@ -421,7 +458,10 @@ class DeltaRounds:
         train_cfg = ConfigRecord({"server-round": rnd, "round-seed": self.round_seed, "version": rnd})
         if cfg.aggregation.server_optimizer == "fedprox":
             train_cfg["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
-        msgs = list(self.strategy.configure_train(rnd, self.global_arrays, train_cfg, _FixedGrid(nodes)))
+        # a Poisson round may sample nobody; Flower's configure_train would wait for a node to connect
+        msgs = (
+            list(self.strategy.configure_train(rnd, self.global_arrays, train_cfg, _FixedGrid(nodes))) if nodes else []
+        )
         if self.broadcast is None and self.hetero is None:  # (those two build each node's content themselves)
             wire = pack(self.sent())  # the same global, packed for the wire (records.pack)
             for m in msgs:
@@ -520,25 +560,35 @@ class DeltaRounds:
         extra: dict[str, Any] = {}
         if cfg.privacy.adaptive_clip:
             extra["dp_clip_norm"] = self.clip_norm  # this round's C: public (post-processing of past releases)
-        if not self.accepted:
+        fed = cfg.federation
+        # under Poisson sampling client-central DP releases its noise even when nobody was drawn or replied:
+        # the analysis counts every round, and an unchanged global would tell that the round was empty
+        release_anyway = cfg.privacy.mode == "client-central" and fed.sampling == "poisson"
+        if not self.accepted and not release_anyway:
             self.average_(rnd)
             return {}, extra
-        agg, agg_metrics = self.strategy.aggregate_train(rnd, self.accepted)
+        agg, agg_metrics = self.strategy.aggregate_train(rnd, self.accepted) if self.accepted else (None, None)
         if cfg.privacy.mode == "client-central":
-            # DP-FedAvg (McMahan et al. 2018): clip each update, unweighted mean over the
-            # m sampled clients, Gaussian noise from a generator seeded by (seed, round)
+            # DP-FedAvg (McMahan et al. 2018): clip each update, unweighted sum over a fixed denominator (the
+            # m sampled clients, or the expected q*N under Poisson sampling), Gaussian noise from a generator
+            # seeded by (seed, round)
             from fedtune.privacy import private_mean
 
-            noise_gen = torch.Generator().manual_seed(derive_seed(cfg.federation.seed, "dp", rnd))
+            noise_gen = torch.Generator().manual_seed(derive_seed(fed.seed, "dp", rnd))
             deltas = [delta for delta, _, _ in self.decoded]
+            count: dict[str, Any] = (
+                {"expected_clients": fed.expected_clients_per_round, "like": {k: state[k] for k in self.keys}}
+                if fed.sampling == "poisson"
+                else {"num_sampled_clients": self.sampled}
+            )
             adaptive = cfg.privacy.adaptive
             if adaptive is None:
                 mean = private_mean(
                     deltas,
                     clip_norm=self.clip_norm,
                     noise_multiplier=cfg.privacy.noise_multiplier,
-                    num_sampled_clients=self.sampled,
                     generator=noise_gen,
+                    **count,
                 )
             else:
                 # adaptive clipping (Andrew et al. 2021): the unclipped fraction is released with noise from
@@ -549,10 +599,10 @@ class DeltaRounds:
                     deltas,
                     clip_norm=self.clip_norm,
                     noise_multiplier=cfg.privacy.noise_multiplier,
-                    count_std=adaptive.count_std(cfg.federation.clients_per_round),
-                    num_sampled_clients=self.sampled,
+                    count_std=adaptive.count_std(fed.expected_clients_per_round),
                     generator=noise_gen,
-                    count_generator=torch.Generator().manual_seed(derive_seed(cfg.federation.seed, "dp-count", rnd)),
+                    count_generator=torch.Generator().manual_seed(derive_seed(fed.seed, "dp-count", rnd)),
+                    **count,
                 )
                 extra["dp_unclipped_fraction"] = fraction
                 self.clip_norm = next_clip_norm(
@@ -623,7 +673,7 @@ class DeltaRounds:
         if adaptive is not None:
             from fedtune.privacy.client_level import update_noise_multiplier
 
-            count_std = adaptive.count_std(self.cfg.federation.clients_per_round)
+            count_std = adaptive.count_std(self.cfg.federation.expected_clients_per_round)
             out["privacy"] = {
                 "adaptive_clip": {
                     "target_quantile": adaptive.target_quantile,
@@ -745,7 +795,7 @@ class ServerLoop:
         if cfg.privacy.mode == "client-central":  # what its epsilon assumes about the sampler above
             from fedtune.privacy.client_level import central_accounting_statement
 
-            privacy.update(central_accounting_statement(self.privacy.accountant))
+            privacy.update(central_accounting_statement(self.privacy.accountant, sampling=fed.sampling))
         privacy.update(summary.pop("privacy", {}))
         return self.runlog.finish(
             ws.task,
@@ -765,7 +815,8 @@ class ServerLoop:
         nodes = self.sampler.sample(grid, rnd)
         msgs = proto.messages(rnd, nodes)
         down = {m.metadata.dst_node_id: wire_bytes(m.content) for m in msgs}
-        replies = send_and_receive(grid, msgs, timeout=self.cfg.federation.round_timeout)
+        # a Poisson round that drew nobody sends nothing and records sampled = accepted = 0
+        replies = send_and_receive(grid, msgs, timeout=self.cfg.federation.round_timeout) if msgs else []
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
         rejected: list[dict] = []
         up: dict[int, int] = {}
@@ -818,6 +869,7 @@ __all__ = [
     "HeteroRanks",
     "build_strategy",
     "sample_nodes",
+    "poisson_sample_nodes",
     "round_seed",
     "make_protocol",
     "refuse_unfinished",

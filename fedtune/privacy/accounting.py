@@ -7,8 +7,9 @@ The analysis is opacus' (``opacus.accountants.RDPAccountant`` and
 opacus' default orders. Both the example-level (DP-SGD steps) and the
 client-level (DP-FedAvg rounds) accountants are this one object; only what a
 "step" means differs. A step's ``sample_rate`` q < 1 is amplification by
-*Poisson* sampling (each record or client in with probability q); for a
-fixed-size sample it is an approximation (see
+*Poisson* sampling (each record or client in with probability q): exact for
+client-level DP under ``federation.sampling = "poisson"``; for a fixed-size
+sample it is an approximation (see
 `fedtune.privacy.client_level.central_accounting_statement`), and q = 1 claims none.
 
 State is plain data that fits a Flower ``ConfigRecord`` (flat lists of one scalar

@@ -7,6 +7,14 @@ deltas and adds N(0, (z*C/m)^2) to every coordinate. Adding or removing one
 client changes the *sum* by at most C, so the release is a Gaussian mechanism
 with noise multiplier z, amplified by client sampling with rate q = m / N.
 
+Two samplers (``federation.sampling``): a fixed-size sample of m, the divisor m;
+or Poisson sampling, each client in independently with probability q, where the
+sum is divided by the *expected* count q*N whatever number were drawn, none
+included (the estimator with fixed denominator of McMahan et al. 2018, Alg. 1 with
+W = q*N): the noise std is then z*C/(q*N), and opacus' analysis of the
+Poisson-subsampled Gaussian at q is exact for what ran
+(:func:`central_accounting_statement`). ``expected_clients`` selects it below.
+
 Two placements of the noise:
 
 - central (``"client-central"``): std ``z*C/m`` on the mean, added once by the
@@ -97,20 +105,49 @@ def add_gaussian_noise(delta: Mapping[str, torch.Tensor], std: float, generator:
     return {k: out[k] for k in delta}
 
 
-def central_noise_std(noise_multiplier: float, clip_norm: float, num_sampled_clients: int) -> float:
+def central_noise_std(
+    noise_multiplier: float,
+    clip_norm: float,
+    num_sampled_clients: int | None = None,
+    *,
+    expected_clients: float | None = None,
+) -> float:
     """Std of the noise the server adds to the *mean* of m clipped deltas: z*C/m.
 
     McMahan et al. 2018 (arXiv:1710.06963), fixed-denominator estimator with
     sensitivity C/m. Same value as Flower's ``compute_stdv``. The mean must be
     the unweighted sum divided by the *sampled* count m (not weighted by example
     counts, which raises a client's influence above C/m; Flower's own accountant
-    requires equal weights for this reason).
+    requires equal weights for this reason). Under Poisson sampling give
+    ``expected_clients`` = q*N instead of m: z*C/(q*N).
     """
     _check_nonneg("noise_multiplier", noise_multiplier)
     _check_positive("clip_norm", clip_norm)
+    return float(noise_multiplier * clip_norm / estimator_denominator(0, num_sampled_clients, expected_clients))
+
+
+def estimator_denominator(count: int, num_sampled_clients: int | None, expected_clients: float | None) -> float:
+    """What DP-FedAvg divides the clipped sum of ``count`` updates by: the sampled m, or q*N.
+
+    Exactly one of ``num_sampled_clients`` (a fixed-size sample: an int >= 1, at
+    least ``count``) and ``expected_clients`` (Poisson sampling: q*N > 0, any
+    ``count``, since a draw may exceed its expectation) is given. Either way it is
+    fixed before the draw, so one client moves the mean by at most C over it
+    (McMahan et al. 2018, arXiv:1710.06963, the fixed-denominator estimator).
+    """
+    if (num_sampled_clients is None) == (expected_clients is None):
+        raise ConfigError(
+            f"num_sampled_clients={num_sampled_clients!r}, expected_clients={expected_clients!r}: give exactly one "
+            "(the sampled count of a fixed-size sample, or q*N under Poisson sampling)"
+        )
+    if expected_clients is not None:
+        _check_positive("expected_clients", expected_clients)
+        return float(expected_clients)
     if isinstance(num_sampled_clients, bool) or not isinstance(num_sampled_clients, int) or num_sampled_clients < 1:
         raise ConfigError(f"num_sampled_clients={num_sampled_clients!r} must be an int >= 1")
-    return float(noise_multiplier * clip_norm / num_sampled_clients)
+    if count > num_sampled_clients:
+        raise ValueError(f"got {count} updates but only {num_sampled_clients} clients were sampled")
+    return num_sampled_clients
 
 
 def local_noise_std(noise_multiplier: float, clip_norm: float) -> float:
@@ -146,23 +183,29 @@ def private_mean(
     *,
     clip_norm: float,
     noise_multiplier: float,
-    num_sampled_clients: int,
+    num_sampled_clients: int | None = None,
+    expected_clients: float | None = None,
     generator: torch.Generator,
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> Delta:
     """One DP-FedAvg aggregation: clip each delta, sum, divide by m, add central noise.
 
     McMahan et al. 2018 (arXiv:1710.06963), fixed denominator m =
     ``num_sampled_clients`` even if fewer replies arrived (dropping a reply must
-    not raise anyone's weight above 1/m). Unweighted on purpose: see
+    not raise anyone's weight above 1/m), or under Poisson sampling the expected
+    count ``expected_clients`` = q*N however many were drawn
+    (:func:`estimator_denominator`). Unweighted on purpose: see
     :func:`central_noise_std`. Sums in float64; returns each tensor in the first
-    delta's dtype.
+    delta's dtype. With no deltas (a Poisson round that drew nobody) the release
+    is the noise alone, shaped like ``like``: the analysis of the subsampled
+    Gaussian counts that round's noise as released.
     """
-    if not deltas:
-        raise ValueError("private_mean needs at least one delta")
-    std = central_noise_std(noise_multiplier, clip_norm, num_sampled_clients)
-    if len(deltas) > num_sampled_clients:
-        raise ValueError(f"got {len(deltas)} deltas but only {num_sampled_clients} clients were sampled")
-    first = deltas[0]
+    template = deltas[0] if deltas else like
+    if template is None:
+        raise ValueError("private_mean needs at least one delta, or `like` for the keys and shapes of the noise")
+    std = central_noise_std(noise_multiplier, clip_norm, num_sampled_clients, expected_clients=expected_clients)
+    denominator = estimator_denominator(len(deltas), num_sampled_clients, expected_clients)
+    first = template
     acc = {k: torch.zeros(v.shape, dtype=torch.float64, device=v.device) for k, v in first.items()}
     for d in deltas:
         if d.keys() != first.keys():
@@ -170,7 +213,7 @@ def private_mean(
         clipped, _ = clip_delta(d, clip_norm)
         for k, v in clipped.items():
             acc[k] += v.to(torch.float64)
-    mean = {k: (acc[k] / num_sampled_clients).to(first[k].dtype) for k in first}
+    mean = {k: (acc[k] / denominator).to(first[k].dtype) for k in first}
     return add_gaussian_noise(mean, std, generator)
 
 
@@ -201,7 +244,8 @@ def noisy_unclipped_fraction(
     clip_norm: float,
     *,
     count_std: float,
-    num_sampled_clients: int,
+    num_sampled_clients: int | None = None,
+    expected_clients: float | None = None,
     generator: torch.Generator,
 ) -> float:
     """The released fraction of sampled clients whose update fits in C: ``b~`` of Andrew et al. 2021.
@@ -210,18 +254,17 @@ def noisy_unclipped_fraction(
     the accepted updates' ``norms`` and the fixed denominator m =
     ``num_sampled_clients`` (arXiv:1905.03871, Sec. 3: centring the bits halves the
     sensitivity to 1/2). With all m replies in this is ``(sum_i b_i + noise) / m``; a
-    dropped reply counts as half in, half out. One draw from ``generator`` (float64),
+    dropped reply counts as half in, half out. Under Poisson sampling m is the
+    expected count ``expected_clients`` = q*N (:func:`estimator_denominator`), and
+    ``norms`` may be more than that, or none. One draw from ``generator`` (float64),
     so the same seed gives the same release.
     """
     _check_positive("clip_norm", clip_norm)
     _check_nonneg("count_std", count_std)
-    if isinstance(num_sampled_clients, bool) or not isinstance(num_sampled_clients, int) or num_sampled_clients < 1:
-        raise ConfigError(f"num_sampled_clients={num_sampled_clients!r} must be an int >= 1")
-    if len(norms) > num_sampled_clients:
-        raise ValueError(f"got {len(norms)} norms but only {num_sampled_clients} clients were sampled")
+    denominator = estimator_denominator(len(norms), num_sampled_clients, expected_clients)
     centred = sum((1.0 if n <= clip_norm else 0.0) - 0.5 for n in norms)
     noise = float(torch.randn((), generator=generator, dtype=torch.float64, device=generator.device))
-    return 0.5 + (centred + count_std * noise) / num_sampled_clients
+    return 0.5 + (centred + count_std * noise) / denominator
 
 
 def next_clip_norm(clip_norm: float, unclipped_fraction: float, *, target_quantile: float, clip_lr: float) -> float:
@@ -244,9 +287,11 @@ def adaptive_private_mean(
     clip_norm: float,
     noise_multiplier: float,
     count_std: float,
-    num_sampled_clients: int,
+    num_sampled_clients: int | None = None,
+    expected_clients: float | None = None,
     generator: torch.Generator,
     count_generator: torch.Generator,
+    like: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[Delta, float]:
     """One round of DP-FedAvg with adaptive clipping: ``(noised mean, released unclipped fraction)``.
 
@@ -256,20 +301,15 @@ def adaptive_private_mean(
     :func:`noisy_unclipped_fraction` of the same deltas' norms with noise of std
     ``count_std`` (sigma_b) from ``count_generator``, a generator of its own so the
     update's noise is the same draw whether or not the count is released. Feed the
-    fraction to :func:`next_clip_norm` for the next round's C.
+    fraction to :func:`next_clip_norm` for the next round's C. Both divide by the
+    same denominator: ``num_sampled_clients``, or ``expected_clients`` = q*N under
+    Poisson sampling (then ``deltas`` may be empty, ``like`` shaping the noise).
     """
     z_delta = update_noise_multiplier(noise_multiplier, count_std)
-    mean = private_mean(
-        deltas,
-        clip_norm=clip_norm,
-        noise_multiplier=z_delta,
-        num_sampled_clients=num_sampled_clients,
-        generator=generator,
-    )
+    count = {"num_sampled_clients": num_sampled_clients, "expected_clients": expected_clients}
+    mean = private_mean(deltas, clip_norm=clip_norm, noise_multiplier=z_delta, generator=generator, like=like, **count)
     norms = [global_norm(d) for d in deltas]
-    fraction = noisy_unclipped_fraction(
-        norms, clip_norm, count_std=count_std, num_sampled_clients=num_sampled_clients, generator=count_generator
-    )
+    fraction = noisy_unclipped_fraction(norms, clip_norm, count_std=count_std, generator=count_generator, **count)
     return mean, fraction
 
 
@@ -280,7 +320,9 @@ class ClientLevelAccountant:
     sampling rate q = sampled clients / total clients (McMahan et al. 2018,
     arXiv:1710.06963, Sec. 3; moments accountant replaced by opacus' RDP
     analysis). The amplification by q is proven for Poisson sampling, each
-    client included independently with probability q. fedtune's server draws
+    client included independently with probability q, which is what
+    ``federation.sampling = "poisson"`` runs (q = ``fraction_train``,
+    `fedtune.flower.server.poisson_sample_nodes`). By default the server draws
     exactly m of the N clients without replacement instead
     (`fedtune.flower.server.sample_nodes`), for which the Poisson figure is the
     usual approximation, not a proven bound: see
@@ -358,14 +400,21 @@ class ClientLevelAccountant:
         self._rdp.load_state_dict(state)
 
 
-def central_accounting_statement(accountant: ClientLevelAccountant) -> dict[str, Any]:
+def central_accounting_statement(accountant: ClientLevelAccountant, *, sampling: str = "fixed") -> dict[str, Any]:
     """What the server's ``"client-central"`` epsilon assumes, for the run summary's ``privacy`` block.
 
-    ``epsilon`` is opacus' RDP analysis of the Poisson-subsampled Gaussian at q = m/N,
-    while the server samples a fixed-size set, m of N without replacement. The two
-    are close for small q, but the Poisson analysis is not a proven bound for
-    fixed-size sampling, whose own bounds (Wang, Balle, Kasiviswanathan 2019,
-    arXiv:1808.00087, for the replace-one relation) can be larger. So the summary
+    ``sampling = "poisson"`` (``federation.sampling``): the server included each
+    client independently with probability q and divided by the expected count q*N
+    (:func:`private_mean`), so a round is exactly the Poisson-subsampled Gaussian
+    mechanism (add/remove adjacency) that opacus analyses: ``epsilon`` is exact for
+    what ran; ``epsilon_without_sampling`` (q = 1) is still reported.
+
+    ``sampling = "fixed"``: ``epsilon`` is opacus' RDP analysis of the
+    Poisson-subsampled Gaussian at q = m/N, while the server samples a fixed-size
+    set, m of N without replacement. The two are close for small q, but the
+    Poisson analysis is not a proven bound for fixed-size sampling, whose own
+    bounds (Wang, Balle, Kasiviswanathan 2019, arXiv:1808.00087, for the
+    replace-one relation) can be larger. So the summary
     says so and adds ``epsilon_without_sampling``: the same rounds at q = 1. That
     one is proven for this sampler under zero-out adjacency (a client's data
     replaced by one that contributes nothing, N unchanged; Kairouz et al. 2021,
@@ -373,6 +422,8 @@ def central_accounting_statement(accountant: ClientLevelAccountant) -> dict[str,
     Gaussian mechanism with noise multiplier z, and a data-independent mixture of
     such mechanisms is no less private than the worst of them.
     """
+    if sampling not in ("fixed", "poisson"):
+        raise ConfigError(f"sampling={sampling!r} must be 'fixed' or 'poisson'")
     history = accountant.history
     if accountant.sample_rate == 1.0:  # every client every round: no credit for sampling is claimed
         return {
@@ -381,17 +432,30 @@ def central_accounting_statement(accountant: ClientLevelAccountant) -> dict[str,
                 "every client sampled (q = 1)"
             )
         }
+    accounting = (
+        f"RDP (opacus) of the Poisson-subsampled Gaussian mechanism: noise multiplier "
+        f"{accountant.noise_multiplier:g}, sampling rate q = {accountant.sample_rate:g} a round"
+    )
+    without = history_epsilon([(z, 1.0, n) for z, _, n in history], accountant.delta)
+    if sampling == "poisson":
+        return {
+            "accounting": accounting,
+            "sampling": (
+                f"Poisson sampling (federation.sampling = 'poisson'): each client was in a round independently with "
+                f"probability q = {accountant.sample_rate:g} and the noised sum was divided by the expected count q*N, "
+                "so the analysis is exact for the sampler that ran (a proven bound under add/remove adjacency, not an "
+                "approximation). epsilon_without_sampling (q = 1) claims no credit for sampling"
+            ),
+            "epsilon_without_sampling": without,
+        }
     return {
-        "accounting": (
-            f"RDP (opacus) of the Poisson-subsampled Gaussian mechanism: noise multiplier "
-            f"{accountant.noise_multiplier:g}, sampling rate q = {accountant.sample_rate:g} a round"
-        ),
+        "accounting": accounting,
         "sampling": (
             "the server samples exactly m of the N clients without replacement each round; the Poisson analysis "
             "of epsilon is the usual approximation for that, not a proven bound. epsilon_without_sampling (q = 1, "
             "zero-out adjacency) is proven"
         ),
-        "epsilon_without_sampling": history_epsilon([(z, 1.0, n) for z, _, n in history], accountant.delta),
+        "epsilon_without_sampling": without,
     }
 
 

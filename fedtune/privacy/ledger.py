@@ -30,10 +30,8 @@ class RunPrivacy:
         if self.cfg.client_level:
             fed = cfg.federation
             if self.cfg.mode == "client-central":
-                # the server sees a client with probability (sampled / clients) a round
-                self.accountant = ClientLevelAccountant.from_config(
-                    self.cfg, sample_rate=fed.clients_per_round / fed.num_clients
-                )
+                # the server sees a client with probability q a round (m/N, or fraction_train under Poisson)
+                self.accountant = ClientLevelAccountant.from_config(self.cfg, sample_rate=fed.sample_rate)
             else:
                 self.accountant = ClientLevelAccountant.from_config(self.cfg)
             check_budget_at_start(self.cfg, self.accountant, fed.rounds)
