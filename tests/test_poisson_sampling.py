@@ -254,6 +254,28 @@ def test_empty_rounds_do_not_crash_and_dp_still_releases_noise(tiny_cfg, tmp_pat
     )
 
 
+def test_zeroth_order_rounds_take_a_varying_count_and_empty_rounds(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.replace(
+        **{
+            "train.mode": "zo",
+            "zo.num_seeds": 64,
+            "zo.local_steps": 1,
+            "zo.lr": 1e-3,
+            "federation.rounds": 2,  # seed 0 at q = 0.1 draws nobody in round 1, partition 0 in round 2
+            "federation.fraction_train": 0.1,
+            "federation.min_train_clients": 1,
+            "federation.sampling": "poisson",
+            "federation.eval_every": 100,
+            "output.save_adapter": False,
+        }
+    )
+    summary = _run(cfg, tmp_path)
+    rows = _rows(tmp_path)[1:]
+    assert [(r["sampled"], r["accepted"]) for r in rows] == [(0, 0), (1, 1)]
+    assert [r["zo"]["history_rounds"] for r in rows] == [1, 2] and rows[0]["zo"]["pairs"] == 0
+    assert summary["zo_history"]["rounds"] == 2
+
+
 # --- configuration ------------------------------------------------------------------------------
 
 
