@@ -67,7 +67,8 @@ class AdaptiveClipSettings:
         clip_lr: eta_C of the geometric update ``C <- C * exp(-eta_C * (b - gamma))``.
         count_noise: the std of the Gaussian noise on the released *fraction* b of
             unclipped clients, i.e. sigma_b / m with m the clients sampled per round
-            (``federation.clients_per_round``); 0.05 is the paper's sigma_b = m / 20.
+            (``federation.clients_per_round``; the expected count q * N under
+            ``federation.sampling = "poisson"``); 0.05 is the paper's sigma_b = m / 20.
             Relative to m so that one value means the same estimate at any scale.
     """
 
@@ -76,7 +77,7 @@ class AdaptiveClipSettings:
     clip_lr: float = DEFAULT_CLIP_LR
     count_noise: float = DEFAULT_COUNT_NOISE
 
-    def count_std(self, clients_per_round: int) -> float:
+    def count_std(self, clients_per_round: float) -> float:
         """sigma_b, the std of the noise on the *count* of unclipped clients: ``count_noise * m``."""
         return self.count_noise * clients_per_round
 
@@ -197,14 +198,14 @@ class PrivacyConfig(Section):
         return e
 
 
-def adaptive_clip_problems(cfg: PrivacyConfig, clients_per_round: int) -> list[str]:
+def adaptive_clip_problems(cfg: PrivacyConfig, clients_per_round: float) -> list[str]:
     """What adaptive clipping needs from the federation: count noise that leaves room for the update's.
 
     The update and the count are released together with the privacy of noise
     multiplier z only if sigma_b > z / 2 (Andrew et al. 2021, arXiv:1905.03871,
     Thm. 1; `fedtune.privacy.client_level.update_noise_multiplier`). sigma_b is
-    ``count_noise * m`` with m = ``clients_per_round`` (`FederationConfig.clients_per_round`),
-    so this is a cross-section check (`fedtune.config.cross_section_problems`).
+    ``count_noise * m`` with m = ``clients_per_round`` (`FederationConfig.clients_per_round`, or
+    the expected count q * N under Poisson sampling), so this is a cross-section check (`fedtune.config.cross_section_problems`).
     """
     adaptive = cfg.adaptive
     if adaptive is None or cfg.mode != "client-central" or not cfg.noise_multiplier:
