@@ -222,6 +222,9 @@ def make_private(
     engine = PrivacyEngine(accountant="rdp")
     engine.accountant = accountant.opacus  # opacus' optimizer hook now steps our history
     patched = enable_per_sample_prompts_(model)
+    # opacus refuses a module in eval mode; a process's cached model may come from an
+    # evaluation or a zeroth-order round (both leave it in eval())
+    model.train()
     try:
         hooks, dp_optimizer, dp_loader = engine.make_private(
             module=model,
