@@ -127,8 +127,9 @@ class AggregationConfig(Section):
             coordinate-wise order statistics, Krum keeps one update) and
             ``privacy.mode = "client-central"``, whose DP-FedAvg mean is
             unweighted by design (the clipped updates summed and divided by
-            the number of sampled clients; a weight above 1 would raise a
-            client's sensitivity). FedSWA averages rounds, not clients.
+            the number of sampled clients, or by the expected count q * N
+            under Poisson sampling; a weight above 1 would raise a client's
+            sensitivity). FedSWA averages rounds, not clients.
     """
 
     SECTION = "aggregation"
