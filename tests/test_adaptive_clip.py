@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from fedtune.delta import global_norm
 from fedtune.errors import ConfigError
@@ -21,15 +20,9 @@ from fedtune.privacy.client_level import (
     update_noise_multiplier,
 )
 from fedtune.seeds import derive_seed
+from tests.test_privacy import opacus_epsilon
 
 CENTRAL = {"privacy.mode": "client-central", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 1.0}
-
-
-def _opacus_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
-    ref = RDPAccountant()
-    for _ in range(rounds):
-        ref.step(noise_multiplier=z, sample_rate=q)
-    return ref.get_epsilon(delta=delta)
 
 
 def _rows(path):
@@ -206,16 +199,16 @@ def test_epsilon_is_opacus_rdp_at_the_combined_z(tiny_cfg, tmp_path):
     )
     summary, _ = _run(cfg, tmp_path)
     priv = summary["privacy"]
-    want = _opacus_epsilon(z, q, rounds, delta)
+    want = opacus_epsilon(z, q, rounds, delta)
     assert priv["epsilon"] == pytest.approx(want, rel=1e-9)
     assert _rows(tmp_path)[-1]["dp_epsilon"] == pytest.approx(want, rel=1e-9)
     # the update itself was noised at z_delta > z; the accountant records the pair's z, not z_delta
     z_delta = priv["adaptive_clip"]["update_noise_multiplier"]
     assert z_delta == pytest.approx(1 / math.sqrt(0.75))
-    assert priv["epsilon"] > _opacus_epsilon(z_delta, q, rounds, delta) * 1.05
+    assert priv["epsilon"] > opacus_epsilon(z_delta, q, rounds, delta) * 1.05
     # the sampler draws 2 of 4 without replacement: the summary says what the Poisson figure assumes
     assert "without replacement" in priv["sampling"] and "not a proven bound" in priv["sampling"]
-    assert priv["epsilon_without_sampling"] == pytest.approx(_opacus_epsilon(z, 1.0, rounds, delta), rel=1e-9)
+    assert priv["epsilon_without_sampling"] == pytest.approx(opacus_epsilon(z, 1.0, rounds, delta), rel=1e-9)
 
 
 class _Crash(BaseException):

@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
 
 from fedtune import config
 from fedtune.errors import ConfigError
@@ -25,15 +24,9 @@ from fedtune.privacy.client_level import (
 )
 from fedtune.seeds import derive_seed
 from tests.conftest import CONFIGS
+from tests.test_privacy import opacus_epsilon
 
 CENTRAL = {"privacy.mode": "client-central", "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.0}
-
-
-def _opacus_epsilon(z: float, q: float, rounds: int, delta: float) -> float:
-    ref = RDPAccountant()
-    for _ in range(rounds):
-        ref.step(noise_multiplier=z, sample_rate=q)
-    return ref.get_epsilon(delta=delta)
 
 
 def _rows(path):
@@ -181,12 +174,12 @@ def test_run_divides_by_q_n_and_epsilon_is_opacus_at_fraction_train(tiny_cfg, tm
     drawn = [len(poisson_sample_nodes(range(4), q, seed=3, rnd=r)) for r in range(1, rounds + 1)]
     assert [r["sampled"] for r in rows] == [r["accepted"] for r in rows] == drawn == [4, 2, 3]
     priv = summary["privacy"]
-    want = _opacus_epsilon(z, q, rounds, delta)
+    want = opacus_epsilon(z, q, rounds, delta)
     assert priv["epsilon"] == pytest.approx(want, rel=1e-9)
     assert rows[-1]["dp_epsilon"] == pytest.approx(want, rel=1e-9)
     assert "exact for the sampler that ran" in priv["sampling"] and "Poisson" in priv["sampling"]
     assert "q = 0.5" in priv["accounting"]
-    assert priv["epsilon_without_sampling"] == pytest.approx(_opacus_epsilon(z, 1.0, rounds, delta), rel=1e-9)
+    assert priv["epsilon_without_sampling"] == pytest.approx(opacus_epsilon(z, 1.0, rounds, delta), rel=1e-9)
     assert "expected count q*N" in summary["aggregation"]["strategy"]
 
     # round 1 by hand: all 4 drawn, and the global moved by (sum of the 4 clipped updates) / (q N = 2), more
@@ -240,7 +233,7 @@ def test_empty_rounds_do_not_crash_and_dp_still_releases_noise(tiny_cfg, tmp_pat
     dp = base.replace(**CENTRAL, **{"privacy.adaptive_clip": True, "privacy.count_noise": 1.5})
     out = _run(dp, tmp_path / "dp")
     rows = _rows(tmp_path / "dp")[1:]
-    assert out["privacy"]["epsilon"] == pytest.approx(_opacus_epsilon(1.0, 0.1, 4, 1e-5), rel=1e-9)
+    assert out["privacy"]["epsilon"] == pytest.approx(opacus_epsilon(1.0, 0.1, 4, 1e-5), rel=1e-9)
     first_empty = next(i for i, d in enumerate(drawn) if not d) + 1
     frac = rows[first_empty - 1]["dp_unclipped_fraction"]
     n = torch.randn(
@@ -323,7 +316,7 @@ def test_budget_and_adaptive_checks_use_the_poisson_rate_and_expected_count(tiny
     assert any("count_noise x 2.5 clients a round = 0.125" in p for p in err.value.problems), err.value.problems
     # the budget check accounts at q = fraction_train = 0.25, not the fixed sampler's max(int(2.5), 2) / 10 = 0.2
     over = {"federation.num_clients": 10, "federation.fraction_train": 0.25, "federation.rounds": 20}
-    budget = (_opacus_epsilon(1.0, 0.25, 20, 1e-5) + _opacus_epsilon(1.0, 0.2, 20, 1e-5)) / 2
+    budget = (opacus_epsilon(1.0, 0.25, 20, 1e-5) + opacus_epsilon(1.0, 0.2, 20, 1e-5)) / 2
     fixed = tiny_cfg.replace(**CENTRAL, **over, **{"privacy.epsilon_budget": budget})  # fits at 0.2
     assert fixed.federation.sample_rate == 0.2
     with pytest.raises(ConfigError, match="privacy.epsilon_budget: federation.rounds = 20 would spend"):
@@ -337,5 +330,5 @@ def test_shipped_dp_config_is_poisson_and_its_epsilon_is_the_documented_one():
 
     acc = RunPrivacy(cfg).accountant
     eps = acc.epsilon_after(cfg.federation.rounds)
-    assert eps == pytest.approx(_opacus_epsilon(0.75, 0.1, 30, 1e-4), rel=1e-9)
+    assert eps == pytest.approx(opacus_epsilon(0.75, 0.1, 30, 1e-4), rel=1e-9)
     assert round(eps, 2) == 7.37  # the figure the config's comments state
