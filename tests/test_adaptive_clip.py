@@ -21,6 +21,7 @@ from fedtune.privacy.client_level import (
 )
 from fedtune.seeds import derive_seed
 from tests.test_privacy import opacus_epsilon
+from tests.test_resume import Crash, CrashingGrid
 
 CENTRAL = {"privacy.mode": "client-central", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 1.0}
 
@@ -211,22 +212,6 @@ def test_epsilon_is_opacus_rdp_at_the_combined_z(tiny_cfg, tmp_path):
     assert priv["epsilon_without_sampling"] == pytest.approx(opacus_epsilon(z, 1.0, rounds, delta), rel=1e-9)
 
 
-class _Crash(BaseException):
-    pass
-
-
-class _CrashingGrid(LocalGrid):
-    def __init__(self, *a, crash_round, **kw):
-        super().__init__(*a, **kw)
-        self.crash_round = crash_round
-
-    def send_and_receive(self, messages, *, timeout=None):
-        messages = list(messages)
-        if messages and int(messages[0].content["config"].get("server-round", 0)) == self.crash_round:
-            raise _Crash("server killed")
-        return super().send_and_receive(messages, timeout=timeout)
-
-
 def test_resume_keeps_the_adapted_clip_norm(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(
         **{
@@ -241,8 +226,8 @@ def test_resume_keeps_the_adapted_clip_norm(tiny_cfg, tmp_path):
         }
     )
     whole, _ = _run(cfg, tmp_path / "whole")
-    with pytest.raises(_Crash):
-        _run(cfg, tmp_path / "broken", grid_cls=_CrashingGrid, crash_round=3)
+    with pytest.raises(Crash):
+        _run(cfg, tmp_path / "broken", grid_cls=CrashingGrid, crash_round=3)
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
     resumed = ServerLoop(cfg, tmp_path / "broken", progress=lambda s: None, resume=True).main(grid)
     a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "broken")

@@ -12,7 +12,7 @@ from fedtune.flower.local import LocalGrid
 from fedtune.flower.server import ServerLoop
 
 
-class _Crash(BaseException):
+class Crash(BaseException):
     pass
 
 
@@ -24,7 +24,7 @@ class CrashingGrid(LocalGrid):
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
         if messages and int(messages[0].content["config"].get("server-round", 0)) == self.crash_round:
-            raise _Crash("server killed")
+            raise Crash("server killed")
         return super().send_and_receive(messages, timeout=timeout)
 
 
@@ -44,7 +44,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_cfg, tmp_path, optimizer):
     whole = ServerLoop(cfg, tmp_path / "whole", progress=lambda s: None).main(LocalGrid(cfg.federation.num_clients, fn))
 
     out = tmp_path / "broken"
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         ServerLoop(cfg, out, progress=lambda s: None).main(CrashingGrid(cfg.federation.num_clients, fn, crash_round=3))
     assert json.loads((out / "checkpoint" / "meta.json").read_text())["round"] == 2
     assert not (out / "summary.json").exists()
@@ -74,7 +74,7 @@ def test_a_fresh_run_refuses_a_directory_holding_an_unfinished_run(tiny_cfg, tmp
     """Nothing is lost: a crashed run's checkpoint is not overwritten by a run started without resume."""
     cfg = tiny_cfg.replace(**{"federation.rounds": 3})
     fn = lambda m, c: handle_train(m, c, cfg)  # noqa: E731
-    with pytest.raises(_Crash):
+    with pytest.raises(Crash):
         ServerLoop(cfg, tmp_path, progress=lambda s: None).main(
             CrashingGrid(cfg.federation.num_clients, fn, crash_round=2)
         )
