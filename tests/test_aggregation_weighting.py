@@ -25,6 +25,7 @@ from fedtune.flower.records import from_arrayrecord, to_arrayrecord
 from fedtune.flower.server import DeltaRounds, ServerLoop
 
 from .conftest import CONFIGS
+from .test_secagg import clients_deltas
 
 NUM_EXAMPLES = [10, 30, 160]
 LOSSES = [1.0, 2.0, 4.0]
@@ -182,7 +183,7 @@ def test_uniform_secagg_round_is_the_plain_mean_within_quantization(tmp_path):
     from flwr.app import Context
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-    from fedtune.flower.secagg import fit_config, handle_secagg_train, run_secagg, train_delta
+    from fedtune.flower.secagg import handle_secagg_train, run_secagg
 
     n = 3
     cfg = config.load(
@@ -218,18 +219,7 @@ def test_uniform_secagg_round_is_the_plain_mean_within_quantization(tmp_path):
         on_aggregate=lambda *a: steps.append(a),
     )
     [(rnd, before, secure_mean)] = steps
-    deltas, counts = [], []
-    for pid in range(n):  # each client's training again, deterministic from (seed, round, partition)
-        ctx = Context(
-            run_id=0,
-            node_id=pid + 1,
-            node_config={"partition-id": pid, "num-partitions": n},
-            state=RecordDict(),
-            run_config={},
-        )
-        delta, metrics = train_delta(before, fit_config(cfg, rnd), ctx, cfg)
-        deltas.append(delta)
-        counts.append(int(metrics["num-examples"]))
+    deltas, counts = clients_deltas(cfg, before, rnd, n)  # each client's training again, deterministic
     agg = cfg.aggregation
     # each of the n weighted deltas is rounded to a grid of step 2C/Q and the sum is divided by the
     # total weight factor, n x (weight / max_weight = 1): at most one step an entry

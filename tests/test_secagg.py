@@ -126,8 +126,9 @@ def test_simulate_refuses_resume_with_secagg(tmp_path):
         simulation.simulate(_load(), tmp_path, resume=True)
 
 
-def _reference_mean(cfg, start, rnd, num_clients):
-    """Plain FedAvg of the same clients' deltas: each client's training run here, in this process."""
+def clients_deltas(cfg, start, rnd, num_clients):
+    """Each client's delta from ``start`` and its num-examples: every client's training run again here,
+    in this process (deterministic from (seed, round, partition))."""
     from flwr.app import Context, RecordDict
 
     from fedtune.flower.secagg import fit_config, train_delta
@@ -144,6 +145,12 @@ def _reference_mean(cfg, start, rnd, num_clients):
         delta, metrics = train_delta(start, fit_config(cfg, rnd), ctx, cfg)
         deltas.append(delta)
         weights.append(float(metrics["num-examples"]))
+    return deltas, weights
+
+
+def _reference_mean(cfg, start, rnd, num_clients):
+    """Plain FedAvg of the same clients' deltas."""
+    deltas, weights = clients_deltas(cfg, start, rnd, num_clients)
     total = sum(weights)
     return {k: sum(w * d[k] for w, d in zip(weights, deltas)) / total for k in deltas[0]}, weights
 
