@@ -48,6 +48,18 @@ def run_centralized(
     adapters.set_state_(ws.model, state)
     n_params = sum(state[k].numel() for k in ws.trainable_keys())
     pooled = pooled_train_data(ws)
+    if cfg.adapter.head_init == "prototypes":  # the federated run's head, from every client's data pooled
+        from fedtune import prototypes
+
+        stats = prototypes.data_stats(
+            ws.model,
+            pooled,
+            pad_id=ws.pad_id,
+            task=ws.task,
+            num_classes=ws.num_labels,
+            batch_size=cfg.train.eval_batch_size,
+        )
+        adapters.set_state_(ws.model, prototypes.head_state(ws.model, *prototypes.head_from_stats(stats)))
     per_round = steps_per_round(cfg)
     rounds = cfg.federation.rounds
 

@@ -77,6 +77,12 @@ class AdapterConfig(Section):
     ``lora-sb`` (Fed-SB / LoRA-SB, `fedtune.lorasb`: A and B fixed from
     ``init_seed`` on every party, only an ``r`` x ``r`` core per adapted matrix and
     the head train and travel).
+
+    ``head_init``: how a classifier's head starts. ``"random"``: as the model is built
+    (seeded, the same on every party). ``"prototypes"``: before round 1 every node sends
+    its per-class means of the pooled features the head sees, and the head starts as the
+    nearest-class-mean classifier (`fedtune.prototypes`; what zeroth-order training
+    needs, as it cannot train a random head).
     """
 
     SECTION = "adapter"
@@ -88,10 +94,12 @@ class AdapterConfig(Section):
     num_virtual_tokens: int = 16
     ffa: bool = False
     init_seed: int = 0
+    head_init: str = "random"
 
     def problems(self) -> list[str]:
         e: list[str] = []
         choice(e, "adapter.method", self.method, ("lora", "dora", "prompt", "head", "lora-sb"))
+        choice(e, "adapter.head_init", self.head_init, ("random", "prototypes"))
         positive(e, "adapter.r", self.r)
         positive(e, "adapter.alpha", self.alpha)
         positive(e, "adapter.num_virtual_tokens", self.num_virtual_tokens)
@@ -509,6 +517,8 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
             "or use forgetting_source = 'rotten_tomatoes'"
         )
     errors.extend(_aggregation_problems(cfg))
+    if cfg.adapter.head_init == "prototypes":
+        errors.extend(_head_init_problems(cfg))
     if cfg.train.mode == "zo":
         errors.extend(_zo_problems(cfg))
     if cfg.aggregation.lora_mode == "hetero":
@@ -595,6 +605,29 @@ def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
                 f"({why}, averaging each factor of same-shape deltas); use 'naive'{hint}, or privacy.mode = "
                 "'client-local'"
             )
+    return e
+
+
+def _head_init_problems(cfg: FedtuneConfig) -> list[str]:
+    """What ``adapter.head_init = 'prototypes'`` (class means sent in the clear before round 1) cannot serve."""
+    e: list[str] = []
+    if cfg.model.task in (CAUSAL_LM, LABEL_WORDS):
+        e.append(
+            f"adapter.head_init: 'prototypes' initialises a classification head, and model.task = "
+            f"{cfg.model.task!r} has none; use 'random' (got 'prototypes')"
+        )
+    if cfg.privacy.mode != "none":
+        e.append(
+            f"adapter.head_init: 'prototypes' cannot be combined with privacy.mode = {cfg.privacy.mode!r} (each "
+            "client's class means of its raw embeddings are sent without clipping or noise, outside the privacy "
+            "accounting); use 'random' (got 'prototypes')"
+        )
+    if cfg.aggregation.secure != "none":
+        e.append(
+            f"adapter.head_init: 'prototypes' cannot be combined with aggregation.secure = "
+            f"{cfg.aggregation.secure!r} (the server would see each client's class means in the clear, which "
+            "secure aggregation is meant to hide); use 'random' (got 'prototypes')"
+        )
     return e
 
 

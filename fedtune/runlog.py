@@ -106,6 +106,7 @@ class RunLog:
         self.run = RunDir(out_dir)
         self.progress = progress or log.info
         self.rows: list[dict] = []  # rounds >= 1, resumed ones included
+        self.setup: dict[str, Any] = {}  # the round-0 row: its bytes (a set-up exchange's) count in the totals
         self.last_eval: dict[str, float] = {}
         self.t_start = time.monotonic()
 
@@ -113,17 +114,29 @@ class RunLog:
     def path(self) -> Path:
         return self.run.path
 
-    def start(self, header: str, evaluate: Evaluate, *, resumed_round: int | None = None) -> None:
-        """Write the config; evaluate round 0, or take the rows of a resumed run up to its checkpoint."""
+    def start(
+        self,
+        header: str,
+        evaluate: Evaluate,
+        *,
+        resumed_round: int | None = None,
+        setup: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Write the config; evaluate round 0, or take the rows of a resumed run up to its checkpoint.
+
+        ``setup``: fields of the round-0 row from what ran before round 1 (the bytes of
+        ``adapter.head_init = "prototypes"``'s exchange), counted in the summary's totals."""
         self.run.write_config(config.to_toml(self.cfg))
         self.progress(header)
         if resumed_round is None:
             self.run.reset_metrics()
             self.last_eval = evaluate(False)
-            self.run.append_metrics({"round": 0, "eval": self.last_eval, "bytes_up": 0, "bytes_down": 0})
+            self.setup = {"round": 0, "eval": self.last_eval, "bytes_up": 0, "bytes_down": 0, **(setup or {})}
+            self.run.append_metrics(self.setup)
             self.progress(f"round 0: {format_metrics(self.last_eval)}")
             return
         self.run.reset_metrics(keep_rounds_upto=resumed_round)
+        self.setup = next((r for r in self.run.read_metrics() if r.get("round") == 0), {})
         self.rows = [r for r in self.run.read_metrics() if r.get("round", 0) >= 1]
         self.last_eval = next((r["eval"] for r in reversed(self.rows) if "eval" in r), {})
         self.progress(f"resumed after round {resumed_round}")
@@ -143,11 +156,11 @@ class RunLog:
 
     @property
     def total_up(self) -> int:
-        return sum(r.get("bytes_up", 0) for r in self.rows)
+        return sum(r.get("bytes_up", 0) for r in (self.setup, *self.rows))
 
     @property
     def total_down(self) -> int:
-        return sum(r.get("bytes_down", 0) for r in self.rows)
+        return sum(r.get("bytes_down", 0) for r in (self.setup, *self.rows))
 
     def finish(
         self,

@@ -196,6 +196,11 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
             f"adapter.method: 'head' trains only a classification head, and model.name = {cfg.model.name!r} is a "
             "causal LM, which has none (use 'lora' or 'prompt')"
         )
+    if cfg.adapter.head_init == "prototypes" and resolved.task != CLASSIFICATION:
+        problems.append(
+            f"adapter.head_init: 'prototypes' initialises a classification head, and model.name = "
+            f"{cfg.model.name!r} ({resolved.task}) has none; use 'random' (got 'prototypes')"
+        )
     if cfg.model.pooling == "mean" and task != CLASSIFICATION:
         problems.append(
             f"model.pooling: 'mean' needs a BERT-family sequence classifier, and model.name = {cfg.model.name!r} is "

@@ -204,6 +204,10 @@ def _cycle(loader):
 
 
 def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
+    if P.PROTOTYPES in msg.content:  # adapter.head_init = "prototypes": the class means asked before round 1
+        from fedtune.flower.prototypes import handle_prototype_stats
+
+        return handle_prototype_stats(msg, context, cfg)
     if cfg.train.mode == "zo":
         from fedtune.flower.zo_client import handle_train_zo
 

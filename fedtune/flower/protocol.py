@@ -6,6 +6,10 @@ heterogeneous LoRA ranks, the global cut to the node's rank once it is known) or
 ``downlink`` (ConfigRecord: from-version, keys, payloads = compressed broadcasts
 the client applies to its copy).
 
+Before round 1 with ``adapter.head_init = "prototypes"`` (`fedtune.flower.prototypes`):
+``prototypes`` (ConfigRecord: ``request`` down, ``stats`` up); in zeroth-order rounds
+the head itself rides in a node's first ``zo`` downlink (``head``).
+
 Client -> server: ``update`` (ArrayRecord of the fp32 delta, or ConfigRecord with
 a codec ``payload``) and ``metrics`` (MetricRecord with num-examples; with
 heterogeneous LoRA ranks also ``lora-rank``, the rank the client trained at).
@@ -17,6 +21,7 @@ DOWNLINK = "downlink"
 UPDATE = "update"
 METRICS = "metrics"
 ZO = "zo"
+PROTOTYPES = "prototypes"
 
 # per-node context.state
 GLOBAL_COPY = "fedtune.global-copy"
@@ -25,3 +30,4 @@ EF_RESIDUAL = "fedtune.ef-residual"
 DP_STATE = "fedtune.dp-accountant"
 DP_LABELS = "fedtune.dp-label-counts"  # the noisy label counts of logit adjustment under DP-SGD
 ZO_STATE = "fedtune.zo"
+ZO_HEAD = "fedtune.zo.head"  # the prototype head, part of this node's initial model (adapter.head_init)

@@ -171,10 +171,12 @@ class Broadcast:
     A client gets ``public`` in full instead when that is smaller than the payloads
     it needs, when it is too far behind (its payloads are no longer kept), or when
     it could not start from version 0 (its reply was an error). Clients train
-    from ``public``; the server adds their deltas to the true global.
+    from ``public``; the server adds their deltas to the true global. With
+    ``shared_base`` False (a version 0 no client built itself: a prototype head,
+    `install_head`) every node gets the full copy the first time.
     """
 
-    def __init__(self, cfg: FedtuneConfig, state: Delta, max_payloads: int = 32):
+    def __init__(self, cfg: FedtuneConfig, state: Delta, max_payloads: int = 32, *, shared_base: bool = True):
         from fedtune.compression import build_codec
 
         self.codec = build_codec(cfg.compression, "downlink")
@@ -185,6 +187,7 @@ class Broadcast:
         self.version = 0
         self.node_version: dict[int, int] = {}
         self.no_base: set[int] = set()  # nodes sent from version 0 whose reply was an error: full copies
+        self.shared_base = shared_base
         self.max_payloads = max_payloads
         self.full_bytes = sum(v.numel() * 4 for v in self.public.values())
 
@@ -200,7 +203,7 @@ class Broadcast:
 
     def content_for(self, node: int, config: ConfigRecord) -> RecordDict:
         have = self.node_version.get(node)
-        if have is None and node not in self.no_base:
+        if have is None and node not in self.no_base and self.shared_base:
             have = 0
         needed = list(range(have + 1, self.version + 1)) if have is not None else []
         if have is not None and all(r in self.payloads for r in needed):
@@ -332,6 +335,11 @@ class RoundProtocol(Protocol):
         """The node answered with an error (or the SuperLink did for it)."""
         ...
 
+    def install_head(self, head: Delta) -> None:
+        """Make ``head`` (classifier keys of the adapter state) part of the initial global, before round 1
+        or a checkpoint's load (``adapter.head_init = "prototypes"``, `fedtune.flower.prototypes`)."""
+        ...
+
     def aggregate(self, rnd: int) -> tuple[dict[str, float], dict[str, Any]]:
         """Fold this round's accepted replies into the global state: (train metrics, extra row fields)."""
         ...
@@ -394,6 +402,13 @@ class DeltaRounds:
         self.clip_norm = cfg.privacy.clip_norm
         n = self.trainable_params()
         return f"adapter {cfg.adapter.method}: {n:,} trainable params ({4 * n / 1e6:.2f} MB fp32)"
+
+    def install_head(self, head: Delta) -> None:
+        # the head is trainable, so it travels with the global every round; a compressed broadcast's
+        # version 0 is no longer what clients build themselves
+        self.state.update({k: v.clone() for k, v in head.items()})
+        if self.broadcast is not None:
+            self.broadcast = Broadcast(self.cfg, self.sent(), shared_base=False)
 
     def _lora_aggregator(self, ws: workspace.Workspace):
         """Product-space LoRA aggregation where ``aggregation.lora_mode`` asks for it, else None."""
@@ -721,6 +736,11 @@ class ServerLoop:
         self.protocol = protocol or make_protocol(cfg)
         self.sampler = NodeSampler(cfg)
         self.privacy: RunPrivacy | None = None
+        self.head_init = None  # adapter.head_init = "prototypes": the exchange before round 1, and its head
+        if cfg.adapter.head_init == "prototypes":
+            from fedtune.flower.prototypes import HeadInit
+
+            self.head_init = HeadInit(cfg)
 
     @property
     def path(self) -> Path:
@@ -734,6 +754,8 @@ class ServerLoop:
 
         def fill(tmp: Path) -> None:
             self.protocol.save(tmp)
+            if self.head_init is not None:
+                self.head_init.save(tmp)
             (tmp / "privacy.pkl").write_bytes(pickle.dumps(ledger))
             (tmp / "config.toml").write_text(config_text)
             (tmp / "meta.json").write_text(json.dumps({"round": rnd, "format": 2}))
@@ -754,6 +776,8 @@ class ServerLoop:
         meta = json.loads((ckpt / "meta.json").read_text())
         if meta.get("format") != 2:
             raise FedtuneError(f"--resume: {ckpt} was written by another fedtune version (format {meta.get('format')})")
+        if self.head_init is not None:  # before the protocol's state: ZO replays its history from it
+            self.head_init.load(ckpt, workspace.get(self.cfg), self.protocol)
         self.protocol.load(ckpt)
         self.privacy.load_state_dict(pickle.loads((ckpt / "privacy.pkl").read_bytes()))  # our own file
         return int(meta["round"])
@@ -771,6 +795,9 @@ class ServerLoop:
         self.privacy = RunPrivacy(cfg)
         refuse_unfinished(self.path, self.resume)
         resumed = self.load_checkpoint() if self.resume else None
+        setup = None
+        if self.head_init is not None and resumed is None:  # before round 0's evaluation, which then scores it
+            setup = self.head_init.run(grid, ws, self.sampler.identities, proto)
 
         def evaluate(final: bool) -> dict[str, float]:
             return self.evaluate(ws, final)
@@ -780,6 +807,7 @@ class ServerLoop:
             f"{len(ws.test_data())} held-out examples",
             evaluate,
             resumed_round=resumed,
+            setup=setup,
         )
         stopped = None
         for rnd in range((resumed or 0) + 1, fed.rounds + 1):
@@ -791,6 +819,8 @@ class ServerLoop:
             self.runlog.end_round(self.run_round(grid, rnd), t0, evaluate)
             self.save_checkpoint(rnd)
         summary = proto.finish(self.path)
+        if self.head_init is not None:
+            self.head_init.finish(self.path)
         privacy = self.privacy.summary()
         if cfg.privacy.mode == "client-central":  # what its epsilon assumes about the sampler above
             from fedtune.privacy.client_level import central_accounting_statement

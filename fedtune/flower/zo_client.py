@@ -33,7 +33,11 @@ The initial model: what every party agrees on is the workspace's model as built
 `fedtune.adapters.wrap`). `initial_params` loads the adapter from
 `Workspace.initial_state` (snapshotted at build) and takes the base weights as they
 are the first time this process tunes the model in zeroth-order mode; only
-``scope = "full"`` ever moves base weights, and its snapshot is kept.
+``scope = "full"`` ever moves base weights, and its snapshot is kept. With
+``adapter.head_init = "prototypes"`` the initial model also has the prototype head,
+which the server sends once, in the ``zo`` record's ``head`` (`fedtune.flower.prototypes`);
+the node keeps it in ``context.state`` (``fedtune.zo.head``) and installs it whenever it
+starts from the initial model (`start_params_`).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ from fedtune.zo.estimator import LossFn
 PARAMS_STATE = "fedtune.zo.params"
 DOWNLINK_KEY = "downlink"
 UPLINK_KEY = "uplink"
+HEAD_KEY = "head"
 
 
 # model -> (scope, tuned parameters as first seen, on the CPU)
@@ -223,10 +228,33 @@ def _held_state(context: Context, pool) -> tuple[SeedHistory, int]:
     return history, cached if cached == len(history) else -1
 
 
-def sync_model_(ws: workspace.Workspace, context: Context, cfg: FedtuneConfig, downlink: bytes) -> SeedHistory:
-    """Bring ``ws.model`` to the server's latest round; update and return the node's history."""
+def start_params_(ws: workspace.Workspace, context: Context, cfg: FedtuneConfig) -> None:
+    """Load the initial model's tuned parameters: the built ones, with the prototype head the server
+    sent this node (``adapter.head_init = "prototypes"``) in place of the random head."""
+    scope = cfg.zo.scope
+    load_params_(ws, scope, initial_params(ws, scope))
+    if cfg.adapter.head_init != "prototypes":
+        return
+    if P.ZO_HEAD not in context.state:
+        raise PayloadError(
+            "adapter.head_init is 'prototypes' but this node holds no prototype head; the server resends it"
+        )
+    from fedtune.flower.prototypes import head_from_payload
+
+    adapters.set_state_(ws.model, head_from_payload(ws.model, bytes(context.state[P.ZO_HEAD][HEAD_KEY])))
+
+
+def sync_model_(
+    ws: workspace.Workspace, context: Context, cfg: FedtuneConfig, downlink: bytes, head: bytes | None = None
+) -> SeedHistory:
+    """Bring ``ws.model`` to the server's latest round; update and return the node's history.
+
+    ``head``: the prototype head, when the server sends it (kept for every later start from
+    the initial model)."""
     scope, pool = cfg.zo.scope, cfg.zo.pool()
-    initial = initial_params(ws, scope)
+    initial_params(ws, scope)  # snapshot the initial model before anything below moves it
+    if head is not None:
+        context.state[P.ZO_HEAD] = ConfigRecord({HEAD_KEY: head})
     held, cached = _held_state(context, pool)
     first, entries = decode_downlink(downlink, pool)
     history, valid = merge_downlink(held, first, entries)
@@ -236,7 +264,7 @@ def sync_model_(ws: workspace.Workspace, context: Context, cfg: FedtuneConfig, d
         load_params_(ws, scope, {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in stored.items()})
     else:
         start = 0
-        load_params_(ws, scope, initial)
+        start_params_(ws, context, cfg)
     replay_(select_params(ws.model, scope), history, start, lr=cfg.zo.lr)
     context.state[P.ZO_STATE] = ConfigRecord({"round": len(history), "history": encode_history(history)})
     if scope == "adapter":
@@ -253,7 +281,9 @@ def handle_train_zo(msg: Message, context: Context, cfg: FedtuneConfig) -> Messa
     ws = workspace.get(cfg)
     pid, data = local_data(ws, context, cfg)
     rnd = int(msg.content[P.CONFIG]["server-round"])
-    history = sync_model_(ws, context, cfg, bytes(msg.content[P.ZO][DOWNLINK_KEY]))
+    zo_record = msg.content[P.ZO]
+    head = bytes(zo_record[HEAD_KEY]) if HEAD_KEY in zo_record else None
+    history = sync_model_(ws, context, cfg, bytes(zo_record[DOWNLINK_KEY]), head)
     if len(history) != rnd - 1:
         raise PayloadError(f"server round {rnd} needs rounds 1..{rnd - 1}, the downlink gives 1..{len(history)}")
     pairs, train_loss = local_round_(ws, data, cfg, history, rnd, pid)
@@ -266,4 +296,12 @@ def handle_train_zo(msg: Message, context: Context, cfg: FedtuneConfig) -> Messa
     return Message(reply, reply_to=msg)
 
 
-__all__ = ["handle_train_zo", "initial_params", "load_params_", "read_params", "local_round_", "merge_downlink"]
+__all__ = [
+    "handle_train_zo",
+    "initial_params",
+    "start_params_",
+    "load_params_",
+    "read_params",
+    "local_round_",
+    "merge_downlink",
+]

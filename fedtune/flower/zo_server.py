@@ -20,6 +20,10 @@ Which round each node holds is tracked here: a node that answered round r (even 
 an update that was then dropped) holds rounds 1..r-1; a node that answered with an
 error, or was never seen (after a resume: every node), gets the whole history from
 round 1 (its client replays from the initial model).
+
+With ``adapter.head_init = "prototypes"`` the initial model has the prototype head
+(`install_head`): a node that does not hold it yet (never answered, or answered with an
+error) gets it in the ``zo`` record's ``head`` (`fedtune.prototypes.encode_head`), once.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from fedtune import adapters, workspace
 from fedtune.config import FedtuneConfig
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
-from fedtune.flower.zo_client import DOWNLINK_KEY, UPLINK_KEY, initial_params, load_params_, read_params
+from fedtune.flower.zo_client import DOWNLINK_KEY, HEAD_KEY, UPLINK_KEY, initial_params, load_params_, read_params
 from fedtune.rundir import atomic_write_bytes
 from fedtune.workspace import export_adapter
 from fedtune.zo import RoundEntry, SeedHistory, aggregate_pairs, decode_uplink, encode_downlink, replay_
@@ -75,6 +79,8 @@ class SeedRounds:
         self.pool = cfg.zo.pool()
         self.history = SeedHistory(self.pool)
         self.node_round: dict[int, int] = {}
+        self.head: bytes | None = None  # the prototype head as sent (adapter.head_init)
+        self.has_head: set[int] = set()  # nodes that answered since it was installed: they hold it
 
     def setup(self, ws: workspace.Workspace) -> str:
         zo = self.cfg.zo
@@ -85,6 +91,18 @@ class SeedRounds:
             f"zeroth-order FedKSeed, scope {zo.scope}: {self.trainable_params():,} tuned params, "
             f"K={zo.num_seeds}, {zo.local_steps} local steps{' (Pro)' if zo.pro else ''}"
         )
+
+    def install_head(self, head: dict[str, torch.Tensor]) -> None:
+        from fedtune.prototypes import encode_head, head_keys
+
+        wkey, bkey = head_keys(self.ws.model)
+        self.head = encode_head(head[wkey], head[bkey])
+        scope = self.cfg.zo.scope
+        load_params_(self.ws, scope, self.initial)
+        adapters.set_state_(self.ws.model, head)  # the same two calls as a client's (zo_client.start_params_)
+        self.initial = read_params(self.ws, scope)
+        self.current = {k: v.clone() for k, v in self.initial.items()}
+        self.has_head.clear()
 
     def trainable_params(self) -> int:
         return sum(v.numel() for v in self.current.values())
@@ -99,23 +117,27 @@ class SeedRounds:
         self.losses: list[tuple[float, float]] = []
         return [
             Message(
-                RecordDict(
-                    {
-                        P.CONFIG: ConfigRecord({"server-round": rnd}),
-                        P.ZO: ConfigRecord({DOWNLINK_KEY: encode_downlink(self.history, self.node_round.get(node, 0))}),
-                    }
-                ),
+                RecordDict({P.CONFIG: ConfigRecord({"server-round": rnd}), P.ZO: self.downlink(node)}),
                 dst_node_id=node,
                 message_type=MessageType.TRAIN,
             )
             for node in nodes
         ]
 
+    def downlink(self, node: int) -> ConfigRecord:
+        record = ConfigRecord({DOWNLINK_KEY: encode_downlink(self.history, self.node_round.get(node, 0))})
+        if self.head is not None and node not in self.has_head:
+            record[HEAD_KEY] = self.head
+        return record
+
     def failed(self, node: int) -> None:
         self.node_round.pop(node, None)  # its state is unknown: send everything next time
+        self.has_head.discard(node)
 
     def receive(self, rnd: int, node: int, reply: Message) -> dict[str, float]:
         self.node_round[node] = rnd - 1
+        if self.head is not None:
+            self.has_head.add(node)  # it synced (stored the head) before it trained
         pairs, weight = decode_reply(reply.content, self.cfg)
         metrics = {k: float(v) for k, v in reply.content[P.METRICS].items()}
         self.accepted.append(pairs)
@@ -153,6 +175,7 @@ class SeedRounds:
         replay_(load_params_(self.ws, zo.scope, self.current), history, lr=zo.lr)
         self.current = read_params(self.ws, zo.scope)
         self.node_round.clear()  # after a resume every node gets the whole history once
+        self.has_head.clear()
 
     def export(self, adapter_dir: Path) -> None:
         export_adapter(self.ws, self.global_state(), adapter_dir)
