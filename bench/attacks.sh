@@ -3,7 +3,8 @@
 # round: sign flip, scale x10, Gaussian noise, ALIE and label flipping by 2 and by 4 of the 10
 # clients (attack.fraction 0.2 / 0.4, chosen from attack.seed, the same in every row), AGR-tailored
 # updates crafted against each row's own robust rule, plus the
-# no-attack rows, under FedAvg, norm bounding, median, trimmed mean, Krum and median + norm bound.
+# no-attack rows, under FedAvg, norm bounding, median, trimmed mean, Krum, Multi-Krum (keeping n - f of
+# the n updates, averaged) and median + norm bound.
 # Row names are ATTACK[M]-DEFENCE (none-fedavg, sign2-median, alie4-krum, ...). Pass row names to
 # run a subset; every row is one `fedtune simulate` (bench/table.py), results in $OUT, then the
 # pivot table (final accuracy, loss in brackets) is printed from $OUT/results.json.
@@ -39,12 +40,13 @@ declare -A DEFENCE=(
   [median]="aggregation.robust=median"
   [trimmed]="aggregation.robust=trimmed-mean,aggregation.trim_beta=BETA"
   [krum]="aggregation.robust=krum,aggregation.num_malicious=M"
+  [multikrum]="aggregation.robust=multikrum,aggregation.num_malicious=M"
   [median-norm]="aggregation.robust=median,aggregation.max_update_norm=$NORM"
 )
-DEFENCES=(fedavg norm median trimmed krum median-norm)
+DEFENCES=(fedavg norm median trimmed krum multikrum median-norm)
 declare -A ROWS=()
 ORDER=()
-for d in "${DEFENCES[@]}"; do  # no attack: Krum assumes 2 attackers, the trimmed mean cuts 2 of 10 per side
+for d in "${DEFENCES[@]}"; do  # no attack: (Multi-)Krum assumes 2 attackers, the trimmed mean cuts 2 of 10 per side
   ROWS[none-$d]="$ALL${DEFENCE[$d]:+,${DEFENCE[$d]}}"; ROWS[none-$d]=${ROWS[none-$d]//BETA/0.2}; ROWS[none-$d]=${ROWS[none-$d]//=M/=2}
   ORDER+=("none-$d")
 done
@@ -53,7 +55,7 @@ for m in 2 4; do
     for d in "${DEFENCES[@]}"; do
       [[ "$a" == agr* && "$d" == fedavg ]] && continue  # refused: no robust rule to tailor against
       row="$ALL,${ATTACK[$a]},attack.fraction=0.$m${DEFENCE[$d]:+,${DEFENCE[$d]}}"
-      row=${row//BETA/0.$m}; row=${row//=M/=$m}  # trim as many as attack; Krum told how many attack
+      row=${row//BETA/0.$m}; row=${row//=M/=$m}  # trim as many as attack; (Multi-)Krum told how many attack
       ROWS[$a$m-$d]=$row
       ORDER+=("$a$m-$d")
     done

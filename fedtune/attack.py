@@ -35,10 +35,10 @@ Model poisoning (on the client's update ``d``, after client-level DP, before com
   Algorithm 1, a binary search (`search_gamma`: first probe ``gamma_init``,
   default `GAMMA_INIT`, then `SEARCH_STEPS` probes in all, halving the step) for
   the largest gamma at which the server's rule (`ServerRule`: Flower's median,
-  trimmed mean or Krum, exactly as the server configures it), applied to the
-  colluders' benign updates plus one copy of ``m`` per colluder, still (Krum)
-  picks a copy of ``m``, or (median, trimmed mean) lands at least as far from
-  ``mean`` as the farthest probe so far. Under ``aggregation.max_update_norm``
+  trimmed mean, Krum or Multi-Krum, exactly as the server configures it), applied
+  to the colluders' benign updates plus one copy of ``m`` per colluder, still (Krum)
+  picks a copy of ``m``, (Multi-Krum) keeps every copy of ``m``, or (median,
+  trimmed mean) lands at least as far from ``mean`` as the farthest probe so far. Under ``aggregation.max_update_norm``
   gamma is capped where ``||m||`` reaches the bound (`norm_cap`), the largest
   update the server accepts; with the bound alone (FedAvg behind it) that cap is
   gamma. Refused where neither a robust rule nor the bound is set.
@@ -84,6 +84,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from fedtune.aggregation.config import multikrum_kept
 from fedtune.delta import Delta, global_norm
 from fedtune.errors import ConfigError
 from fedtune.seeds import derive_seed
@@ -428,20 +429,46 @@ class ServerRule:
     """What the server makes of the updates it receives, as ``[aggregation]`` configures it.
 
     ``robust``: ``"none"`` (the weighted mean), ``"median"``, ``"trimmed-mean"``
-    (``trim_beta`` of the updates cut from each tail) or ``"krum"`` (tolerating
-    ``num_malicious``); ``max_norm``: an update of larger L2 norm is rejected
-    (``aggregation.max_update_norm``, `fedtune.aggregation.validate_update`).
+    (``trim_beta`` of the updates cut from each tail), ``"krum"`` (tolerating
+    ``num_malicious``) or ``"multikrum"`` (keeping ``krum_select`` updates, n - f
+    when None: `fedtune.aggregation.config.multikrum_kept`); ``max_norm``: an
+    update of larger L2 norm is rejected (``aggregation.max_update_norm``,
+    `fedtune.aggregation.validate_update`).
     """
 
     robust: str = "none"
     trim_beta: float = 0.2
     num_malicious: int = 0
     max_norm: float | None = None
+    krum_select: int | None = None
 
     @classmethod
     def of(cls, agg) -> ServerRule:
         """The rule of an `fedtune.aggregation.AggregationConfig`."""
-        return cls(agg.robust, agg.trim_beta, agg.num_malicious, agg.max_update_norm)
+        return cls(agg.robust, agg.trim_beta, agg.num_malicious, agg.max_update_norm, agg.krum_select)
+
+
+def krum_rows(updates: torch.Tensor, rule: ServerRule) -> list[int]:
+    """The rows of ``updates`` (``[k, d]``, flat) that Krum (one) or Multi-Krum keeps, best score first.
+
+    Blanchard et al. 2017 (NeurIPS, "Machine Learning with Adversaries: Byzantine
+    Tolerant Gradient Descent"): each row scores the sum of its squared L2 distances
+    to its k - f - 2 nearest other rows (f = ``num_malicious``) and the lowest scores
+    are kept: one under ``"krum"``, `multikrum_kept` of the k rows under
+    ``"multikrum"``, as the server keeps of a round's replies. Flower's own
+    ``select_multikrum``, which both of the server's strategies call.
+    """
+    from flwr.app import ArrayRecord, RecordDict
+    from flwr.serverapp.strategy.multikrum import select_multikrum
+
+    if rule.robust not in ("krum", "multikrum"):
+        raise ValueError(f"robust rule must be 'krum' or 'multikrum', got {rule.robust!r}")
+    x = updates.detach().to(torch.float64).numpy()
+    kept = 1 if rule.robust == "krum" else multikrum_kept(len(x), rule.num_malicious, rule.krum_select)
+    contents = [RecordDict({"arrays": ArrayRecord([row])}) for row in x]
+    row_of = {id(c): j for j, c in enumerate(contents)}
+    picked = select_multikrum(contents, num_malicious_nodes=rule.num_malicious, num_nodes_to_select=kept)
+    return [row_of[id(c)] for c in picked]
 
 
 def robust_aggregate(updates: torch.Tensor, rule: ServerRule) -> tuple[torch.Tensor, int | None]:
@@ -450,9 +477,13 @@ def robust_aggregate(updates: torch.Tensor, rule: ServerRule) -> tuple[torch.Ten
     The code the server runs (`fedtune.flower.server.build_strategy`, flwr 1.41):
     FedMedian's ``np.median`` over the stacked updates (inline in its
     ``aggregate_train``, so the same call is made here), FedTrimmedAvg's
-    ``trim_mean`` and Krum's ``select_multikrum`` (one update kept). Each is per
-    coordinate or works on pairwise distances, so flat rows give what the server
-    computes array by array on ``global + delta``. Both are unweighted, as there.
+    ``trim_mean`` and Krum's and Multi-Krum's ``select_multikrum`` (`krum_rows`).
+    Each is per coordinate or works on pairwise distances, so flat rows give what
+    the server computes array by array on ``global + delta``. The median, trimmed
+    mean and Krum are unweighted, as there; Multi-Krum's mean of the rows it keeps
+    is unweighted here, where the server weights it as ``aggregation.weighting``
+    says (the attackers do not know the honest clients' example counts, and the
+    selection, all that `tailor` reads of Multi-Krum, has no weights).
     """
     x = updates.detach().to(torch.float64).numpy()
     # Flower's own functions, imported only here: nothing else in this module needs Flower
@@ -463,14 +494,11 @@ def robust_aggregate(updates: torch.Tensor, rule: ServerRule) -> tuple[torch.Ten
 
         return torch.from_numpy(np.asarray(trim_mean(x, rule.trim_beta))), None
     if rule.robust == "krum":
-        from flwr.app import ArrayRecord, RecordDict
-        from flwr.serverapp.strategy.multikrum import select_multikrum
-
-        contents = [RecordDict({"arrays": ArrayRecord([row])}) for row in x]
-        (picked,) = select_multikrum(contents, num_malicious_nodes=rule.num_malicious, num_nodes_to_select=1)
-        i = next(j for j, c in enumerate(contents) if c is picked)
+        (i,) = krum_rows(updates, rule)
         return torch.from_numpy(x[i].copy()), i
-    raise ValueError(f"robust rule must be 'median', 'trimmed-mean' or 'krum', got {rule.robust!r}")
+    if rule.robust == "multikrum":
+        return torch.from_numpy(x[krum_rows(updates, rule)].mean(axis=0)), None
+    raise ValueError(f"robust rule must be 'median', 'trimmed-mean', 'krum' or 'multikrum', got {rule.robust!r}")
 
 
 def direction(benign: torch.Tensor, perturbation: str) -> torch.Tensor:
@@ -539,7 +567,11 @@ def tailor(
     Shejwalkar & Houmansadr, NDSS 2021 (partial knowledge): ``m = mean - gamma * p``
     (`direction`), every one of the k colluders sending it, and gamma from
     `search_gamma` on the rule applied to the benign rows plus k copies of ``m``
-    (`robust_aggregate`): Krum succeeds where it picks a copy; the median and the
+    (`robust_aggregate`): Krum succeeds where it picks a copy; Multi-Krum where it
+    keeps every copy (`krum_rows`, so each colluder's update is in the mean), keeping
+    of the 2k rows what the server's rule keeps of 2k replies: 2k - f under the
+    default n - f, and all of them (so every probe succeeds and gamma reaches the
+    top of the search) where ``krum_select`` >= 2k or f = 0; the median and the
     trimmed mean succeed where their output lies at least as far (L2) from ``mean``
     as at every gamma probed before (from gamma = 0 on). A norm bound caps gamma at
     `norm_cap` (probes above it are judged at the cap), so ``m`` is the largest
@@ -578,6 +610,11 @@ def tailor(
         gamma = cap
     elif rule.robust == "krum":
         gamma = search_gamma(lambda g: aggregate(craft(g))[1] >= k, gamma_init, steps)  # rows k.. are the copies
+    elif rule.robust == "multikrum":
+        copies = set(range(k, 2 * k))
+        gamma = search_gamma(
+            lambda g: copies <= set(krum_rows(torch.cat([x, craft(g).expand(k, -1)]), rule)), gamma_init, steps
+        )
     else:
         farthest = float((aggregate(craft(0.0))[0] - mean).norm())
 
@@ -734,6 +771,7 @@ __all__ = [
     "direction",
     "flip_labels",
     "gaussian",
+    "krum_rows",
     "node_attack",
     "norm_cap",
     "num_attackers",

@@ -549,9 +549,10 @@ def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
     each such pair is refused, naming both keys (the pairs inside ``[aggregation]``
     are `AggregationConfig`'s own checks).
     """
-    from fedtune.aggregation.config import SERVER_MEAN_OPTIMIZERS
+    from fedtune.aggregation.config import SERVER_MEAN_OPTIMIZERS, multikrum_problems
 
     agg, e = cfg.aggregation, []
+    e.extend(multikrum_problems(agg, cfg.federation))  # Multi-Krum's m against the round's size
     if agg.lora_mode in ("exact", "ffa") and cfg.adapter.method == "lora-sb":
         e.append(
             f"aggregation.lora_mode: {agg.lora_mode!r} cannot be combined with adapter.method = 'lora-sb' (only the "

@@ -12,12 +12,15 @@ round one.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.validation import Section, between, choice, only_with, positive
 
+if TYPE_CHECKING:
+    from fedtune.config import FederationConfig
+
 LORA_MODES = ("naive", "exact", "ffa", "hetero")
-ROBUST_RULES = ("none", "trimmed-mean", "median", "krum")
+ROBUST_RULES = ("none", "trimmed-mean", "median", "krum", "multikrum")
 SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedprox")
 SECURE_MODES = ("none", "secagg+")
 WEIGHTINGS = ("examples", "uniform")
@@ -78,9 +81,20 @@ class AggregationConfig(Section):
             global state exceeds this bound (``None``: no bound).
         robust: ``"none"`` (weighted mean), ``"trimmed-mean"`` (Flower
             FedTrimmedAvg, Yin et al. 2018, arXiv:1803.01498), ``"median"``
-            (FedMedian, same paper), ``"krum"`` (Blanchard et al. 2017).
+            (FedMedian, same paper), ``"krum"`` (Blanchard et al. 2017,
+            NeurIPS: keeps the one update whose n - f - 2 nearest others are
+            nearest) or ``"multikrum"`` (Multi-Krum, same paper, and El Mhamdi
+            et al. 2018, arXiv:1802.07927: keeps the ``krum_select`` best-scored
+            updates and averages them, weighted as ``weighting`` says).
         trim_beta: fraction cut from each tail by ``"trimmed-mean"``, in [0, 0.5).
-        num_malicious: number of Byzantine clients Krum tolerates, >= 0.
+        num_malicious: number of Byzantine clients f that Krum and Multi-Krum
+            tolerate, >= 0.
+        krum_select: how many updates m ``"multikrum"`` keeps a round, >= 1.
+            ``None`` (only value allowed with another rule): n - f, where n is
+            the number of replies the round accepted (at least 1), El Mhamdi et
+            al.'s choice. A round that accepted fewer than m replies keeps them
+            all. `fedtune.config` refuses an m above the clients a round samples
+            and, with m unset, an f that leaves nothing to keep.
         server_optimizer: ``"fedavg"``, ``"fedadam"``/``"fedyogi"`` (Reddi et
             al. 2021, arXiv:2003.00295), ``"fedavgm"`` (Hsu et al. 2019,
             arXiv:1909.06335) or ``"fedprox"`` (Li et al. 2020, arXiv:1812.06127).
@@ -124,7 +138,9 @@ class AggregationConfig(Section):
             seeds' scalars). The round's train metrics are averaged with the
             same weights. Two rules weight no update, so both values give the
             same global there: the robust rules (median and trimmed mean are
-            coordinate-wise order statistics, Krum keeps one update) and
+            coordinate-wise order statistics, Krum keeps one update; Multi-Krum
+            picks its updates by distance alone but then averages them with
+            these weights) and
             ``privacy.mode = "client-central"``, whose DP-FedAvg mean is
             unweighted by design (the clipped updates summed and divided by
             the number of sampled clients, or by the expected count q * N
@@ -140,6 +156,7 @@ class AggregationConfig(Section):
     robust: str = "none"
     trim_beta: float = 0.2
     num_malicious: int = 0
+    krum_select: int | None = None
     server_optimizer: str = "fedavg"
     server_lr: float | None = None
     server_momentum: float | None = None
@@ -192,6 +209,8 @@ class AggregationConfig(Section):
         positive(e, "aggregation.max_update_norm", self.max_update_norm)
         between(e, "aggregation.trim_beta", self.trim_beta, 0, 0.5, "[)")
         positive(e, "aggregation.num_malicious", self.num_malicious, allow_zero=True)
+        positive(e, "aggregation.krum_select", self.krum_select)
+        only_with(e, "aggregation.krum_select", self.krum_select, "aggregation.robust", self.robust, ("multikrum",))
         opt = self.server_optimizer
         for name, users in _USES.items():
             only_with(e, f"aggregation.{name}", getattr(self, name), "aggregation.server_optimizer", opt, users)
@@ -309,8 +328,55 @@ class AggregationConfig(Section):
         """A client update's weight in the server's mean: ``num_examples``, or 1 under ``weighting = "uniform"``."""
         return 1.0 if self.weighting == "uniform" else float(num_examples)
 
+    def krum_kept(self, num_replies: int) -> int:
+        """Multi-Krum's m for a round that accepted ``num_replies`` updates (`multikrum_kept`)."""
+        return multikrum_kept(num_replies, self.num_malicious, self.krum_select)
+
     def client_rank(self, partition_id: int, default: int) -> int:
         """LoRA rank of the client with ``partition_id`` under ``"hetero"``; ``default`` (``adapter.r``) if unset."""
         if not self.client_ranks:
             return default
         return self.client_ranks[int(partition_id) % len(self.client_ranks)]
+
+
+def multikrum_kept(num_replies: int, num_malicious: int, krum_select: int | None) -> int:
+    """How many of a round's ``num_replies`` updates Multi-Krum keeps: ``krum_select``, or n - f when unset
+    (El Mhamdi et al. 2018, arXiv:1802.07927), between 1 and n (a round of fewer replies keeps them all)."""
+    m = num_replies - num_malicious if krum_select is None else krum_select
+    return max(1, min(m, num_replies))
+
+
+def multikrum_problems(agg: AggregationConfig, federation: FederationConfig) -> list[str]:
+    """``robust = "multikrum"`` settings that a round of ``federation``'s size could not honour.
+
+    Under ``federation.sampling = "fixed"`` a round samples ``federation.clients_per_round``
+    clients n, so a ``krum_select`` above n would keep every update (the plain mean), and with
+    ``krum_select`` unset an f >= n leaves n - f < 1 to keep. Under ``"poisson"`` a round's
+    count varies up to ``federation.num_clients``, the only bound known before the run, so n
+    is that there.
+    """
+    e: list[str] = []
+    if agg.robust != "multikrum":
+        return e
+    m, f = agg.krum_select, agg.num_malicious
+    if federation.sampling == "poisson":
+        n = federation.num_clients
+        why = f"federation.sampling = 'poisson' includes at most federation.num_clients = {n} clients a round"
+    else:
+        n = federation.clients_per_round
+        why = (
+            f"a round samples {n} clients (federation.num_clients = {federation.num_clients} x "
+            f"federation.fraction_train = {federation.fraction_train:g}, at least federation.min_train_clients = "
+            f"{federation.min_train_clients})"
+        )
+    if m is not None and m > n:
+        e.append(
+            f"aggregation.krum_select: Multi-Krum cannot keep more updates than a round has, and {why}, so every "
+            f"update would be kept (the plain mean); lower it to at most {n} (got {m!r})"
+        )
+    if m is None and f >= n:
+        e.append(
+            f"aggregation.num_malicious: with aggregation.krum_select unset Multi-Krum keeps n - f of a round's n "
+            f"updates, and {why}, which leaves none; lower it below {n} or set aggregation.krum_select (got {f!r})"
+        )
+    return e

@@ -46,10 +46,11 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import MultiKrum as FlowerMultiKrum
 from flwr.serverapp.strategy import Strategy
 
 from fedtune import adapters, config, workspace
-from fedtune.aggregation import Layout, validate_update
+from fedtune.aggregation import AggregationConfig, Layout, validate_update
 from fedtune.config import FedtuneConfig
 from fedtune.delta import Delta
 from fedtune.errors import FedtuneError, PayloadError
@@ -132,6 +133,23 @@ class _FixedGrid:
         return list(self._ids)
 
 
+class MultiKrum(FlowerMultiKrum):
+    """Flower's MultiKrum (Blanchard et al. 2017) keeping ``aggregation.krum_kept(n)`` of each round's n
+    replies: its default, n - f, follows the round's size, which Flower's fixed ``num_nodes_to_select``
+    cannot. Its name is the summary's ``aggregation.strategy``."""
+
+    def __init__(self, agg: AggregationConfig, **kwargs: Any):
+        super().__init__(num_malicious_nodes=agg.num_malicious, **kwargs)
+        self.agg = agg
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)  # the server passes only accepted replies, so n counts what Multi-Krum ranks
+        self.num_nodes_to_select = self.agg.krum_kept(len(replies))
+        return super().aggregate_train(server_round, replies)
+
+
 def build_strategy(cfg: FedtuneConfig) -> Strategy:
     """The Flower strategy named by ``[aggregation]`` (server optimizer or robust rule)."""
     from flwr.serverapp import strategy as fs
@@ -145,6 +163,8 @@ def build_strategy(cfg: FedtuneConfig) -> Strategy:
         strategy = fs.FedMedian(**common)
     elif agg.robust == "krum":
         strategy = fs.Krum(num_malicious_nodes=agg.num_malicious, **common)
+    elif agg.robust == "multikrum":  # Blanchard et al. 2017; m = n - f unless aggregation.krum_select
+        strategy = MultiKrum(agg, **common)
     elif agg.server_optimizer == "fedadam":
         strategy = fs.FedAdam(eta=agg.server_lr, beta_1=agg.beta_1, beta_2=agg.beta_2, tau=agg.tau, **common)
     elif agg.server_optimizer == "fedyogi":
