@@ -218,7 +218,8 @@ def encode_stats(stats: ClassStats) -> bytes:
     c, h = stats.sums.shape
     counts = stats.counts.to(torch.int64)
     means = stats.sums / counts.clamp_min(1).to(torch.float64).unsqueeze(1)
-    half = means.numpy().astype("<f2")
+    with np.errstate(over="ignore"):  # checked just below
+        half = means.numpy().astype("<f2")
     if not np.isfinite(half).all():
         raise ValueError("a class mean does not fit float16 (|value| > 65504): its prototype cannot be sent")
     return _STATS_HEADER.pack(_STATS_MAGIC, c, h) + counts.numpy().astype("<u4").tobytes() + half.tobytes()
