@@ -17,8 +17,13 @@ declare -A ROWS=(
   [zo-adapter-mean]="$ZO,zo.scope=adapter,zo.lr=5e-3,zo.grad_clip=5,model.pooling=mean"
   [zo-full-mean]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5},zo.grad_clip=5,model.pooling=mean"
   [zo-full]="$ZO,zo.scope=full,zo.lr=${ZO_FULL_LR:-1e-5},zo.grad_clip=5"
+  # the head starts as the nearest class mean of every client's pooled embeddings (adapter.head_init);
+  # the exchange's bytes are in round 0 and in the totals the per-client-round figures divide
+  [lora-fedavg-mean-proto]="model.pooling=mean,adapter.head_init=prototypes"
+  [zo-adapter-mean-proto]="$ZO,zo.scope=adapter,zo.lr=5e-3,zo.grad_clip=5,model.pooling=mean,adapter.head_init=prototypes"
 )
-ORDER=(lora-fedavg zo-adapter zo-adapter-clip5 lora-fedavg-mean zo-adapter-mean zo-full zo-full-mean)
+ORDER=(lora-fedavg zo-adapter zo-adapter-clip5 lora-fedavg-mean zo-adapter-mean zo-full zo-full-mean
+  lora-fedavg-mean-proto zo-adapter-mean-proto)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done

@@ -133,7 +133,13 @@ class RunLog:
             self.last_eval = evaluate(False)
             self.setup = {"round": 0, "eval": self.last_eval, "bytes_up": 0, "bytes_down": 0, **(setup or {})}
             self.run.append_metrics(self.setup)
-            self.progress(f"round 0: {format_metrics(self.last_eval)}")
+            spent = self.setup["bytes_up"] or self.setup["bytes_down"]
+            spent_line = (
+                f", set-up up {format_bytes(self.setup['bytes_up'])}, down {format_bytes(self.setup['bytes_down'])}"
+                if spent
+                else ""
+            )
+            self.progress(f"round 0: {format_metrics(self.last_eval)}{spent_line}")
             return
         self.run.reset_metrics(keep_rounds_upto=resumed_round)
         self.setup = next((r for r in self.run.read_metrics() if r.get("round") == 0), {})
