@@ -1,7 +1,6 @@
 """Adaptive clipping for client-level DP (Andrew et al. 2021, arXiv:1905.03871): hand computations,
 opacus' accountant, and in-process runs of the server loop on the tiny model."""
 
-import json
 import math
 
 import pytest
@@ -20,14 +19,12 @@ from fedtune.privacy.client_level import (
     update_noise_multiplier,
 )
 from fedtune.seeds import derive_seed
+from tests.conftest import metrics_rows
 from tests.test_privacy import opacus_epsilon
 from tests.test_resume import Crash, CrashingGrid
 
 CENTRAL = {"privacy.mode": "client-central", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 1.0}
 
-
-def _rows(path):
-    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- the math, by hand ------------------------------------------------------------------------
@@ -159,7 +156,7 @@ def test_clip_norm_moves_toward_the_quantile_and_is_recorded(tiny_cfg, tmp_path)
     )
     norms: dict[int, list[float]] = {}
     summary, _ = _run(cfg, tmp_path, norms)
-    rows = _rows(tmp_path)[1:]
+    rows = metrics_rows(tmp_path)[1:]
     clip = [r["dp_clip_norm"] for r in rows]
     frac = [r["dp_unclipped_fraction"] for r in rows]
     assert clip[0] == 2.0 and len(clip) == 6
@@ -202,7 +199,7 @@ def test_epsilon_is_opacus_rdp_at_the_combined_z(tiny_cfg, tmp_path):
     priv = summary["privacy"]
     want = opacus_epsilon(z, q, rounds, delta)
     assert priv["epsilon"] == pytest.approx(want, rel=1e-9)
-    assert _rows(tmp_path)[-1]["dp_epsilon"] == pytest.approx(want, rel=1e-9)
+    assert metrics_rows(tmp_path)[-1]["dp_epsilon"] == pytest.approx(want, rel=1e-9)
     # the update itself was noised at z_delta > z; the accountant records the pair's z, not z_delta
     z_delta = priv["adaptive_clip"]["update_noise_multiplier"]
     assert z_delta == pytest.approx(1 / math.sqrt(0.75))
@@ -230,7 +227,7 @@ def test_resume_keeps_the_adapted_clip_norm(tiny_cfg, tmp_path):
         _run(cfg, tmp_path / "broken", grid_cls=CrashingGrid, crash_round=3)
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
     resumed = ServerLoop(cfg, tmp_path / "broken", progress=lambda s: None, resume=True).main(grid)
-    a, b = _rows(tmp_path / "whole"), _rows(tmp_path / "broken")
+    a, b = metrics_rows(tmp_path / "whole"), metrics_rows(tmp_path / "broken")
     assert [r["round"] for r in b] == [0, 1, 2, 3]
     assert b[3]["dp_clip_norm"] == a[3]["dp_clip_norm"] != 2.0  # round 3 ran with round 2's adapted C
     assert resumed["privacy"]["adaptive_clip"] == whole["privacy"]["adaptive_clip"]

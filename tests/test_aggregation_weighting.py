@@ -21,10 +21,10 @@ from fedtune.errors import ConfigError
 from fedtune.flower import protocol as P
 from fedtune.flower.client import handle_train
 from fedtune.flower.local import LocalGrid
-from fedtune.flower.records import from_arrayrecord, to_arrayrecord
+from fedtune.flower.records import to_arrayrecord
 from fedtune.flower.server import DeltaRounds, ServerLoop
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, run_capturing_updates
 from .test_secagg import clients_deltas
 
 NUM_EXAMPLES = [10, 30, 160]
@@ -91,25 +91,10 @@ def test_client_weight_is_the_example_count_or_one():
     assert AggregationConfig(weighting="uniform").client_weight(37) == 1.0
 
 
-def _run(cfg, out):
-    """A federated run in one process; returns (loop, each node's reply update as a delta)."""
-    sent = {}
-
-    def client(msg, ctx):
-        reply = handle_train(msg, ctx, cfg)
-        # captured now: the server later swaps the reply's content for the decoded arrays
-        sent[ctx.node_id] = (from_arrayrecord(reply.content[P.UPDATE]), int(reply.content[P.METRICS]["num-examples"]))
-        return reply
-
-    loop = ServerLoop(cfg, out, progress=lambda s: None)
-    loop.main(LocalGrid(cfg.federation.num_clients, client))
-    return loop, sent
-
-
 def test_uniform_run_moves_the_global_by_the_plain_mean_of_the_clients_updates(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(**{"federation.rounds": 1, "aggregation.weighting": "uniform"})
     initial = workspace.get(cfg).initial_state()
-    loop, sent = _run(cfg, tmp_path)
+    loop, sent = run_capturing_updates(cfg, tmp_path)
     deltas = [d for d, _ in sent.values()]
     counts = [n for _, n in sent.values()]
     assert len(deltas) == cfg.federation.num_clients and len(set(counts)) > 1  # the silos' sizes differ

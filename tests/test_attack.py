@@ -21,11 +21,7 @@ from fedtune.flower.client import handle_train, local_data
 from fedtune.flower.local import LocalGrid
 from fedtune.flower.records import from_arrayrecord, to_arrayrecord
 from fedtune.flower.server import ServerLoop
-from tests.conftest import CONFIGS
-
-
-def _rows(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import CONFIGS, metrics_rows, run_capturing_updates
 
 
 def _norm(d):
@@ -499,8 +495,8 @@ def test_agr_tailored_colluders_send_the_update_crafted_against_the_servers_medi
     )
     expect = attack.agr_tailored([benign[0], benign[2]], attack.ServerRule("median", max_norm=bound))
     start = workspace.get(cfg).initial_state()
-    loop, sent = _one_round(cfg, tmp_path)
-    row = _rows(tmp_path)[1]
+    loop, sent = _sent_updates(cfg, tmp_path)
+    row = metrics_rows(tmp_path)[1]
     assert row["accepted"] == 4 and not row["rejected"]
     for node in (1000, 1002):  # LocalGrid: node 1000 + i holds partition i
         for k in expect:
@@ -541,7 +537,7 @@ def test_a_supernode_attacks_through_its_node_config_only_when_the_run_allows_it
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
     grid.contexts[grid.node_ids[3]].node_config["attack"] = "sign-flip"
     ServerLoop(cfg, tmp_path, progress=lambda s: None).main(grid)
-    row = _rows(tmp_path)[1]
+    row = metrics_rows(tmp_path)[1]
     assert row["accepted"] == 3 and row["rejected"][0]["node"] == grid.node_ids[3]
     assert "attack.allow_deployment = true" in row["rejected"][0]["reason"]
 
@@ -574,7 +570,7 @@ def test_hostile_payloads_are_rejected_with_their_reason_and_the_round_completes
     cfg = tiny_cfg.replace(**{"federation.rounds": 2, "attack.kind": kind, "attack.partition_ids": [1], **extra})
     grid = LocalGrid(cfg.federation.num_clients, lambda m, c: handle_train(m, c, cfg))
     summary = ServerLoop(cfg, tmp_path, progress=lambda s: None).main(grid)
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert summary["rounds_completed"] == 2 and all(math.isfinite(r["eval"]["loss"]) for r in rows)
     attacker = grid.node_ids[1]
     last = rows[2]
@@ -592,18 +588,10 @@ def test_hostile_payloads_are_rejected_with_their_reason_and_the_round_completes
 # --- the defences see the attack ----------------------------------------------------------
 
 
-def _one_round(cfg, out):
-    """Run one round; return (loop, what each node sent: node -> (delta, weight))."""
-    sent = {}
-
-    def client(msg, ctx):
-        reply = handle_train(msg, ctx, cfg)
-        sent[ctx.node_id] = from_arrayrecord(reply.content["update"])
-        return reply
-
-    loop = ServerLoop(cfg, out, progress=lambda s: None)
-    loop.main(LocalGrid(cfg.federation.num_clients, client))
-    return loop, sent
+def _sent_updates(cfg, out):
+    """Run ``cfg``; return (loop, node -> the update it sent)."""
+    loop, sent = run_capturing_updates(cfg, out)
+    return loop, {node: delta for node, (delta, _) in sent.items()}
 
 
 def test_median_and_krum_hold_against_a_scale_x100_attacker_where_fedavg_moves_far(tiny_cfg, tmp_path):
@@ -623,7 +611,7 @@ def test_median_and_krum_hold_against_a_scale_x100_attacker_where_fedavg_moves_f
         cfg = base.replace(
             **{"aggregation.robust": rule, **({"aggregation.num_malicious": 1} if rule == "krum" else {})}
         )
-        loop, sent = _one_round(cfg, tmp_path / rule)
+        loop, sent = _sent_updates(cfg, tmp_path / rule)
         state = loop.protocol.state
         change = {k: state[k] - start[k] for k in start}
         attacker = 1000 + 2  # LocalGrid: node 1000 + i holds partition i
@@ -654,8 +642,8 @@ def test_a_robust_rule_sees_only_the_accepted_updates(tiny_cfg, tmp_path):
         }
     )
     start = workspace.get(cfg).initial_state()
-    loop, sent = _one_round(cfg, tmp_path)
-    row = _rows(tmp_path)[1]
+    loop, sent = _sent_updates(cfg, tmp_path)
+    row = metrics_rows(tmp_path)[1]
     assert row["accepted"] == 4 and "non-finite" in row["rejected"][0]["reason"]
     attacker = 1000
     state = loop.protocol.state

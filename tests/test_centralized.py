@@ -8,11 +8,8 @@ from fedtune import adapters, config, workspace
 from fedtune.centralized import pooled_train_data, run_centralized, steps_per_round
 from fedtune.cli import main
 from fedtune.flower.server import sample_nodes
+from tests.conftest import metrics_rows
 from tests.test_metrics import LLM
-
-
-def _rows(path):
-    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_clients_per_round_is_what_the_server_samples(tiny_cfg):
@@ -43,7 +40,7 @@ def test_centralized_run_dir_matches_the_federated_layout(tiny_cfg, tmp_path, ca
     out = tmp_path / "central"
     assert main(["centralized", "--config", str(toml), "--set", "federation.eval_every=2", "--out", str(out)]) == 0
     assert "centralized baseline" in capsys.readouterr().out
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # rounds x clients per round x local steps, evaluated at each round's step boundary
     assert [r["steps_total"] for r in rows[1:]] == [8, 16, 24]
@@ -75,7 +72,7 @@ def test_centralized_causal_lm_reports_rouge_and_forgetting(tiny_cfg, tmp_path):
         },
     )
     summary = run_centralized(cfg, tmp_path)
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     for r in (rows[0], rows[-1]):
         assert {"loss", "perplexity", "rouge_l", "forgetting_perplexity"} <= set(r["eval"])
     f = summary["forgetting"]

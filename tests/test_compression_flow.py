@@ -1,6 +1,5 @@
 """Compression inside the federated loop: wire bytes, error feedback, downlink catch-up, bad payloads."""
 
-import json
 
 import pytest
 import torch
@@ -13,10 +12,7 @@ from fedtune.flower.client import handle_train
 from fedtune.flower.local import LocalGrid
 from fedtune.flower.records import from_arrayrecord
 from fedtune.flower.server import ServerLoop
-
-
-def _rows(path):
-    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
+from tests.conftest import metrics_rows
 
 
 def _run(cfg, out, client=None, **kw):
@@ -61,13 +57,13 @@ def test_uplink_bytes_are_the_codec_payload(tiny_cfg, tmp_path, comp):
     ws = workspace.get(cfg)
     layout = {k: tuple(ws.initial_state()[k].shape) for k in ws.trainable_keys()}
     bound = expected_size(build_codec(cfg.compression), layout)  # index coding may come in under it
-    logged = _rows(tmp_path / "comp")[1]["bytes_up_per_client"]
+    logged = metrics_rows(tmp_path / "comp")[1]["bytes_up_per_client"]
     for node, (payload, reply_bytes, update_bytes) in replies.items():
         assert len(payload) <= bound
         # what is logged is the serialized reply; the update record is the payload plus a few bytes
         assert logged[str(node)] == reply_bytes
         assert update_bytes <= len(payload) + 64  # record, key and codec-name framing
-    assert _rows(tmp_path / "comp")[1]["accepted"] == cfg.federation.clients_per_round
+    assert metrics_rows(tmp_path / "comp")[1]["accepted"] == cfg.federation.clients_per_round
     assert summary["total_bytes_up"] * 4 < dense["total_bytes_up"]
 
 
@@ -121,7 +117,7 @@ def test_malformed_payload_is_dropped(tiny_cfg, tmp_path):
         return reply
 
     _run(cfg, tmp_path, client=client)
-    row = _rows(tmp_path)[1]
+    row = metrics_rows(tmp_path)[1]
     assert row["accepted"] == cfg.federation.num_clients - 2
     reasons = " ".join(r["reason"] for r in row["rejected"])
     assert "zstd" in reasons and ("truncated" in reasons or "length" in reasons or "short" in reasons)
@@ -146,7 +142,7 @@ def test_downlink_clients_track_the_public_adapter(tiny_cfg, tmp_path, downlink)
     grid = LocalGrid(cfg.federation.num_clients, client)
     loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
     loop.main(grid)
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     assert any(v[1] for v in copies.values()), "some client should have caught up through compressed broadcasts"
     last_round = max(v[0] for v in copies.values())
     for rnd, _, copy in copies.values():
@@ -180,7 +176,7 @@ def test_a_client_with_no_copy_starts_from_its_seeded_version_0(tiny_cfg, tmp_pa
 
     loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
     loop.main(LocalGrid(cfg.federation.num_clients, client))
-    rows = _rows(tmp_path)
+    rows = metrics_rows(tmp_path)
     n = cfg.federation.num_clients
     assert [kind for rnd, _, kind in seen if rnd == 1] == ["downlink"] * n
     assert [r["node"] for r in rows[1]["rejected"]] == [odd["node"]]

@@ -67,7 +67,7 @@ from safetensors.torch import load_file
 from fedtune.deploy.certs import create_ca
 from fedtune.deploy.cli import connection_toml, run_argv
 
-from .conftest import ROOT
+from .conftest import ROOT, metrics_rows
 
 pytestmark = pytest.mark.slow
 
@@ -114,9 +114,6 @@ def _tail(path: Path, n: int = 4000) -> str:
 def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 class Procs:
@@ -473,7 +470,7 @@ def test_deploy_server_killed_and_resumed(deployment):
     dep.timings["resume_resumed_wall"] = time.monotonic() - t1
     assert "resumed after round 1" in _tail(dep.procs.log("run-resume"), 100_000), _tail(dep.procs.log("run-resume"))
 
-    a, b = _rows(whole), _rows(broken)
+    a, b = metrics_rows(whole), metrics_rows(broken)
     assert [r["round"] for r in b] == [0, 1, 2]  # nothing lost, nothing twice
     for rows in (a, b):
         assert [(r["sampled"], r["accepted"]) for r in rows[1:]] == [(2, 2), (2, 2)]
@@ -572,7 +569,7 @@ def test_deploy_secure_aggregation(deployment):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 1 and summary["aggregation"]["secure"] == "secagg+"
     assert summary["aggregation"]["strategy"].startswith("SecAgg+") and summary["mode"] == "secagg+"
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [(r["round"], r.get("accepted")) for r in rows] == [(0, None), (1, 3)]
     assert {c["node"] for c in rows[1]["clients"]} == set(dep.node_ids.values())
     seen = _tail(dep.procs.log("silo-1"), 1_000_000).count("Receiving: train message")
@@ -628,7 +625,7 @@ def test_deploy_tls_auth_dropout(deployment):
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds_completed"] == 4 and summary["num_clients"] == 3
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     silo3, alive = dep.node_ids["silo-3"], {dep.node_ids["silo-1"], dep.node_ids["silo-2"]}
     # the restarted SuperNode is the same node to the SuperLink: its key is bound to the node ID

@@ -25,8 +25,7 @@ from fedtune.flower.local import LocalGrid
 from fedtune.flower.records import to_arrayrecord
 from fedtune.flower.server import DeltaRounds, MultiKrum, build_strategy
 
-from .conftest import CONFIGS
-from .test_aggregation_weighting import _run as run_capturing_updates
+from .conftest import CONFIGS, run_capturing_updates
 
 NUM_EXAMPLES = [10, 40, 25, 160, 70, 5]  # six clients; the last two send the outliers
 

@@ -2,7 +2,6 @@
 denominator (McMahan et al. 2018, arXiv:1710.06963) by hand, opacus' accountant at q = fraction_train, the
 refusals, and rounds that draw nobody, in-process on the tiny model."""
 
-import json
 import math
 
 import numpy as np
@@ -23,14 +22,11 @@ from fedtune.privacy.client_level import (
     update_noise_multiplier,
 )
 from fedtune.seeds import derive_seed
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, metrics_rows
 from tests.test_privacy import opacus_epsilon
 
 CENTRAL = {"privacy.mode": "client-central", "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.0}
 
-
-def _rows(path):
-    return [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()]
 
 
 def _run(cfg, out, updates=None):
@@ -170,7 +166,7 @@ def test_run_divides_by_q_n_and_epsilon_is_opacus_at_fraction_train(tiny_cfg, tm
         },
     )
     summary = _run(cfg, tmp_path / "three")
-    rows = _rows(tmp_path / "three")[1:]
+    rows = metrics_rows(tmp_path / "three")[1:]
     drawn = [len(poisson_sample_nodes(range(4), q, seed=3, rnd=r)) for r in range(1, rounds + 1)]
     assert [r["sampled"] for r in rows] == [r["accepted"] for r in rows] == drawn == [4, 2, 3]
     priv = summary["privacy"]
@@ -223,7 +219,7 @@ def test_empty_rounds_do_not_crash_and_dp_still_releases_noise(tiny_cfg, tmp_pat
     drawn = [poisson_sample_nodes(range(4), 0.1, seed=0, rnd=r) for r in range(1, 5)]
     assert [] in drawn and any(drawn)  # the seed exercises both kinds of round
     plain = _run(base, tmp_path / "plain")
-    rows = _rows(tmp_path / "plain")[1:]
+    rows = metrics_rows(tmp_path / "plain")[1:]
     assert [r["sampled"] for r in rows] == [len(d) for d in drawn]
     for r, d in zip(rows, drawn):
         if not d:  # nothing sent, nothing received, no rejection invented
@@ -232,7 +228,7 @@ def test_empty_rounds_do_not_crash_and_dp_still_releases_noise(tiny_cfg, tmp_pat
     # client-central DP: an empty round still adds noise of std z C / (q N) = 1 * 0.5 / 0.4, and is accounted
     dp = base.replace(**CENTRAL, **{"privacy.adaptive_clip": True, "privacy.count_noise": 1.5})
     out = _run(dp, tmp_path / "dp")
-    rows = _rows(tmp_path / "dp")[1:]
+    rows = metrics_rows(tmp_path / "dp")[1:]
     assert out["privacy"]["epsilon"] == pytest.approx(opacus_epsilon(1.0, 0.1, 4, 1e-5), rel=1e-9)
     first_empty = next(i for i, d in enumerate(drawn) if not d) + 1
     frac = rows[first_empty - 1]["dp_unclipped_fraction"]
@@ -263,7 +259,7 @@ def test_zeroth_order_rounds_take_a_varying_count_and_empty_rounds(tiny_cfg, tmp
         }
     )
     summary = _run(cfg, tmp_path)
-    rows = _rows(tmp_path)[1:]
+    rows = metrics_rows(tmp_path)[1:]
     assert [(r["sampled"], r["accepted"]) for r in rows] == [(0, 0), (1, 1)]
     assert [r["zo"]["history_rounds"] for r in rows] == [1, 2] and rows[0]["zo"]["pairs"] == 0
     assert summary["zo_history"]["rounds"] == 2

@@ -18,8 +18,6 @@ order their replies arrive in, so the two runs can be compared exactly.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import ray
 import torch
@@ -36,7 +34,7 @@ from fedtune.flower.local import LocalGrid
 from fedtune.flower.server import ServerLoop
 from fedtune.flower.simulation import backend_config, simulate
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, metrics_rows
 
 TRAIN = {
     "federation.num_clients": 4,
@@ -74,9 +72,6 @@ def stamped_client_app(cfg) -> ClientApp:
 
     return app
 
-
-def _rows(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_backend_config_joins_a_cluster_without_resource_arguments():
@@ -144,7 +139,7 @@ def test_simulation_on_a_two_node_ray_cluster_matches_a_one_node_run(tmp_path):
     cfg_one = config.load(CONFIGS / "tiny.toml", TRAIN)
     ServerLoop(cfg_one, one, progress=lambda s: None).main(LocalGrid(4, make_client_app(cfg_one)))
 
-    rows, ref = _rows(out), _rows(one)
+    rows, ref = metrics_rows(out), metrics_rows(one)
     trained_on = [c["ray-node"] for r in rows[1:] for c in r["clients"]]
     assert len(trained_on) == 4 and set(trained_on) == nodes, (trained_on, nodes)  # both nodes trained clients
     assert [sorted(c["partition-id"] for c in r["clients"]) for r in rows[1:]] == [
