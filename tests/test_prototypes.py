@@ -8,8 +8,6 @@ training data; then resume and the refusals.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -30,7 +28,7 @@ from fedtune.zo import encode_downlink
 from tests.test_resume import Crash, CrashingGrid
 from tests.test_zo_flow import RecordingGrid, assert_bit_equal, cached_params, history_of
 
-from .conftest import CONFIGS
+from .conftest import CONFIGS, metrics_rows
 
 PROTO = {"adapter.head_init": "prototypes", "model.pooling": "mean"}
 ZO = {"train.mode": "zo", "zo.num_seeds": 64, "zo.local_steps": 3, "zo.lr": 1e-3}
@@ -46,15 +44,11 @@ def fresh_workspace(monkeypatch):
     monkeypatch.setattr(workspace, "_CACHE", {})
 
 
-def rows_of(out):
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def run(cfg, out, client=None, grid_cls=RecordingGrid, **kw):
     client = client or (lambda m, c: handle_train(m, c, cfg))
     grid = grid_cls(cfg.federation.num_clients, client, **kw)
     summary = ServerLoop(cfg, out, progress=lambda s: None).main(grid)
-    return summary, rows_of(out), grid
+    return summary, metrics_rows(out), grid
 
 
 def central_head(cfg):
@@ -335,7 +329,7 @@ def test_resume_keeps_the_head_and_does_not_ask_again(tmp_path, mode):
     resumed = ServerLoop(cfg, out, progress=lambda s: None, resume=True).main(LocalGrid(4, client))
     assert len(asked) == 8  # no second exchange: the head comes from the checkpoint
     assert (out / HEAD_FILE).read_bytes() == (tmp_path / "whole" / HEAD_FILE).read_bytes()
-    rows = rows_of(out)
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[0]["bytes_up"] > 0
     assert resumed["total_bytes_up"] == whole["total_bytes_up"] == sum(r["bytes_up"] for r in rows)
     if mode == "zo":  # bit for bit: the history replayed from the same initial model
