@@ -606,6 +606,45 @@ def _aggregation_problems(cfg: FedtuneConfig) -> list[str]:
                 f"({why}, averaging each factor of same-shape deltas); use 'naive'{hint}, or privacy.mode = "
                 "'client-local'"
             )
+    if agg.server_optimizer == "scaffold":
+        e.extend(_scaffold_problems(cfg))
+    return e
+
+
+def _scaffold_problems(cfg: FedtuneConfig) -> list[str]:
+    """What SCAFFOLD's control variates cannot survive (`fedtune.aggregation.scaffold`).
+
+    Its invariants are exact: the server adds the very update the client measured
+    its drift on, and the client's correction reaches the optimizer's step. Robust
+    rules, LoRA-aware aggregators, SecAgg+, client-central DP and zeroth-order
+    rounds are refused for every server optimizer but FedAvg's mean
+    (`AggregationConfig`, `_aggregation_problems`, `_zo_problems`).
+    """
+    e, comp = [], cfg.compression
+    if comp.codec != "none":
+        e.append(
+            f"compression.codec: {comp.codec!r} cannot be combined with aggregation.server_optimizer = 'scaffold' "
+            "(a client's c_i+ is computed from its exact update, while the server would add the decoded one, "
+            "with the codec's error, to x); use 'none'"
+        )
+    if comp.downlink != "none":
+        e.append(
+            f"compression.downlink: {comp.downlink!r} cannot be combined with aggregation.server_optimizer = "
+            "'scaffold' (clients would train from a compressed copy of x, so their c_i+ would measure the drift "
+            "from that copy while the server adds their updates to x itself); use 'none'"
+        )
+    if cfg.privacy.mode == "sample":
+        e.append(
+            "privacy.mode: 'sample' cannot be combined with aggregation.server_optimizer = 'scaffold' (opacus "
+            "replaces each gradient by the clipped, noised sum of per-sample gradients inside its step, so the "
+            "correction c - c_i would be dropped); use 'none'"
+        )
+    if cfg.privacy.mode == "client-local":
+        e.append(
+            "privacy.mode: 'client-local' cannot be combined with aggregation.server_optimizer = 'scaffold' "
+            "(delta_c_i is computed from the unclipped, un-noised update and would travel in the clear, outside "
+            "the clipping and the accountant); use 'none'"
+        )
     return e
 
 

@@ -84,10 +84,14 @@ def train_local(
     batches: Iterator[list[dict]] | Iterator[dict[str, torch.Tensor]] | None = None,
     clip: bool = True,
     label_counts: list[float] | None = None,
+    before_step: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` optimizer steps (default ``cfg.local_steps``); return mean loss and counts.
 
     ``extra_loss`` is added to the task loss (e.g. FedProx's proximal term).
+    ``before_step`` is called with the optimizer after the gradients are clipped
+    and right before each step (e.g. SCAFFOLD's correction,
+    `fedtune.aggregation.scaffold.LocalCorrection`).
     ``optimizer`` and ``batches`` may be supplied (e.g. by DP-SGD, which replaces both).
     ``label_counts`` replaces the counts of ``data``'s labels behind logit adjustment
     (DP-SGD passes noisy ones: `fedtune.privacy.noisy_label_counts`).
@@ -100,7 +104,20 @@ def train_local(
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         adjust = logit_adjustment_bias(model, data, cfg.logit_adjustment, task, device, counts=label_counts)
         return _train_steps(
-            model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust
+            model,
+            data,
+            cfg,
+            task,
+            pad_id,
+            device,
+            generator,
+            steps,
+            optimizer,
+            extra_loss,
+            batches,
+            clip,
+            adjust,
+            before_step,
         )
 
 
@@ -160,7 +177,7 @@ def physical_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str
 
 
 def _train_steps(
-    model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust
+    model, data, cfg, task, pad_id, device, generator, steps, optimizer, extra_loss, batches, clip, adjust, before_step
 ):
     model.train()
     opt = optimizer or make_optimizer(model, cfg)
@@ -203,6 +220,8 @@ def _train_steps(
             total += float(task_loss.detach()) * weight
         if clip and cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if before_step is not None:
+            before_step(opt)
         opt.step()
         seen += n
     return {"train_loss": total / max(steps, 1), "steps": float(steps), "examples_seen": float(seen)}

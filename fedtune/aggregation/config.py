@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 LORA_MODES = ("naive", "exact", "ffa", "hetero")
 ROBUST_RULES = ("none", "trimmed-mean", "median", "krum", "multikrum")
-SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedprox")
+SERVER_OPTIMIZERS = ("fedavg", "fedadam", "fedyogi", "fedavgm", "fedprox", "scaffold")
 SECURE_MODES = ("none", "secagg+")
 WEIGHTINGS = ("examples", "uniform")
 # server optimizers whose server step is a weighted mean (FedProx's mu acts on the clients)
@@ -39,13 +39,14 @@ _SECAGG_DEFAULTS = {
 
 # Flower's defaults (flwr.serverapp.strategy, flwr 1.41): FedAdam eta=0.1,
 # FedYogi eta=0.01, FedAvgM server_learning_rate=1.0; beta_1 0.9, beta_2 0.99,
-# tau 1e-3 for both adaptive optimizers; FedAvgM momentum 0.0; FedProx mu 0.0.
-_SERVER_LR_DEFAULT = {"fedavgm": 1.0, "fedadam": 1e-1, "fedyogi": 1e-2}
+# tau 1e-3 for both adaptive optimizers; FedAvgM momentum 0.0; FedProx mu 0.0. SCAFFOLD's
+# global step size eta_g is 1 (Karimireddy et al. 2020: x += eta_g * mean update, FedAvg's step at 1).
+_SERVER_LR_DEFAULT = {"fedavgm": 1.0, "fedadam": 1e-1, "fedyogi": 1e-2, "scaffold": 1.0}
 _ADAPTIVE_DEFAULTS = {"beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3}
 # Which optional parameter each server optimizer reads; any other is rejected
 # when set, because silently ignoring it would hide a typo in the run config.
 _USES = {
-    "server_lr": ("fedavgm", "fedadam", "fedyogi"),
+    "server_lr": ("fedavgm", "fedadam", "fedyogi", "scaffold"),
     "server_momentum": ("fedavgm",),
     "beta_1": ("fedadam", "fedyogi"),
     "beta_2": ("fedadam", "fedyogi"),
@@ -97,7 +98,17 @@ class AggregationConfig(Section):
             and, with m unset, an f that leaves nothing to keep.
         server_optimizer: ``"fedavg"``, ``"fedadam"``/``"fedyogi"`` (Reddi et
             al. 2021, arXiv:2003.00295), ``"fedavgm"`` (Hsu et al. 2019,
-            arXiv:1909.06335) or ``"fedprox"`` (Li et al. 2020, arXiv:1812.06127).
+            arXiv:1909.06335), ``"fedprox"`` (Li et al. 2020, arXiv:1812.06127) or
+            ``"scaffold"`` (Karimireddy et al. 2020, arXiv:1910.06378: control
+            variates correct each client's local gradients for its drift,
+            `fedtune.aggregation.scaffold`; ``server_lr`` is its global step
+            size eta_g, default 1; the server's ``c`` and each client's ``c_i``
+            travel next to the adapter and the update, doubling the bytes).
+            SCAFFOLD is named here, like FedProx, because it is a strategy in
+            Flower's own baselines (``niid_bench``) that a user picks in place
+            of FedAvg; it runs on the weighted mean alone, so it is refused
+            with what would change that mean or the update (robust rules,
+            LoRA-aware aggregators, SecAgg+, compression, privacy).
         server_lr, server_momentum, beta_1, beta_2, tau, proximal_mu: the
             chosen optimizer's parameters. Leave at ``None`` for Flower's
             default; after construction they hold the resolved value for the

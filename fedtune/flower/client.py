@@ -11,8 +11,8 @@ the ``lora-rank`` metric. Every reply echoes the round it answers
 (`fedtune.attack`) runs this same path and changes what it sends after
 training (its labels before it). The base model is loaded once per process
 (:mod:`fedtune.workspace`); what must outlive a round (error-feedback residual,
-the client's copy of the broadcast adapter, DP accountant) lives in Flower's
-per-node ``context.state``.
+the client's copy of the broadcast adapter, DP accountant, SCAFFOLD's control
+variate c_i) lives in Flower's per-node ``context.state``.
 """
 
 from __future__ import annotations
@@ -232,7 +232,15 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     if cfg.train.lr_schedule != "constant":
         cfg = cfg.replace(**{"train.lr": round_lr(cfg.train, rnd, cfg.federation.rounds)})
     mu = float(conf.get("proximal-mu", 0.0))
-    delta, metrics = _train_delta(ws, model, data, cfg, context, global_state, rnd, pid, mu)
+    correct = None
+    if cfg.aggregation.server_optimizer == "scaffold":
+        c, c_i, correct = _scaffold_start(msg, context, model, global_state)
+    delta, metrics = _train_delta(ws, model, data, cfg, context, global_state, rnd, pid, mu, correct)
+    if correct is not None:
+        from fedtune.aggregation.scaffold import client_control_update
+
+        # from the update this node trained (an attack below changes what it sends, not its c_i)
+        c_i_next, delta_c = client_control_update(c_i, c, delta, correct.lr_sum)
     privacy = cfg.privacy
     if privacy.mode == "client-local":
         # local DP: clip and noise before anything leaves (compression is post-processing)
@@ -289,14 +297,47 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
             ),
         }
     )
+    if correct is not None:
+        reply[P.SCAFFOLD_DELTA_C] = pack(delta_c)
+        # the paper's client keeps c_i+ whatever the server does with its reply
+        context.state[P.SCAFFOLD_CI] = pack(c_i_next)
     return Message(reply, reply_to=msg)
 
 
+def _scaffold_start(msg: Message, context: Context, model, global_state: Delta):
+    """SCAFFOLD (`fedtune.aggregation.scaffold`): (c, c_i, the gradient correction c - c_i for ``model``).
+
+    c comes with the global adapter; c_i is this node's, zero at its first round. The
+    correction is keyed like the adapter state; it reaches the model's parameters by
+    being loaded as one (`adapters.set_state_`, the one mapping of state keys to
+    parameters), after which the global is loaded back.
+    """
+    from fedtune.aggregation.scaffold import LocalCorrection, correction, zeros_like
+
+    c = from_arrayrecord(msg.content[P.SCAFFOLD_C])
+    c_i = from_arrayrecord(context.state[P.SCAFFOLD_CI]) if P.SCAFFOLD_CI in context.state else zeros_like(c)
+    adapters.set_state_(model, {**global_state, **correction(c, c_i)})
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    corr = {n: p.detach().clone() for n, p in params.items()}
+    adapters.set_state_(model, global_state)
+    return c, c_i, LocalCorrection(params, corr)
+
+
 def _train_delta(
-    ws, model, data, cfg: FedtuneConfig, context: Context, global_state: Delta, rnd: int, pid: int, mu: float
+    ws,
+    model,
+    data,
+    cfg: FedtuneConfig,
+    context: Context,
+    global_state: Delta,
+    rnd: int,
+    pid: int,
+    mu: float,
+    before_step=None,
 ) -> tuple[Delta, dict]:
     """Train ``model`` from ``global_state`` on ``data`` as partition ``pid`` in round ``rnd``:
-    (local - global over the trainable keys, training metrics)."""
+    (local - global over the trainable keys, training metrics). ``before_step`` goes to
+    `train_local` (SCAFFOLD's correction)."""
     adapters.set_state_(model, global_state)
     gen = torch.Generator().manual_seed(derive_seed(cfg.train.seed, rnd, pid))  # the batch order
     extra_loss = None
@@ -318,6 +359,7 @@ def _train_delta(
             device=ws.device,
             generator=gen,
             extra_loss=extra_loss,
+            before_step=before_step,
         )
     keys = adapters.trainable_keys(model)
     local = adapters.get_state(model)

@@ -173,6 +173,8 @@ def build_strategy(cfg: FedtuneConfig) -> Strategy:
         strategy = fs.FedAvgM(server_learning_rate=agg.server_lr, server_momentum=agg.server_momentum, **common)
     elif agg.server_optimizer == "fedprox":
         strategy = fs.FedProx(proximal_mu=agg.proximal_mu, **common)
+    elif agg.server_optimizer == "scaffold":  # FedAvg's weighted mean; DeltaRounds takes SCAFFOLD's eta_g step and c
+        strategy = fs.FedAvg(**common)
     else:
         strategy = fs.FedAvg(**common)
     strategy.fraction_evaluate = 0.0  # evaluation is centralized, on the held-out split (no warning)
@@ -291,6 +293,7 @@ class HeteroRanks:
 
 
 REPLAY_WINDOW = 64  # rounds of accepted-update digests kept per node
+SCAFFOLD_FILE = "scaffold_control.safetensors"  # the server's SCAFFOLD control variate c, in the checkpoint
 
 
 def round_seed(cfg: FedtuneConfig, rnd: int) -> int:
@@ -420,6 +423,12 @@ class DeltaRounds:
         # client-central DP's bound C: fixed, or moved each round by adaptive clipping (a DP release, kept
         # in the checkpoint)
         self.clip_norm = cfg.privacy.clip_norm
+        # SCAFFOLD's server control variate c over the trainable keys, zero at the start (kept in the checkpoint)
+        self.control: Delta | None = None
+        if cfg.aggregation.server_optimizer == "scaffold":
+            from fedtune.aggregation.scaffold import zeros_like
+
+            self.control = zeros_like({k: self.state[k] for k in self.keys})
         n = self.trainable_params()
         return f"adapter {cfg.adapter.method}: {n:,} trainable params ({4 * n / 1e6:.2f} MB fp32)"
 
@@ -456,6 +465,8 @@ class DeltaRounds:
             return f"DP-FedAvg (client-level, central: {mean} + Gaussian noise{adaptive})"
         if self.lora_aggregator is not None:
             return type(self.lora_aggregator).__name__
+        if self.control is not None:
+            return f"SCAFFOLD (FedAvg mean, server_lr {self.cfg.aggregation.server_lr:g})"
         return type(self.strategy).__name__
 
     def trainable_params(self) -> int:
@@ -490,6 +501,7 @@ class DeltaRounds:
         self.round_seed = round_seed(cfg, rnd)
         self.accepted: list[Message] = []
         self.decoded: list[tuple[Delta, Delta, float]] = []  # (delta, global + delta, weight) per accepted reply
+        self.control_deltas: list[Delta] = []  # SCAFFOLD: delta_c_i per accepted reply
         train_cfg = ConfigRecord({"server-round": rnd, "round-seed": self.round_seed, "version": rnd})
         if cfg.aggregation.server_optimizer == "fedprox":
             train_cfg["proximal-mu"] = float(cfg.aggregation.proximal_mu or 0.0)
@@ -509,6 +521,10 @@ class DeltaRounds:
             self.hetero.begin_round(self.state)
             for m in msgs:
                 m.content = self.hetero.content_for(m.metadata.dst_node_id, m.content[P.CONFIG])
+        if self.control is not None:  # c next to the adapter: as many bytes again
+            wire_c = pack(self.control)
+            for m in msgs:
+                m.content[P.SCAFFOLD_C] = wire_c
         self.sampled = len(msgs)
         return msgs
 
@@ -566,6 +582,7 @@ class DeltaRounds:
         validate_update(delta, node_expected, max_norm=self.cfg.aggregation.max_update_norm)
         if float(m.get("num-examples", 0)) <= 0:
             raise PayloadError("metrics have no positive 'num-examples'")
+        delta_c = self.receive_control(reply, node_layout) if self.control is not None else None
         seen[digest] = rnd
         while len(seen) > REPLAY_WINDOW:
             seen.pop(next(iter(seen)))
@@ -582,9 +599,24 @@ class DeltaRounds:
         reply.content = RecordDict({P.ARRAYS: arrays, P.METRICS: weighted})
         self.accepted.append(reply)
         self.decoded.append((delta, full, weight))
+        if delta_c is not None:
+            self.control_deltas.append(delta_c)
         if self.broadcast is not None:
             self.broadcast.acknowledge(node, rnd)
         return {k: float(v) for k, v in m.items()}
+
+    def receive_control(self, reply: Message, layout: dict[str, tuple[int, ...]]) -> Delta:
+        """SCAFFOLD: a reply's delta_c_i (packed fp32 arrays of the update's layout); PayloadError if absent,
+        oversized or malformed."""
+        record = reply.content[P.SCAFFOLD_DELTA_C] if P.SCAFFOLD_DELTA_C in reply.content else None
+        if not isinstance(record, ArrayRecord):
+            raise PayloadError(f"aggregation.server_optimizer = 'scaffold': reply has no {P.SCAFFOLD_DELTA_C!r} arrays")
+        size, limit = update_bytes(record), self.max_update_bytes(layout)  # dense: config refuses a codec
+        if size > limit:
+            raise PayloadError(f"oversized {P.SCAFFOLD_DELTA_C}: {size} bytes, at most {limit} for this layout")
+        delta_c = from_arrayrecord(record)
+        validate_update(delta_c, {k: (shape, torch.float32) for k, shape in layout.items()}, max_norm=None)
+        return delta_c
 
     def failed(self, node: int) -> None:
         if self.broadcast is not None:
@@ -654,7 +686,16 @@ class DeltaRounds:
         elif agg is not None:
             # Flower's adaptive optimizers (FedAdam, FedYogi, FedAdagrad) compute in float64;
             # the global keeps its dtypes, or the next round's replies would not match them
-            state.update({k: v.to(state[k].dtype) for k, v in from_arrayrecord(agg).items()})
+            new = {k: v.to(state[k].dtype) for k, v in from_arrayrecord(agg).items()}
+            if self.control is not None:
+                # SCAFFOLD (Karimireddy et al. 2020, Alg. 1 l. 16-17): x += eta_g * mean(update), the weighted mean
+                # the strategy took; c += sum(delta_c_i) / N
+                from fedtune.aggregation.scaffold import server_control_update
+
+                lr = float(cfg.aggregation.server_lr)
+                new = {k: state[k] + lr * (v - state[k]) for k, v in new.items()} if lr != 1.0 else new
+                self.control = server_control_update(self.control, self.control_deltas, fed.num_clients)
+            state.update(new)
         self.average_(rnd)
         return {k: float(v) for k, v in (agg_metrics or MetricRecord()).items()}, extra
 
@@ -672,6 +713,8 @@ class DeltaRounds:
         save_file({k: v.contiguous() for k, v in self.state.items()}, str(directory / "adapter_state.safetensors"))
         if self.swa is not None:
             save_file({k: v.contiguous() for k, v in self.swa.items()}, str(directory / "swa_state.safetensors"))
+        if self.control is not None:
+            save_file({k: v.contiguous() for k, v in self.control.items()}, str(directory / SCAFFOLD_FILE))
         (directory / "server_state.pkl").write_bytes(pickle.dumps(extras))
 
     def load(self, directory: Path) -> None:
@@ -694,6 +737,13 @@ class DeltaRounds:
         self.clip_norm = extras.get("dp_clip_norm", self.clip_norm)
         if (directory / "swa_state.safetensors").is_file():
             self.swa = load_file(str(directory / "swa_state.safetensors"))
+        if self.control is not None:
+            if not (directory / SCAFFOLD_FILE).is_file():
+                raise FedtuneError(f"--resume: {directory} holds no SCAFFOLD control variate ({SCAFFOLD_FILE})")
+            control = load_file(str(directory / SCAFFOLD_FILE))
+            if set(control) != set(self.control):
+                raise FedtuneError(f"--resume: {directory / SCAFFOLD_FILE} holds a different adapter's keys")
+            self.control = control
 
     def export(self, adapter_dir: Path) -> None:
         export_adapter(self.ws, self.state, adapter_dir)
