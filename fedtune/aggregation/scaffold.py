@@ -10,13 +10,15 @@ tensor per trainable adapter key. A client corrects every local gradient by
 ``delta_c_i = c_i+ - c_i``. The server moves ``x += eta_g * mean(update)`` and
 ``c += (|S| / N) * mean(delta_c_i)`` (`server_control_update`).
 
-The paper analyses plain SGD, where ``c_i+`` is exactly the mean of the
-gradients the client stepped on. With another optimizer (AdamW, momentum) the
-same correction is added to the gradient the optimizer reads, and ``c_i+`` is
-the drift ``(x - y_i)`` per unit of learning rate: a heuristic there, not the
-paper's estimate. ``K eta_l`` is the sum of the learning rates of the steps
-actually taken (`LocalCorrection.lr_sum`), which is ``K eta_l`` under a
-constant rate and stays right under a per-step schedule.
+The paper analyses plain SGD, where option II's ``c_i+`` is exactly the mean of
+the gradients the client stepped on (before the correction):
+``(x - y_i) / (K eta_l) = mean_k(g_k + c - c_i)``, so ``c_i - c + (x - y_i) / (K eta_l)
+= mean_k(g_k)``. That mean is what `LocalCorrection` records (weighted by each step's
+learning rate, which is option II under a per-step schedule too), so ``c_i`` keeps
+the units of a gradient whatever the optimizer: with AdamW the drift per unit of
+learning rate is sign-like (about 1 per coordinate) while the gradients are ~1e-3, and a
+correction built from the drift would swamp them. Adding ``c - c_i`` to the gradient
+an adaptive optimizer reads is a heuristic there, not the paper's analysis.
 """
 
 from __future__ import annotations
@@ -40,23 +42,21 @@ def correction(c: Mapping[str, torch.Tensor], c_i: Mapping[str, torch.Tensor]) -
 
 
 def client_control_update(
-    c_i: Mapping[str, torch.Tensor], c: Mapping[str, torch.Tensor], update: Mapping[str, torch.Tensor], lr_sum: float
+    c_i: Mapping[str, torch.Tensor], mean_gradient: Mapping[str, torch.Tensor]
 ) -> tuple[Delta, Delta]:
     """Option II of Alg. 1, line 12: ``(c_i+, delta_c_i)``.
 
-    ``c_i+ = c_i - c + (x - y_i) / lr_sum`` with ``update = y_i - x`` (what the
-    client sends) and ``lr_sum`` the sum of the local steps' learning rates
-    (``K * eta_l`` under a constant rate); ``delta_c_i = c_i+ - c_i``.
+    ``c_i+`` is the client's learning-rate-weighted mean of the (clipped, uncorrected)
+    gradients of its local steps (`LocalCorrection.mean_gradient`, keyed like ``c_i``),
+    which under SGD equals option II's ``c_i - c + (x - y_i) / sum_k eta_k``;
+    ``delta_c_i = c_i+ - c_i``.
 
     Raises:
-        ValueError: ``lr_sum`` is not positive (no step was taken), or keys differ.
+        KeyError: the keys differ.
     """
-    if not lr_sum > 0:
-        raise ValueError(f"SCAFFOLD needs at least one local step with a positive learning rate (lr_sum {lr_sum!r})")
-    _same_keys(c, c_i, "c_i")
-    _same_keys(c, update, "update")
-    new = {k: c_i[k] - c[k] - update[k].to(torch.float32) / lr_sum for k in c}
-    return new, {k: new[k] - c_i[k] for k in c}
+    _same_keys(c_i, mean_gradient, "mean gradient")
+    new = {k: mean_gradient[k].to(torch.float32) for k in c_i}
+    return new, {k: new[k] - c_i[k] for k in c_i}
 
 
 def server_control_update(
@@ -79,33 +79,51 @@ def server_control_update(
 
 
 class LocalCorrection:
-    """Adds ``c - c_i`` to the gradients before each optimizer step, and counts the steps.
+    """Adds ``c - c_i`` to the gradients before each optimizer step, and records the mean gradient.
 
     ``params`` maps a name to the trainable parameter, ``corr`` the same name to
     its correction (same shape). Call it with the optimizer right before
-    ``optimizer.step()`` (after any gradient clipping, so that under SGD the
-    clipped gradients are what ``c_i+`` averages); it records that step's
-    learning rate. A parameter with no gradient this step gets the correction
-    alone, as the update ``y - eta_l (g - c_i + c)`` with ``g = 0`` asks.
+    ``optimizer.step()`` (after any gradient clipping): it adds that step's
+    learning rate times the gradient it finds (zero for a parameter with no
+    gradient) to a running sum, then adds the correction (a parameter with no
+    gradient gets the correction alone, as the update ``y - eta_l (g - c_i + c)``
+    with ``g = 0`` asks). `mean_gradient` is the learning-rate-weighted mean of the
+    uncorrected gradients, SCAFFOLD's ``c_i+`` (`client_control_update`).
     """
 
     def __init__(self, params: Mapping[str, torch.nn.Parameter], corr: Mapping[str, torch.Tensor]):
         _same_keys(params, corr, "correction")
-        self.pairs = [(params[k], corr[k].to(device=params[k].device, dtype=params[k].dtype)) for k in sorted(params)]
+        self.names = sorted(params)
+        self.pairs = [(params[k], corr[k].to(device=params[k].device, dtype=params[k].dtype)) for k in self.names]
+        self.sums = [torch.zeros(params[k].shape, dtype=torch.float32, device=params[k].device) for k in self.names]
         self.steps = 0
         self.lr_sum = 0.0
 
     def __call__(self, optimizer: torch.optim.Optimizer) -> None:
-        for p, d in self.pairs:
-            if p.grad is None:
-                p.grad = d.clone()
-            else:
-                p.grad.add_(d)
         lrs = {float(g["lr"]) for g in optimizer.param_groups}
         if len(lrs) != 1:
             raise ValueError(f"SCAFFOLD needs one learning rate for all parameter groups, got {sorted(lrs)}")
+        lr = lrs.pop()
+        for (p, d), total in zip(self.pairs, self.sums):
+            if p.grad is None:
+                p.grad = d.clone()
+            else:
+                total.add_(p.grad.detach().float(), alpha=lr)
+                p.grad.add_(d)
         self.steps += 1
-        self.lr_sum += lrs.pop()
+        self.lr_sum += lr
+
+    def mean_gradient(self) -> Delta:
+        """The learning-rate-weighted mean of the uncorrected gradients, keyed by parameter name (float32, CPU).
+
+        Raises:
+            ValueError: no step with a positive learning rate was taken.
+        """
+        if not self.lr_sum > 0:
+            raise ValueError(
+                f"SCAFFOLD needs at least one local step with a positive learning rate (lr_sum {self.lr_sum!r})"
+            )
+        return {k: (total / self.lr_sum).cpu() for k, total in zip(self.names, self.sums)}
 
 
 def _same_keys(a: Mapping, b: Mapping, what: str) -> None:

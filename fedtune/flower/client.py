@@ -239,8 +239,8 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     if correct is not None:
         from fedtune.aggregation.scaffold import client_control_update
 
-        # from the update this node trained (an attack below changes what it sends, not its c_i)
-        c_i_next, delta_c = client_control_update(c_i, c, delta, correct.lr_sum)
+        # from the gradients this node trained on (an attack below changes what it sends, not its c_i)
+        c_i_next, delta_c = client_control_update(c_i, _by_state_key(model, correct.mean_gradient(), c_i))
     privacy = cfg.privacy
     if privacy.mode == "client-local":
         # local DP: clip and noise before anything leaves (compression is post-processing)
@@ -321,6 +321,20 @@ def _scaffold_start(msg: Message, context: Context, model, global_state: Delta):
     corr = {n: p.detach().clone() for n, p in params.items()}
     adapters.set_state_(model, global_state)
     return c, c_i, LocalCorrection(params, corr)
+
+
+def _by_state_key(model, by_name: Delta, like: Delta) -> Delta:
+    """``by_name`` (keyed by ``model``'s parameter names) keyed like the adapter state ``like``: loaded into
+    the parameters and read back as adapter state (`adapters.get_state`), the model's weights restored."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(by_name[n])
+        state = adapters.get_state(model)
+        for n, p in params.items():
+            p.copy_(saved[n])
+    return {k: state[k].to(torch.float32) for k in like}
 
 
 def _train_delta(
