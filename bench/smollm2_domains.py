@@ -43,6 +43,10 @@ def load_run(run_dir: Path):
         if not (run_dir / need).is_file():
             raise FedtuneError(f"{run_dir} has no {need}: not a finished run with output.save_adapter = true")
     cfg = config.load(run_dir / "config.toml")
+    if cfg.adapter.method == "lora-sb":
+        # a Fed-SB run exports a plain peft LoRA (B folded with the trained core R, `fedtune.lorasb`):
+        # the same r and alpha as a plain LoRA compute what the run's model computed
+        cfg = cfg.replace(**{"adapter.method": "lora"})
     ws = workspace.build(cfg)
     if ws.task != CAUSAL_LM:
         raise FedtuneError(f"{run_dir}: model {cfg.model.name!r} is not a causal LM; perplexity needs one")
