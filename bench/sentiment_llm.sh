@@ -13,7 +13,7 @@ OUT=${OUT:-bench/results/sentiment-llm}
 # a client-round, K = 4096 seeds, eps 1e-2 (MeZO's LoRA setting), lr 1e-1 (the expected step is lr x the
 # gradient, whose coordinates are ~6e-3 here: 3e-2 barely moved the core in 4 rounds, 3e-1 diverged in a
 # centralized probe), 8 rounds (ZO steps are slow here: two forward passes each), bf16 forward passes
-ZO="train.mode=zo,adapter.method=lora-sb,zo.local_steps=40,zo.lr=1e-1,zo.eps=1e-2,zo.num_seeds=4096,federation.rounds=8"
+ZO="train.mode=zo,train.lr_schedule=constant,adapter.method=lora-sb,zo.local_steps=40,zo.lr=1e-1,zo.eps=1e-2,zo.num_seeds=4096,federation.rounds=8"
 # Sample-level DP (opacus): all 10 silos every round (averaging 10 noisy updates), 2 rounds of 4
 # steps at batch 32, the Fed-SB core (3,840 noised coordinates + nothing else: label words need no
 # head), AdamW lr 5e-3 (the core needs a larger step than LoRA), clip 1, delta 1e-5

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench/results/zo}
-ZO="train.mode=zo,zo.num_seeds=4096,zo.local_steps=50,zo.eps=1e-3"
+ZO="train.mode=zo,train.lr_schedule=constant,zo.num_seeds=4096,zo.local_steps=50,zo.eps=1e-3"
 declare -A ROWS=(
   [lora-fedavg]=""
   [zo-adapter]="$ZO,zo.scope=adapter,zo.lr=5e-3"

@@ -107,7 +107,7 @@ def _trim_heap() -> None:
 
 def mode_overrides(mode: str, steps: int) -> dict:
     if mode == "zo":
-        return {"train.mode": "zo", "zo.local_steps": steps}
+        return {"train.mode": "zo", "train.lr_schedule": "constant", "zo.local_steps": steps}
     return {"train.local_steps": steps}  # grad, and forward (which takes N batches)
 
 

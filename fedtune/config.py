@@ -675,6 +675,11 @@ def _zo_problems(cfg: FedtuneConfig) -> list[str]:
     """What zeroth-order training (clients send (seed, scalar) pairs, the server averages scalars) ignores."""
     e: list[str] = []
     agg = cfg.aggregation
+    if cfg.train.lr_schedule != "constant":
+        e.append(
+            f"train.lr_schedule: {cfg.train.lr_schedule!r} cannot be combined with train.mode = 'zo' (zeroth-order "
+            "clients step with zo.lr in every round, not train.lr); use 'constant'"
+        )
     if cfg.train.physical_batch_size:
         e.append(
             "train.physical_batch_size: cannot be combined with train.mode = 'zo' (zeroth-order clients evaluate "

@@ -367,6 +367,10 @@ ZO = {"train.mode": "zo"}
             "aggregation.lora_mode: 'exact' cannot be combined with train.mode = 'zo'",
         ),
         (
+            {**ZO, "train.lr_schedule": "cosine"},
+            "train.lr_schedule: 'cosine' cannot be combined with train.mode = 'zo'",
+        ),
+        (
             {"eval.forgetting_examples": 5, "eval.forgetting_source": "chatterbot", "data.dataset": "chatterbot"},
             "eval.forgetting_source: 'chatterbot' cannot be combined with data.dataset = 'chatterbot' and no data.domains",
         ),
