@@ -26,7 +26,6 @@ from tests.test_resume import Crash, CrashingGrid
 CENTRAL = {"privacy.mode": "client-central", "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 1.0}
 
 
-
 # --- the math, by hand ------------------------------------------------------------------------
 
 

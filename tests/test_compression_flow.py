@@ -1,6 +1,5 @@
 """Compression inside the federated loop: wire bytes, error feedback, downlink catch-up, bad payloads."""
 
-
 import pytest
 import torch
 from flwr.app import ConfigRecord

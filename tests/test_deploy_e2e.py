@@ -115,7 +115,6 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-
 class Procs:
     """Processes this test started, each leading its own process group."""
 

@@ -28,7 +28,6 @@ from tests.test_privacy import opacus_epsilon
 CENTRAL = {"privacy.mode": "client-central", "privacy.clip_norm": 0.5, "privacy.noise_multiplier": 1.0}
 
 
-
 def _run(cfg, out, updates=None):
     """One in-process run; ``updates[round]`` collects every update as its client sent it."""
 

@@ -73,7 +73,6 @@ def stamped_client_app(cfg) -> ClientApp:
     return app
 
 
-
 def test_backend_config_joins_a_cluster_without_resource_arguments():
     local = config.load(CONFIGS / "tiny.toml", {"simulation.cpus": 3})
     joined = config.load(
