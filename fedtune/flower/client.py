@@ -234,7 +234,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
     mu = float(conf.get("proximal-mu", 0.0))
     correct = None
     if cfg.aggregation.server_optimizer == "scaffold":
-        c, c_i, correct = _scaffold_start(msg, context, model, global_state)
+        c_i, correct = _scaffold_start(msg, context, model, global_state)
     delta, metrics = _train_delta(ws, model, data, cfg, context, global_state, rnd, pid, mu, correct)
     if correct is not None:
         from fedtune.aggregation.scaffold import client_control_update
@@ -305,7 +305,7 @@ def handle_train(msg: Message, context: Context, cfg: FedtuneConfig) -> Message:
 
 
 def _scaffold_start(msg: Message, context: Context, model, global_state: Delta):
-    """SCAFFOLD (`fedtune.aggregation.scaffold`): (c, c_i, the gradient correction c - c_i for ``model``).
+    """SCAFFOLD (`fedtune.aggregation.scaffold`): (c_i, the gradient correction c - c_i for ``model``).
 
     c comes with the global adapter; c_i is this node's, zero at its first round. The
     correction is keyed like the adapter state; it reaches the model's parameters by
@@ -320,7 +320,7 @@ def _scaffold_start(msg: Message, context: Context, model, global_state: Delta):
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     corr = {n: p.detach().clone() for n, p in params.items()}
     adapters.set_state_(model, global_state)
-    return c, c_i, LocalCorrection(params, corr)
+    return c_i, LocalCorrection(params, corr)
 
 
 def _by_state_key(model, by_name: Delta, like: Delta) -> Delta:
