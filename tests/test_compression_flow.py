@@ -187,3 +187,96 @@ def test_a_client_with_no_copy_starts_from_its_seeded_version_0(tiny_cfg, tmp_pa
     # round 1's downlink is one int8 payload a client: about a quarter of the fp32 adapter
     dense = sum(v.numel() * 4 for v in loop.protocol.broadcast.public.values())
     assert max(rows[1]["bytes_down_per_client"].values()) < 0.3 * dense + 1024
+
+
+def test_delta_catchup_sends_one_payload_of_the_global_minus_the_node_copy(tiny_cfg, tmp_path):
+    """``downlink_catchup = "delta"``: a returning node gets one payload, codec(global - its copy), however
+    many rounds it missed; its copy becomes copy + decoded, the same on both sides, bit for bit."""
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 6,
+            "federation.fraction_train": 0.5,
+            "compression.downlink": "int8",
+            "compression.downlink_catchup": "delta",
+        }
+    )
+    codec = build_codec(cfg.compression, "downlink")
+    held: dict[int, dict] = {}  # node -> the copy it held after its last round (computed here, by hand)
+    seen: list[tuple[int, int, int]] = []  # (round, node, payloads)
+
+    def client(msg, ctx):
+        rnd = int(msg.content[P.CONFIG]["server-round"])
+        down = msg.content[P.DOWNLINK] if P.DOWNLINK in msg.content else None
+        assert down is not None, "every node starts from its seeded version 0, so no full copy is needed here"
+        seen.append((rnd, ctx.node_id, len(down["payloads"])))
+        glob = loop.protocol.broadcast.public  # the global the round trains from
+        prev = held.get(ctx.node_id, loop.protocol.broadcast.base)
+        change = {k: glob[k] - prev[k] for k in glob}
+        step = codec.decode(codec.encode(change, seed=0), {k: tuple(v.shape) for k, v in change.items()}, seed=0)
+        held[ctx.node_id] = {k: prev[k] + step[k] for k in prev}
+        reply = handle_train(msg, ctx, cfg)
+        mine = from_arrayrecord(ctx.state[P.GLOBAL_COPY])
+        for k, v in held[ctx.node_id].items():
+            torch.testing.assert_close(mine[k], v, rtol=0, atol=0)
+        return reply
+
+    loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
+    loop.main(LocalGrid(cfg.federation.num_clients, client))
+    assert {n for _, _, n in seen} == {1}
+    rounds_of = {}
+    for rnd, node, _ in seen:
+        rounds_of.setdefault(node, []).append(rnd)
+    assert any(b - a > 1 for rs in rounds_of.values() for a, b in zip(rs, rs[1:])), "some node should miss rounds"
+    for node, copy in held.items():  # the server's record of each node's copy is the node's own
+        for k, v in copy.items():
+            torch.testing.assert_close(loop.protocol.broadcast.copies[node][k], v, rtol=0, atol=0)
+    # one int8 payload per client-round, whatever the gap: about a quarter of the fp32 adapter
+    dense = loop.protocol.broadcast.full_bytes
+    rows = metrics_rows(tmp_path)
+    assert max(max(r["bytes_down_per_client"].values()) for r in rows[1:]) < 0.3 * dense + 1024
+
+
+@pytest.mark.parametrize("catchup", ["replay", "delta"])
+def test_a_node_whose_update_was_dropped_gets_the_full_adapter_next(tiny_cfg, tmp_path, catchup):
+    """A node whose reply is dropped may or may not keep the copy it was sent: it gets the full adapter in its
+    next round (not a payload against a version it may not hold), then payloads again."""
+    cfg = tiny_cfg.replace(
+        **{
+            "federation.rounds": 3,
+            "compression.codec": "int8",
+            "compression.downlink": "int8",
+            "compression.downlink_catchup": catchup,
+        }
+    )
+    kinds: dict[tuple[int, int], str] = {}
+    bad = {}
+
+    def client(msg, ctx):
+        rnd = int(msg.content[P.CONFIG]["server-round"])
+        kinds[rnd, ctx.node_id] = "downlink" if P.DOWNLINK in msg.content else "arrays"
+        reply = handle_train(msg, ctx, cfg)
+        if rnd == 1 and not bad:  # the first node reached sends a truncated payload (it kept its new copy)
+            bad["node"] = ctx.node_id
+            upd = reply.content[P.UPDATE]
+            reply.content[P.UPDATE] = ConfigRecord({"codec": upd["codec"], "payload": bytes(upd["payload"])[:-3]})
+        return reply
+
+    loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
+    loop.main(LocalGrid(cfg.federation.num_clients, client))
+    rows = metrics_rows(tmp_path)
+    n = cfg.federation.num_clients
+    assert [r["node"] for r in rows[1]["rejected"]] == [bad["node"]]
+    assert rows[2]["accepted"] == n and rows[3]["accepted"] == n
+    assert kinds[2, bad["node"]] == "arrays" and kinds[3, bad["node"]] == "downlink"
+    assert all(kind == "downlink" for (rnd, node), kind in kinds.items() if node != bad["node"])
+
+
+def test_downlink_catchup_is_checked():
+    from fedtune.compression.config import CompressionConfig
+    from fedtune.errors import ConfigError
+
+    assert CompressionConfig(downlink="sign", downlink_catchup="delta").downlink_catchup == "delta"
+    with pytest.raises(ConfigError, match="compression.downlink_catchup: applies to a compressed downlink"):
+        CompressionConfig(downlink_catchup="delta")
+    with pytest.raises(ConfigError, match="compression.downlink_catchup.*'merge'"):
+        CompressionConfig(downlink="int8", downlink_catchup="merge")

@@ -19,6 +19,11 @@ class CompressionConfig(Section):
         downlink: codec for the server's broadcast of the aggregated delta.
             The server must apply the *decoded* broadcast to its own copy of the
             global adapter so that server and clients stay identical.
+        downlink_catchup: what a client that missed rounds is sent (with a
+            compressed ``downlink``): ``"replay"``, the payload of every round
+            since its copy (one public copy for all clients), or ``"delta"``, one
+            payload of the global minus the copy it holds, which the server keeps
+            per node (one adapter of server memory per node that has taken part).
         ratio: fraction of entries top-k / rand-k keep per tensor, in (0, 1];
             ``k = min(n, ceil(ratio * n))``.
         block_size: values per int8/int4/sign scale; None = one scale per tensor.
@@ -45,6 +50,7 @@ class CompressionConfig(Section):
     SECTION = "compression"
     codec: str = "none"
     downlink: str = "none"
+    downlink_catchup: str = "replay"
     ratio: float = 0.1
     block_size: int | None = None
     ternary_alpha: float = 1.0
@@ -63,6 +69,12 @@ class CompressionConfig(Section):
                 e.append(
                     f"compression.{name}: unknown codec; valid codecs are {', '.join(VALID_CODECS)} (got {value!r})"
                 )
+        choice(e, "compression.downlink_catchup", self.downlink_catchup, ("replay", "delta"))
+        if self.downlink_catchup != "replay" and self.downlink == "none":
+            e.append(
+                "compression.downlink_catchup: applies to a compressed downlink, and compression.downlink is 'none' "
+                f"(every client gets the full adapter) (got {self.downlink_catchup!r})"
+            )
         choice(e, "compression.small_codec", self.small_codec, ("same", *VALID_CODECS))
         if self.small_codec != "same" and self.codec == "none":
             e.append(

@@ -182,38 +182,59 @@ def build_strategy(cfg: FedtuneConfig) -> Strategy:
 
 
 class Broadcast:
-    """Compressed downlink: every client tracks one *public* copy of the global adapter.
+    """Compressed downlink: each client holds a copy of the global adapter the server can reproduce.
 
+    ``compression.downlink_catchup = "replay"``: every client tracks one *public* copy.
     Each round the server compresses ``global - public`` (so what compression
     dropped last round is sent again: error feedback on the downlink), applies the
     decoded change to ``public`` and keeps the payload. A client that holds version
-    v receives the payloads v+1..r. Version 0 is the seeded initial adapter, which
-    every client builds itself, so a client with no copy yet receives the payloads
-    1..r with the digest of version 0 (`state_digest`) to check its own against.
-    A client gets ``public`` in full instead when that is smaller than the payloads
-    it needs, when it is too far behind (its payloads are no longer kept), or when
-    it could not start from version 0 (its reply was an error). Clients train
-    from ``public``; the server adds their deltas to the true global. With
-    ``shared_base`` False (a version 0 no client built itself: a prototype head,
-    `install_head`) every node gets the full copy the first time.
+    v receives the payloads v+1..r.
+
+    ``"delta"``: the server keeps each node's copy and sends one payload,
+    ``global - copy`` compressed, whatever the number of rounds the node missed
+    (what compression dropped stays in the difference: error feedback per node);
+    the node's copy advances by the decoded payload once its reply is accepted. The
+    copies cost the server one adapter per node that has taken part. In both modes
+    a node whose reply was an error after it held a copy gets the adapter in full
+    next time (it may have kept the copy it was sent, or not).
+
+    Version 0 is the seeded initial adapter, which every client builds itself, so a
+    client with no copy yet starts from it, with the digest of version 0
+    (`state_digest`) to check its own against. A client gets the adapter in full
+    instead when that is smaller than what it needs, when it is too far behind
+    (replay: its payloads are no longer kept), or when it could not start from
+    version 0 (its reply was an error). Clients train from their copy; the server
+    adds their deltas to the true global. With ``shared_base`` False (a version 0
+    no client built itself: a prototype head, `install_head`) every node gets the
+    full copy the first time.
     """
 
     def __init__(self, cfg: FedtuneConfig, state: Delta, max_payloads: int = 32, *, shared_base: bool = True):
         from fedtune.compression import build_codec
 
         self.codec = build_codec(cfg.compression, "downlink")
+        self.per_node = cfg.compression.downlink_catchup == "delta"
         self.keys = sorted(state)
-        self.public = {k: state[k].clone() for k in self.keys}
+        self.public = {k: state[k].clone() for k in self.keys}  # replay: the public copy; delta: the global
+        self.base = {k: state[k].clone() for k in self.keys} if self.per_node else None
         self.base_digest = state_digest(self.public)  # version 0
         self.payloads: dict[int, bytes] = {}
         self.version = 0
         self.node_version: dict[int, int] = {}
         self.no_base: set[int] = set()  # nodes sent from version 0 whose reply was an error: full copies
+        self.copies: dict[int, Delta] = {}  # delta: each node's copy, as of node_version
+        self.pending: dict[int, Delta] = {}  # delta: the copy a node holds once this round's reply is accepted
+        self.resync: set[int] = set()  # nodes whose reply was an error after they held a copy: the full adapter next
         self.shared_base = shared_base
         self.max_payloads = max_payloads
         self.full_bytes = sum(v.numel() * 4 for v in self.public.values())
 
     def advance(self, rnd: int, state: Delta) -> None:
+        self.version = rnd
+        if self.per_node:
+            self.public = {k: state[k].clone() for k in self.keys}
+            self.pending.clear()
+            return
         change = {k: state[k] - self.public[k] for k in self.keys}
         payload = self.codec.encode(change, seed=0)
         decoded = self.codec.decode(payload, {k: tuple(v.shape) for k, v in change.items()}, seed=0)
@@ -221,29 +242,54 @@ class Broadcast:
             self.public[k] = self.public[k] + decoded[k]
         self.payloads[rnd] = payload
         self.payloads.pop(rnd - self.max_payloads, None)
-        self.version = rnd
 
     def content_for(self, node: int, config: ConfigRecord) -> RecordDict:
         have = self.node_version.get(node)
         if have is None and node not in self.no_base and self.shared_base:
             have = 0
+        if node in self.resync:
+            have = None
+        if self.per_node:
+            return self._delta_for(node, have, config)
         needed = list(range(have + 1, self.version + 1)) if have is not None else []
         if have is not None and all(r in self.payloads for r in needed):
             blobs = [self.payloads[r] for r in needed]
             if sum(map(len, blobs)) < self.full_bytes:
-                down = ConfigRecord({"from-version": have, "payloads": blobs})
-                if node not in self.node_version:  # it starts from its own version 0
-                    down["base-digest"] = self.base_digest
-                return RecordDict({P.CONFIG: config, P.DOWNLINK: down})
+                return self._payloads(node, have, blobs, config)
+        return RecordDict({P.CONFIG: config, P.ARRAYS: pack(self.public)})
+
+    def _payloads(self, node: int, have: int, blobs: list[bytes], config: ConfigRecord) -> RecordDict:
+        down = ConfigRecord({"from-version": have, "payloads": blobs})
+        if node not in self.node_version:  # it starts from its own version 0
+            down["base-digest"] = self.base_digest
+        return RecordDict({P.CONFIG: config, P.DOWNLINK: down})
+
+    def _delta_for(self, node: int, have: int | None, config: ConfigRecord) -> RecordDict:
+        if have is not None:
+            copy = self.copies.get(node, self.base)
+            change = {k: self.public[k] - copy[k] for k in self.keys}
+            payload = self.codec.encode(change, seed=0)
+            if len(payload) < self.full_bytes:
+                decoded = self.codec.decode(payload, {k: tuple(v.shape) for k, v in change.items()}, seed=0)
+                self.pending[node] = {k: copy[k] + decoded[k] for k in self.keys}
+                return self._payloads(node, have, [payload], config)
+        self.pending[node] = {k: v.clone() for k, v in self.public.items()}
         return RecordDict({P.CONFIG: config, P.ARRAYS: pack(self.public)})
 
     def acknowledge(self, node: int, rnd: int) -> None:
         self.node_version[node] = rnd
+        self.resync.discard(node)
+        if self.per_node:
+            self.copies[node] = self.pending.pop(node)
 
     def failed(self, node: int) -> None:
-        """``node``'s reply was an error: if it had no copy yet, its version 0 may differ; full copies from now on."""
+        """``node``'s reply was an error: if it had no copy yet, its version 0 may differ (full copies from now
+        on); if it had one, it may hold the old or the new version (the full adapter next time)."""
         if node not in self.node_version:
             self.no_base.add(node)
+        else:
+            self.resync.add(node)
+        self.pending.pop(node, None)
 
 
 class HeteroRanks:
@@ -355,7 +401,8 @@ class RoundProtocol(Protocol):
         ...
 
     def failed(self, node: int) -> None:
-        """The node answered with an error (or the SuperLink did for it)."""
+        """The node answered with an error (or the SuperLink did for it), sent an update that was dropped, or did
+        not answer in time: what it holds of the global is unknown."""
         ...
 
     def install_head(self, head: Delta) -> None:
@@ -941,12 +988,14 @@ class ServerLoop:
             try:
                 metrics = proto.receive(rnd, node, r)
             except (PayloadError, KeyError, TypeError, ValueError) as exc:  # a bad update, never a crash
+                proto.failed(node)  # it may hold what it was sent, or not
                 rejected.append({"node": node, "reason": str(exc)})
                 continue
             clients.append({"node": node, **metrics})
         answered = {r["node"] for r in rejected} | {c["node"] for c in clients}
         for node in nodes:
             if node not in answered:
+                proto.failed(node)
                 rejected.append(
                     {
                         "node": node,
