@@ -33,19 +33,17 @@ declare -A ROWS=(
   # (from the seeded initial adapter in its first round), or the full adapter when smaller
   [sign-rms-head4-down-sign]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4,compression.downlink=sign"
   # one payload down a client-round whatever the rounds it missed: the global minus the copy the server
-  # keeps for that node (compression.downlink_catchup = "delta"); then fewer coordinates: LoRA rank 2 / 1
+  # keeps for that node (compression.downlink_catchup = "delta")
   [sign-rms-head4-down-delta]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4,compression.downlink=sign,compression.downlink_catchup=delta"
-  [r2-sign-rms-head4-down-delta]="adapter.r=2,adapter.alpha=4,compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4,compression.downlink=sign,compression.downlink_catchup=delta"
-  [r1-sign-rms-head4-down-delta]="adapter.r=1,adapter.alpha=2,compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4,compression.downlink=sign,compression.downlink_catchup=delta"
+  # fewer coordinates: LoRA rank 2 (19,202 values with the head), uncompressed
   [r2-fp32]="adapter.r=2,adapter.alpha=4"
-  [r1-fp32]="adapter.r=1,adapter.alpha=2"
   # SecAgg+ (the server sees only the masked sum): masked values packed at log2(modulus_range) bits
   [secagg]="aggregation.secure=secagg+"
   # every client masks the same random-k coordinates, drawn from the round seed; n/k-scaled
   [secagg-randk25]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25,compression.randk_unbiased=true"
   [secagg-randk25-biased]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25"
 )
-ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 sign-rms-head4-down-sign sign-rms-head4-down-delta r2-fp32 r2-sign-rms-head4-down-delta r1-fp32 r1-sign-rms-head4-down-delta secagg secagg-randk25 secagg-randk25-biased)
+ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 sign-rms-head4-down-sign sign-rms-head4-down-delta r2-fp32 secagg secagg-randk25 secagg-randk25-biased)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done

@@ -3,6 +3,7 @@
 # silos, the template "Review: {text}\nSentiment:" and the words " negative" / " positive") under
 # zeroth-order training and differential privacy, next to gradient LoRA on the same model and
 # objective. Pass row names to run a subset: bench/sentiment_llm.sh zo-sb
+# The DP rows on IMDB (the cross-silo DP table): SETS="data.dataset=imdb data.max_test_examples=1000"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,8 +26,10 @@ declare -A ROWS=(
   [zo-sb]="$ZO"
   [dp-nonprivate]="$ALL10"
   [dp-eps8]="$ALL10,$SDP,privacy.target_epsilon=8"
+  [dp-eps3]="$ALL10,$SDP,privacy.target_epsilon=3"
+  [dp-eps1]="$ALL10,$SDP,privacy.target_epsilon=1"
 )
-ORDER=(lora lora-sb zo-sb dp-nonprivate dp-eps8)
+ORDER=(lora lora-sb zo-sb dp-nonprivate dp-eps8 dp-eps3 dp-eps1)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
