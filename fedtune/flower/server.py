@@ -195,8 +195,9 @@ class Broadcast:
     (what compression dropped stays in the difference: error feedback per node);
     the node's copy advances by the decoded payload once its reply is accepted. The
     copies cost the server one adapter per node that has taken part. In both modes
-    a node whose reply was an error after it held a copy gets the adapter in full
-    next time (it may have kept the copy it was sent, or not).
+    a node whose reply was an error, was dropped or never came, after it held a
+    copy, gets the adapter in full next time (it may have kept the copy it was
+    sent, or not).
 
     Version 0 is the seeded initial adapter, which every client builds itself, so a
     client with no copy yet starts from it, with the digest of version 0
@@ -221,10 +222,10 @@ class Broadcast:
         self.payloads: dict[int, bytes] = {}
         self.version = 0
         self.node_version: dict[int, int] = {}
-        self.no_base: set[int] = set()  # nodes sent from version 0 whose reply was an error: full copies
+        self.no_base: set[int] = set()  # nodes sent from version 0 whose reply failed: full copies
         self.copies: dict[int, Delta] = {}  # delta: each node's copy, as of node_version
         self.pending: dict[int, Delta] = {}  # delta: the copy a node holds once this round's reply is accepted
-        self.resync: set[int] = set()  # nodes whose reply was an error after they held a copy: the full adapter next
+        self.resync: set[int] = set()  # nodes whose reply failed after they held a copy: the full adapter next
         self.shared_base = shared_base
         self.max_payloads = max_payloads
         self.full_bytes = sum(v.numel() * 4 for v in self.public.values())
@@ -283,8 +284,9 @@ class Broadcast:
             self.copies[node] = self.pending.pop(node)
 
     def failed(self, node: int) -> None:
-        """``node``'s reply was an error: if it had no copy yet, its version 0 may differ (full copies from now
-        on); if it had one, it may hold the old or the new version (the full adapter next time)."""
+        """``node``'s reply was an error, was dropped or never came: if it had no copy yet, its version 0 may
+        differ (full copies until a reply is accepted); if it had one, it may hold the old or the new version
+        (the full adapter next time)."""
         if node not in self.node_version:
             self.no_base.add(node)
         else:
