@@ -280,3 +280,36 @@ def test_downlink_catchup_is_checked():
         CompressionConfig(downlink_catchup="delta")
     with pytest.raises(ConfigError, match="compression.downlink_catchup.*'merge'"):
         CompressionConfig(downlink="int8", downlink_catchup="merge")
+
+
+@pytest.mark.parametrize("catchup", ["replay", "delta"])
+def test_a_node_whose_reply_was_lost_gets_the_full_adapter_next(tiny_cfg, tmp_path, catchup):
+    """The node trained (and kept the copy it was sent) but its reply never reached the server: the round
+    names it as timed out, and its next round gets the full adapter, which it accepts."""
+    cfg = tiny_cfg.replace(
+        **{"federation.rounds": 3, "compression.downlink": "int8", "compression.downlink_catchup": catchup}
+    )
+    kinds: dict[tuple[int, int], str] = {}
+    lost = 1001
+
+    class LossyGrid(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            replies = super().send_and_receive(messages, timeout=timeout)
+            rounds = {int(m.content[P.CONFIG]["server-round"]) for m in messages if P.DOWNLINK in m.content}
+            return [r for r in replies if not (rounds == {2} and r.metadata.src_node_id == lost)]
+
+    def client(msg, ctx):
+        kinds[int(msg.content[P.CONFIG]["server-round"]), ctx.node_id] = (
+            "downlink" if P.DOWNLINK in msg.content else "arrays"
+        )
+        return handle_train(msg, ctx, cfg)
+
+    loop = ServerLoop(cfg, tmp_path, progress=lambda s: None)
+    loop.main(LossyGrid(cfg.federation.num_clients, client))
+    rows = metrics_rows(tmp_path)
+    n = cfg.federation.num_clients
+    assert [r["node"] for r in rows[2]["rejected"]] == [lost]
+    assert "no reply within" in rows[2]["rejected"][0]["reason"]
+    assert rows[3]["accepted"] == n
+    assert kinds[3, lost] == "arrays" and kinds[2, lost] == "downlink"
