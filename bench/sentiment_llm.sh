@@ -28,8 +28,10 @@ declare -A ROWS=(
   [dp-eps8]="$ALL10,$SDP,privacy.target_epsilon=8"
   [dp-eps3]="$ALL10,$SDP,privacy.target_epsilon=3"
   [dp-eps1]="$ALL10,$SDP,privacy.target_epsilon=1"
+  # per-example clipping without noise (no privacy: epsilon is infinite): what clipping alone costs
+  [dp-clip-only]="$ALL10,$SDP,privacy.noise_multiplier=0.0"
 )
-ORDER=(lora lora-sb zo-sb dp-nonprivate dp-eps8 dp-eps3 dp-eps1)
+ORDER=(lora lora-sb zo-sb dp-nonprivate dp-eps8 dp-eps3 dp-eps1 dp-clip-only)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
