@@ -236,13 +236,16 @@ class Broadcast:
             self.public = {k: state[k].clone() for k in self.keys}
             self.pending.clear()
             return
-        change = {k: state[k] - self.public[k] for k in self.keys}
-        payload = self.codec.encode(change, seed=0)
-        decoded = self.codec.decode(payload, {k: tuple(v.shape) for k, v in change.items()}, seed=0)
+        payload, decoded = self._coded({k: state[k] - self.public[k] for k in self.keys})
         for k in self.keys:
             self.public[k] = self.public[k] + decoded[k]
         self.payloads[rnd] = payload
         self.payloads.pop(rnd - self.max_payloads, None)
+
+    def _coded(self, change: Delta) -> tuple[bytes, Delta]:
+        """``change`` through the downlink codec: the payload, and what a client decodes from it."""
+        payload = self.codec.encode(change, seed=0)
+        return payload, self.codec.decode(payload, {k: tuple(v.shape) for k, v in change.items()}, seed=0)
 
     def content_for(self, node: int, config: ConfigRecord) -> RecordDict:
         have = self.node_version.get(node)
@@ -268,10 +271,8 @@ class Broadcast:
     def _delta_for(self, node: int, have: int | None, config: ConfigRecord) -> RecordDict:
         if have is not None:
             copy = self.copies.get(node, self.base)
-            change = {k: self.public[k] - copy[k] for k in self.keys}
-            payload = self.codec.encode(change, seed=0)
+            payload, decoded = self._coded({k: self.public[k] - copy[k] for k in self.keys})
             if len(payload) < self.full_bytes:
-                decoded = self.codec.decode(payload, {k: tuple(v.shape) for k, v in change.items()}, seed=0)
                 self.pending[node] = {k: copy[k] + decoded[k] for k in self.keys}
                 return self._payloads(node, have, [payload], config)
         self.pending[node] = {k: v.clone() for k, v in self.public.items()}
