@@ -20,9 +20,9 @@ declare -A ROWS=(
   [a0.1-fedadam]="data.dirichlet_alpha=0.1,aggregation.server_optimizer=fedadam,aggregation.server_lr=0.01"
   [a0.1-fedprox]="data.dirichlet_alpha=0.1,aggregation.server_optimizer=fedprox,aggregation.proximal_mu=0.01"
   [a0.1-scaffold]="data.dirichlet_alpha=0.1,aggregation.server_optimizer=scaffold"
-  # FedAvgM: server momentum over the rounds' mean updates, so one step carries the last few rounds' silos
   [a0.5-fedprox]="data.dirichlet_alpha=0.5,aggregation.server_optimizer=fedprox,aggregation.proximal_mu=0.01"
   [a0.5-sgd]="data.dirichlet_alpha=0.5,train.optimizer=sgd,train.momentum=0.9,train.lr=5e-2"
+  # FedAvgM: server momentum over the rounds' mean updates, so one step carries the last few rounds' silos
   [a0.5-fedavgm]="data.dirichlet_alpha=0.5,aggregation.server_optimizer=fedavgm,aggregation.server_lr=1.0,aggregation.server_momentum=0.5"
   [a0.5-fedavgm-m8]="data.dirichlet_alpha=0.5,aggregation.server_optimizer=fedavgm,aggregation.server_lr=0.3,aggregation.server_momentum=0.8"
 )
