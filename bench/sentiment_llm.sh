@@ -23,6 +23,10 @@ SDP="privacy.mode=sample,privacy.max_grad_norm=1.0,privacy.delta=1e-5"
 # logical batches of 64 (two physical batches of 32): at 8 steps opacus' z grows far slower than the
 # batch (0.40 -> 0.44 on the largest silo at epsilon 8), so the noise on each mean gradient nearly halves
 B64="train.batch_size=64,train.physical_batch_size=32"
+# Fed-SB factors from the gradient on public reviews (adapter.sb_factors = "gradient"): the other
+# bundled review set than the run's (PUBLIC=rotten_tomatoes for the IMDB rows), 128 of them
+PUBLIC=${PUBLIC:-imdb}
+GF="adapter.sb_factors=gradient,adapter.sb_public_data=$PUBLIC,adapter.sb_public_examples=128"
 declare -A ROWS=(
   [lora]=""
   [lora-sb]="adapter.method=lora-sb,train.lr=5e-3"
@@ -33,6 +37,11 @@ declare -A ROWS=(
   [dp-eps1]="$ALL10,$SDP,privacy.target_epsilon=1"
   # per-example clipping without noise (no privacy: epsilon is infinite): what clipping alone costs
   [dp-clip-only]="$ALL10,$SDP,privacy.noise_multiplier=0.0"
+  [dp-gf-nonprivate]="$ALL10,$GF"
+  [dp-gf-eps8]="$ALL10,$GF,$SDP,privacy.target_epsilon=8"
+  [dp-gf-eps3]="$ALL10,$GF,$SDP,privacy.target_epsilon=3"
+  [dp-gf-eps1]="$ALL10,$GF,$SDP,privacy.target_epsilon=1"
+  [lora-sb-gf]="adapter.method=lora-sb,train.lr=5e-3,$GF"
   [dp-b64-nonprivate]="$ALL10,$B64"
   [dp-b64-eps8]="$ALL10,$B64,$SDP,privacy.target_epsilon=8"
 )

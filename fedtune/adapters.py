@@ -77,10 +77,10 @@ def wrap(base, cfg: AdapterConfig, task: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         model = get_peft_model(base, pcfg)
-    if cfg.method == "lora-sb":  # A and B fixed from init_seed, only the r x r cores (and the head) train
+    if cfg.method == "lora-sb":  # A and B fixed (init_seed or the base's SVD), only the r x r cores and head train
         from fedtune import lorasb
 
-        lorasb.convert_(model, cfg.init_seed)
+        lorasb.convert_(model, cfg.init_seed, cfg.sb_factors)
     if cfg.ffa:  # FFA-LoRA: only B and the head train
         freeze_(model, ".lora_A.", ".lora_embedding_A.")
     if cfg.method == "head":  # every LoRA matrix (B = 0 at initialisation: an identity)

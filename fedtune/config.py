@@ -78,6 +78,14 @@ class AdapterConfig(Section):
     ``init_seed`` on every party, only an ``r`` x ``r`` core per adapted matrix and
     the head train and travel).
 
+    ``sb_factors``: where LoRA-SB's fixed ``A`` and ``B`` come from (`fedtune.lorasb`).
+    ``"random"``: scaled Gaussians drawn from ``init_seed``. ``"svd"``: the top-``r``
+    singular vectors of each adapted base weight (LoRA-XS). ``"gradient"``: the top-``r``
+    singular vectors of each adapted weight's gradient on ``sb_public_examples`` examples
+    of the *public* dataset ``sb_public_data`` (LoRA-SB's initialisation, on public data
+    as in Zhou et al. 2021's public gradient subspace), so the core trains where the
+    task's gradient lies; every party computes it from the same public examples.
+
     ``head_init``: how a classifier's head starts. ``"random"``: as the model is built
     (seeded, the same on every party). ``"prototypes"``: before round 1 every node sends
     its per-class means of the pooled features the head sees, and the head starts as the
@@ -95,10 +103,31 @@ class AdapterConfig(Section):
     ffa: bool = False
     init_seed: int = 0
     head_init: str = "random"
+    sb_factors: str = "random"
+    sb_public_data: str = ""
+    sb_public_examples: int = 64
 
     def problems(self) -> list[str]:
         e: list[str] = []
         choice(e, "adapter.method", self.method, ("lora", "dora", "prompt", "head", "lora-sb"))
+        choice(e, "adapter.sb_factors", self.sb_factors, ("random", "svd", "gradient"))
+        positive(e, "adapter.sb_public_examples", self.sb_public_examples)
+        if self.sb_factors != "random" and self.method != "lora-sb":
+            e.append(
+                f"adapter.sb_factors: sets the fixed factors of adapter.method = 'lora-sb', and the method is "
+                f"{self.method!r}; set adapter.method = 'lora-sb' or leave sb_factors out (got {self.sb_factors!r})"
+            )
+        if self.sb_factors == "gradient" and not self.sb_public_data:
+            e.append(
+                "adapter.sb_public_data: sb_factors = 'gradient' takes the gradient on public examples; name a "
+                "bundled dataset or a file that every party holds (got '')"
+            )
+        if self.sb_public_data and self.sb_factors != "gradient":
+            e.append(
+                f"adapter.sb_public_data: only sb_factors = 'gradient' reads it, and sb_factors is "
+                f"{self.sb_factors!r}; set sb_factors = 'gradient' or leave sb_public_data out "
+                f"(got {self.sb_public_data!r})"
+            )
         choice(e, "adapter.head_init", self.head_init, ("random", "prototypes"))
         positive(e, "adapter.r", self.r)
         positive(e, "adapter.alpha", self.alpha)
@@ -500,6 +529,22 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
         errors.append(
             "model.quantization: '4bit' cannot be combined with model.device = 'cpu' "
             "(QLoRA through bitsandbytes needs a CUDA device); use 'none' or device = 'cuda'"
+        )
+    if cfg.adapter.sb_factors in ("svd", "gradient") and cfg.model.quantization != "none":
+        errors.append(
+            f"adapter.sb_factors: {cfg.adapter.sb_factors!r} factors the base weights or their gradient, which "
+            f"model.quantization = {cfg.model.quantization!r} does not keep in full precision; use sb_factors = "
+            "'random' or quantization = 'none'"
+        )
+    if (
+        cfg.adapter.sb_factors == "gradient"
+        and cfg.privacy.mode != "none"
+        and (cfg.adapter.sb_public_data == cfg.data.dataset)
+    ):
+        errors.append(
+            f"adapter.sb_public_data: the factors would be a gradient of data.dataset itself, the data "
+            f"privacy.mode = {cfg.privacy.mode!r} protects, and that gradient is not privatised; name a public "
+            f"dataset (got {cfg.adapter.sb_public_data!r})"
         )
     if cfg.privacy.mode == "sample" and cfg.adapter.method == "dora":
         errors.append(

@@ -25,7 +25,7 @@ import importlib.util
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -283,6 +283,18 @@ def num_labels(splits: Splits, requested: int | None, dataset: str) -> int:
             f"unset model.num_labels to take the count from the data (got {requested!r})"
         )
     return n
+
+
+def public_sample(cfg: DataConfig, dataset: str, n: int, seed: int, task: str) -> list[Example]:
+    """``n`` examples of ``dataset`` (bundled name or file, read with ``cfg``'s columns), or all
+    of them if it has fewer: a seeded sample, the same on every party (``adapter.sb_public_data``)."""
+    ex = load_examples(replace(cfg, dataset=dataset, domains=()), task)
+    if not ex:
+        raise ConfigError(f"adapter.sb_public_data: {dataset!r} has no examples")
+    if task != CAUSAL_LM:
+        ex, _ = encode_labels(ex)
+    keep = np.random.default_rng(seed).permutation(len(ex))[:n]
+    return [ex[i] for i in sorted(keep.tolist())]
 
 
 def split(cfg: DataConfig, task: str) -> Splits:

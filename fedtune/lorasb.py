@@ -13,17 +13,35 @@ arXiv:2502.15436). Two consequences make it fit federated and private training:
   client sends ``r * r`` numbers per adapted matrix (plus the head);
 - DP-SGD noises ``r * r`` coordinates per matrix instead of ``r * (in + out)``.
 
-Initialisation (a choice, documented here): ``A`` and ``B`` are scaled Gaussian
-matrices, ``A ~ N(0, 1/in)`` and ``B ~ N(0, 1/out)`` (near-orthonormal rows of
-``A`` and columns of ``B`` for ``r << in, out``), drawn from one CPU
-``torch.Generator`` seeded with ``adapter.init_seed`` in module order, so every
-client and the server draw bit-identical factors without exchanging them; ``R``
-starts at zero, so the adapted model starts as the base model and the core still
-gets a gradient (``A`` and ``B`` are non-zero). LoRA-SB itself initialises from a
-truncated SVD of the full-fine-tuning gradient of a few steps; that needs
-training data before round 1 (under DP a release of its own to account for) and a
-factorisation whose bits depend on the linear-algebra library, so it is not done
-here. Exactly orthonormal factors (QR) were left out for the same reason.
+Initialisation (``adapter.sb_factors``). Every party computes the factors on its own,
+so they never travel; ``R`` starts at zero, so the adapted model starts as the base
+model, and the core still gets a gradient (``A`` and ``B`` are non-zero):
+
+- ``"random"`` (default): ``A ~ N(0, 1/in)`` and ``B ~ N(0, 1/out)`` (near-orthonormal
+  rows of ``A`` and columns of ``B`` for ``r << in, out``), drawn from one CPU
+  ``torch.Generator`` seeded with ``adapter.init_seed`` in module order: bit-identical
+  on every machine. The core then trains in a random subspace.
+- ``"svd"`` (LoRA-XS: Bałazy et al., "LoRA-XS: Low-Rank Adaptation with Extremely Small
+  Number of Parameters", arXiv:2405.17604): ``A = V_r^T`` and ``B = U_r``, the top-``r``
+  right and left singular vectors of the adapted base weight (`svd_factors`), so ``B R A``
+  moves the weight inside its principal subspace. Data-free; computed in float64 on the
+  CPU with a fixed sign rule, so parties with the same base weights and torch build get
+  the same factors (another LAPACK build may differ in the last bits of float32, which
+  moves ``B mean(R) A`` by as little).
+
+- ``"gradient"`` (LoRA-SB's own initialisation, `gradient_factors_`): ``A`` and ``B`` from
+  the top-``r`` singular vectors of each adapted weight's gradient at the base model, taken
+  on ``adapter.sb_public_examples`` examples of a *public* dataset that every party holds
+  (``adapter.sb_public_data``; using public data to find the gradient subspace of a
+  private task is Zhou et al. 2021, arXiv:2007.03813). LoRA-SB takes it on the training
+  data; here that would be a release of private data before round 1, so only public data
+  is accepted (under DP, a dataset other than the private one). The gradient is taken in
+  the model's dtype without autocast, so parties on the same hardware and torch build get
+  the same bits; elsewhere the factors agree to float rounding unless two of the top
+  singular values nearly tie.
+
+The singular vectors are unit-norm like the random factors, so one learning rate serves
+all three (LoRA-XS folds the singular values into ``B``; they are left out for that reason).
 
 On top of peft: the model is an ordinary peft LoRA (``LoraConfig``); each LoRA
 layer gets a ``lora_R`` ``ModuleDict`` holding an ``nn.Linear(r, r)`` (so opacus
@@ -34,6 +52,8 @@ model back into a plain LoRA (``B' = B R``) that peft's own loader reads.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
@@ -83,11 +103,69 @@ def fixed_factors(r: int, fan_in: int, fan_out: int, generator: torch.Generator)
     return a, b
 
 
-def convert_(model: nn.Module, seed: int) -> int:
+def svd_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B) = (V_r^T, U_r)`` of ``weight`` (out x in), float32 on the CPU (LoRA-XS).
+
+    ``U_r`` and ``V_r`` are the left and right singular vectors of the ``r`` largest
+    singular values, computed in float64 on the CPU. Signs are fixed as scikit-learn's
+    ``svd_flip`` fixes them: the largest-magnitude entry of each column of ``U_r`` is
+    positive (a singular pair is defined only up to a shared sign).
+    """
+    out_features, in_features = weight.shape
+    if r > min(out_features, in_features):
+        raise ConfigError(
+            f"adapter.r: 'svd' factors take the top r singular vectors of each adapted weight, and a "
+            f"{out_features} x {in_features} weight has {min(out_features, in_features)}; lower adapter.r "
+            f"(got {r})"
+        )
+    u, _, vh = torch.linalg.svd(weight.detach().to("cpu", torch.float64), full_matrices=False)
+    u, vh = u[:, :r], vh[:r]
+    signs = torch.sign(u.gather(0, u.abs().argmax(dim=0, keepdim=True)))
+    signs[signs == 0] = 1.0
+    return (vh * signs.T).float(), (u * signs).float()
+
+
+def gradient_factors_(model: nn.Module, losses: Iterable[torch.Tensor]) -> int:
+    """Give every LoRA-SB layer of ``model`` the `svd_factors` of its base weight's gradient; return how many.
+
+    LoRA-SB's initialisation (Ponkshe et al.): the top-``r`` singular vectors of the
+    full-weight gradient, so the ``r x r`` core holds the directions the task's gradient
+    takes instead of random ones. ``losses`` yields the losses whose summed gradient is
+    factored (one per batch, weighted by the caller); it is consumed with the adapted
+    base weights requiring grad, at the model's present cores (zero for a fresh adapter:
+    the base model's gradient). Only ``A`` and ``B`` change; every gradient is dropped.
+    """
+    layers = [m for m in model.modules() if isinstance(getattr(m, CORE, None), nn.ModuleDict)]
+    if not layers:
+        raise ValueError("gradient_factors_: the model has no LoRA-SB layer (convert_ it first)")
+    weights = [m.get_base_layer().weight for m in layers]
+    for w in weights:
+        w.requires_grad_(True)
+    try:
+        for loss in losses:
+            loss.backward()
+        with torch.no_grad():
+            for module, w in zip(layers, weights):
+                if w.grad is None:
+                    raise ValueError("gradient_factors_: a LoRA-SB layer got no gradient from the losses")
+                grad = w.grad.T if getattr(module, "fan_in_fan_out", False) else w.grad
+                for adapter, lin_a in module.lora_A.items():
+                    a, b = svd_factors(grad, lin_a.out_features)
+                    lin_a.weight.copy_(a)
+                    module.lora_B[adapter].weight.copy_(b)
+    finally:
+        for w in weights:
+            w.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+    return len(layers)
+
+
+def convert_(model: nn.Module, seed: int, factors: str = "random") -> int:
     """Turn every LoRA layer of a peft LoRA ``model`` into LoRA-SB in place; return how many.
 
-    ``A`` and ``B`` get `fixed_factors` (one generator seeded with ``seed``, in
-    module order) and stop training; a zero ``r x r`` core ``R`` is added and is
+    ``A`` and ``B`` get `fixed_factors` (``factors = "random"``, and ``"gradient"`` until
+    `gradient_factors_` replaces them: one generator seeded with ``seed``, in module order)
+    or `svd_factors` of the layer's base weight (``"svd"``) and stop training; a zero ``r x r`` core ``R`` is added and is
     the only LoRA parameter that trains (the task head, peft's
     ``modules_to_save``, trains as usual).
     """
@@ -111,7 +189,11 @@ def convert_(model: nn.Module, seed: int) -> int:
                     f"{type(lin_a).__name__} (got 'lora-sb')"
                 )
             r = lin_a.out_features
-            a, b = fixed_factors(r, lin_a.in_features, lin_b.out_features, gen)
+            if factors == "svd":
+                weight = module.get_base_layer().weight
+                a, b = svd_factors(weight.T if getattr(module, "fan_in_fan_out", False) else weight, r)
+            else:
+                a, b = fixed_factors(r, lin_a.in_features, lin_b.out_features, gen)
             with torch.no_grad():
                 lin_a.weight.copy_(a)
                 lin_b.weight.copy_(b)
@@ -180,6 +262,8 @@ __all__ = [
     "delta_weight",
     "fixed_factors",
     "folded_state_dict",
+    "gradient_factors_",
     "is_lora_sb",
     "save_pretrained",
+    "svd_factors",
 ]

@@ -215,6 +215,11 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
         from fedtune.labelwords import check_setup
 
         check_setup(cfg.label_words, models.load_tokenizer(resolved), cfg.model.max_length, splits.labels)
+    if cfg.adapter.sb_factors == "gradient":  # the public data loads and fits the task's classes
+        classes = {LABEL_WORDS: len(cfg.label_words.words), CAUSAL_LM: 0}.get(
+            resolved.task, cfg.model.num_labels or len(splits.labels)
+        )
+        public_examples(cfg, resolved.task, classes)
     parts = data.client_indices(cfg.data, splits, cfg.federation.num_clients, resolved.task)
     empty = [i for i, p in enumerate(parts) if not p]
     if empty:
@@ -246,8 +251,50 @@ def build(cfg: FedtuneConfig) -> Workspace:
     ws = Workspace(
         cfg=cfg, resolved=resolved, tokenizer=tok, model=model, device=device, splits=splits, label_word_ids=word_ids
     )
+    if cfg.adapter.sb_factors == "gradient":
+        _public_gradient_factors_(ws)
     ws.initial_state()  # snapshot before any round loads another state
     return ws
+
+
+def public_examples(cfg: FedtuneConfig, task: str, classes: int) -> list[dict]:
+    """The raw public examples that ``adapter.sb_factors = "gradient"`` takes the gradient on;
+    refused if their labels do not fit the ``classes`` the model scores."""
+    ex = data.public_sample(
+        cfg.data, cfg.adapter.sb_public_data, cfg.adapter.sb_public_examples, cfg.adapter.init_seed, task
+    )
+    top = max(e["label"] for e in ex) if task != CAUSAL_LM else -1
+    if top >= classes:
+        raise ConfigError(
+            f"adapter.sb_public_data: {cfg.adapter.sb_public_data!r} has labels up to class {top}, and the model "
+            f"scores {classes} classes; name a public dataset with the task's labels"
+        )
+    return ex
+
+
+def _public_gradient_factors_(ws: Workspace, batch_size: int = 16) -> None:
+    """LoRA-SB's gradient initialisation on public examples (`fedtune.lorasb.gradient_factors_`):
+    the mean loss over them, in eval mode and the model's dtype (no autocast: the same bits on every
+    party with the same hardware)."""
+    from fedtune import lorasb
+    from fedtune.train import batch_loss
+
+    classes = ws.num_labels if ws.task != CAUSAL_LM else 0
+    tokenized = ws.tokenize(public_examples(ws.cfg, ws.task, classes))
+    n = len(tokenized)
+
+    def losses():
+        for i in range(0, n, batch_size):
+            chunk = tokenized[i : i + batch_size]
+            batch = {k: v.to(ws.device) for k, v in data.collate(chunk, ws.pad_id, ws.task).items()}
+            yield batch_loss(ws.model, batch, None) * (len(chunk) / n)
+
+    training = ws.model.training
+    ws.model.eval()
+    try:
+        lorasb.gradient_factors_(ws.model, losses())
+    finally:
+        ws.model.train(training)
 
 
 def export_adapter(ws: Workspace, state: Delta, target) -> None:

@@ -325,8 +325,16 @@ def test_mean_of_cores_is_the_mean_of_the_updates():
             "train.physical_batch_size": 4,
         },
         {"train.mode": "zo"},
+        {
+            "adapter.sb_factors": "gradient",
+            "adapter.sb_public_data": "imdb",
+            "adapter.sb_public_examples": 8,
+            "privacy.mode": "sample",
+            "privacy.noise_multiplier": 1.0,
+            "privacy.max_grad_norm": 1.0,
+        },
     ],
-    ids=["int8-codec", "client-central-dp", "dp-sgd-physical-batches", "zeroth-order"],
+    ids=["int8-codec", "client-central-dp", "dp-sgd-physical-batches", "zeroth-order", "public-gradient-factors-dp"],
 )
 def test_short_federated_runs_compose(tiny_cfg, tmp_path, overrides):
     cfg = tiny_cfg.replace(**{**SB, **overrides})
@@ -391,3 +399,137 @@ def test_all_problems_at_once_and_what_composes(tiny_cfg):
     ):
         assert tiny_cfg.replace(**{**SB, **ok}).adapter.method == "lora-sb"
     assert config.load(None, {"adapter.method": "lora-sb"}).adapter.method == "lora-sb"
+
+
+# ---------------------------------------------------------------- where the fixed factors come from (adapter.sb_factors)
+
+
+def test_svd_factors_are_the_top_singular_vectors_against_numpy():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(20, 24, generator=g)
+    a, b = lorasb.svd_factors(w, 4)
+    assert a.shape == (4, 24) and b.shape == (20, 4) and a.dtype == b.dtype == torch.float32
+    u, s, vh = np.linalg.svd(w.double().numpy())
+    # the subspaces (sign-free): B B^T = U_r U_r^T, A^T A = V_r V_r^T
+    np.testing.assert_allclose((b @ b.T).numpy(), u[:, :4] @ u[:, :4].T, atol=1e-5)
+    np.testing.assert_allclose((a.T @ a).numpy(), vh[:4].T @ vh[:4], atol=1e-5)
+    # and the pairing: B^T W A^T is diag(s_1..s_r) with positive entries
+    np.testing.assert_allclose((b.T @ w @ a.T).numpy(), np.diag(s[:4]), atol=1e-4)
+    # the sign rule: each column of B has its largest-magnitude entry positive
+    assert all(b[b[:, j].abs().argmax(), j] > 0 for j in range(4))
+    a2, b2 = lorasb.svd_factors(-w, 4)  # -W = U (-S) V^T: the rule picks the same U, so A flips
+    assert torch.equal(b2, b) and torch.allclose(a2, -a, atol=1e-6)
+    with pytest.raises(ConfigError, match=r"adapter.r: .*20 x 24 weight has 20.*\(got 21\)"):
+        lorasb.svd_factors(w, 21)
+
+
+def _factors(model):
+    return {k: v for k, v in adapters.get_state(model).items() if "lora_A" in k or "lora_B" in k}
+
+
+def test_svd_factors_on_the_model_and_the_start_is_the_base_model():
+    base = _tiny_bert()
+    with torch.no_grad():
+        want = base(input_ids=_ids()).logits
+    weights = {n: m.weight.detach().clone() for n, m in base.named_modules() if n.endswith(TARGETS)}
+    model = adapters.wrap(
+        base,
+        AdapterConfig(method="lora-sb", r=4, alpha=8.0, target_modules=TARGETS, sb_factors="svd"),
+        CLASSIFICATION,
+    )
+    for name, layer in _sb_layers(model).items():
+        a, b = lorasb.svd_factors(weights[name.removeprefix("base_model.model.")], 4)
+        assert torch.equal(layer.lora_A["default"].weight, a) and torch.equal(layer.lora_B["default"].weight, b)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=_ids()).logits, want)
+
+
+GRADIENT = {**SB, "adapter.sb_factors": "gradient", "adapter.sb_public_data": "imdb", "adapter.sb_public_examples": 12}
+
+
+def test_gradient_factors_are_the_svd_of_the_public_gradient_by_hand(tiny_cfg):
+    """LoRA-SB's initialisation on public data: the factors against numpy's SVD of the full-weight
+    gradient of Hugging Face's own loss on the same public examples, and the core's first gradient on
+    them is then s * diag(top singular values)."""
+    import numpy as np
+
+    from fedtune import data
+
+    cfg = tiny_cfg.replace(**GRADIENT)
+    ws = workspace.build(cfg)
+    public = data.public_sample(cfg.data, "imdb", 12, cfg.adapter.init_seed, ws.task)
+    assert len(public) == 12 and {e["text"] for e in public}.isdisjoint(e["text"] for e in ws.test_examples())
+    batch = data.collate(ws.tokenize(public), ws.pad_id, ws.task)
+    # the reference: the same run with random factors and R = 0 is the base model (and the same head)
+    ref = workspace.build(tiny_cfg.replace(**SB)).model.eval()
+    layers = {n: m for n, m in ref.named_modules() if hasattr(m, lorasb.CORE)}
+    for m in layers.values():
+        m.get_base_layer().weight.requires_grad_(True)
+    ref(**batch).loss.backward()
+    s = cfg.adapter.alpha / cfg.adapter.r
+    got_layers = _sb_layers(ws.model)
+    assert set(got_layers) == set(layers)
+    ws.model.eval()
+    ws.model(**batch).loss.backward()
+    for name, m in layers.items():
+        grad = m.get_base_layer().weight.grad.double().numpy()
+        u, sv, vh = np.linalg.svd(grad)
+        r = cfg.adapter.r
+        a = got_layers[name].lora_A["default"].weight.detach()
+        b = got_layers[name].lora_B["default"].weight.detach()
+        np.testing.assert_allclose((b @ b.T).double().numpy(), u[:, :r] @ u[:, :r].T, atol=1e-4)
+        np.testing.assert_allclose((a.T @ a).double().numpy(), vh[:r].T @ vh[:r], atol=1e-4)
+        core_grad = getattr(got_layers[name], lorasb.CORE)["default"].weight.grad
+        np.testing.assert_allclose(core_grad.double().numpy(), s * np.diag(sv[:r]), rtol=1e-3, atol=1e-6)
+    ws.model.zero_grad(set_to_none=True)
+    # every party computes the same factors; they are not the random ones; nothing else of the model moved
+    again = workspace.build(cfg)
+    assert all(torch.equal(v, _factors(again.model)[k]) for k, v in _factors(ws.model).items())
+    rand = _factors(workspace.build(tiny_cfg.replace(**SB)).model)
+    assert all(not torch.equal(v, rand[k]) for k, v in _factors(ws.model).items())
+    assert not any(p.requires_grad for n, p in ws.model.named_parameters() if "base_layer" in n)
+    with torch.no_grad():
+        torch.testing.assert_close(ws.model(**batch).logits, ref(**batch).logits)
+
+
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        ({"adapter.method": "lora", "adapter.sb_factors": "svd"}, "adapter.sb_factors: sets the fixed factors of"),
+        ({**SB, "adapter.sb_factors": "gradient"}, "adapter.sb_public_data: sb_factors = 'gradient' takes"),
+        ({**SB, "adapter.sb_public_data": "imdb"}, "adapter.sb_public_data: only sb_factors = 'gradient' reads it"),
+        ({**SB, "adapter.sb_factors": "qr"}, "adapter.sb_factors: must be one of random, svd, gradient (got 'qr')"),
+        (
+            {
+                **GRADIENT,
+                "adapter.sb_public_data": "rotten_tomatoes",
+                "privacy.mode": "sample",
+                "privacy.noise_multiplier": 1.0,
+                "privacy.max_grad_norm": 1.0,
+            },
+            "adapter.sb_public_data: the factors would be a gradient of data.dataset itself",
+        ),
+        (
+            {**SB, "adapter.sb_factors": "svd", "model.quantization": "4bit", "model.device": "cuda"},
+            "adapter.sb_factors: 'svd' factors the base weights or their gradient",
+        ),
+    ],
+)
+def test_factor_settings_refused_naming_the_key(tiny_cfg, overrides, needle):
+    with pytest.raises(ConfigError) as exc:
+        tiny_cfg.replace(**overrides)
+    assert needle in str(exc.value)
+
+
+def test_check_config_refuses_public_data_that_does_not_load_or_fit(tiny_cfg, tmp_path):
+    from fedtune.workspace import check_data
+
+    missing = tiny_cfg.replace(**{**GRADIENT, "adapter.sb_public_data": str(tmp_path / "none.csv")})
+    with pytest.raises(Exception, match="none.csv"):
+        check_data(missing)
+    three = tmp_path / "three.csv"
+    three.write_text("text,label\nfine,0\ngood,1\nbad,2\n")
+    with pytest.raises(ConfigError, match=r"adapter.sb_public_data: .*labels up to class 2, and the model scores 2"):
+        check_data(tiny_cfg.replace(**{**GRADIENT, "adapter.sb_public_data": str(three)}))
