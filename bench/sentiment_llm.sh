@@ -39,9 +39,9 @@ declare -A ROWS=(
   [dp-clip-only]="$ALL10,$SDP,privacy.noise_multiplier=0.0"
   [dp-gf-nonprivate]="$ALL10,$GF"
   [dp-gf-eps8]="$ALL10,$GF,$SDP,privacy.target_epsilon=8"
-  [dp-gf-eps3]="$ALL10,$GF,$SDP,privacy.target_epsilon=3"
-  [dp-gf-eps1]="$ALL10,$GF,$SDP,privacy.target_epsilon=1"
-  [lora-sb-gf]="adapter.method=lora-sb,train.lr=5e-3,$GF"
+  [dp-gf2-nonprivate]="$ALL10,$GF,adapter.r=2,train.lr=2e-3"
+  [dp-gf2-eps8]="$ALL10,$GF,adapter.r=2,train.lr=2e-3,$SDP,privacy.target_epsilon=8"
+  [lora-sb-gf2]="adapter.method=lora-sb,train.lr=2e-3,adapter.r=2,$GF"
   [dp-b64-nonprivate]="$ALL10,$B64"
   [dp-b64-eps8]="$ALL10,$B64,$SDP,privacy.target_epsilon=8"
 )

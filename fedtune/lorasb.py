@@ -28,12 +28,11 @@ model, and the core still gets a gradient (``A`` and ``B`` are non-zero):
   CPU with a fixed sign rule, so parties with the same base weights and torch build get
   the same factors (another LAPACK build may differ in the last bits of float32, which
   moves ``B mean(R) A`` by as little).
-
 - ``"gradient"`` (LoRA-SB's own initialisation, `gradient_factors_`): ``A`` and ``B`` from
   the top-``r`` singular vectors of each adapted weight's gradient at the base model, taken
-  on ``adapter.sb_public_examples`` examples of a *public* dataset that every party holds
-  (``adapter.sb_public_data``; using public data to find the gradient subspace of a
-  private task is Zhou et al. 2021, arXiv:2007.03813). LoRA-SB takes it on the training
+  on ``adapter.sb_public_examples`` examples (drawn with ``adapter.init_seed``) of a
+  *public* dataset that every party holds (``adapter.sb_public_data``; using public data
+  to find the gradient subspace of a private task is Zhou et al. 2021, arXiv:2007.03813). LoRA-SB takes it on the training
   data; here that would be a release of private data before round 1, so only public data
   is accepted (under DP, a dataset other than the private one). The gradient is taken in
   the model's dtype without autocast, so parties on the same hardware and torch build get
@@ -114,7 +113,7 @@ def svd_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tenso
     out_features, in_features = weight.shape
     if r > min(out_features, in_features):
         raise ConfigError(
-            f"adapter.r: 'svd' factors take the top r singular vectors of each adapted weight, and a "
+            f"adapter.r: the fixed factors are the top r singular vectors of each adapted weight, and a "
             f"{out_features} x {in_features} weight has {min(out_features, in_features)}; lower adapter.r "
             f"(got {r})"
         )
