@@ -420,7 +420,8 @@ def test_svd_factors_are_the_top_singular_vectors_against_numpy():
     # the sign rule: each column of B has its largest-magnitude entry positive
     assert all(b[b[:, j].abs().argmax(), j] > 0 for j in range(4))
     a2, b2 = lorasb.svd_factors(-w, 4)  # -W = U (-S) V^T: the rule picks the same U, so A flips
-    assert torch.equal(b2, b) and torch.allclose(a2, -a, atol=1e-6)
+    torch.testing.assert_close(b2, b)
+    torch.testing.assert_close(a2, -a)
     with pytest.raises(ConfigError, match=r"adapter.r: .*20 x 24 weight has 20.*\(got 21\)"):
         lorasb.svd_factors(w, 21)
 
