@@ -77,7 +77,7 @@ def wrap(base, cfg: AdapterConfig, task: str):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         model = get_peft_model(base, pcfg)
-    if cfg.method == "lora-sb":  # A and B fixed (init_seed or the base's SVD), only the r x r cores and head train
+    if cfg.method == "lora-sb":  # A and B fixed (adapter.sb_factors), only the r x r cores and the head train
         from fedtune import lorasb
 
         lorasb.convert_(model, cfg.init_seed, cfg.sb_factors)

@@ -32,9 +32,10 @@ model, and the core still gets a gradient (``A`` and ``B`` are non-zero):
   the top-``r`` singular vectors of each adapted weight's gradient at the base model, taken
   on ``adapter.sb_public_examples`` examples (drawn with ``adapter.init_seed``) of a
   *public* dataset that every party holds (``adapter.sb_public_data``; using public data
-  to find the gradient subspace of a private task is Zhou et al. 2021, arXiv:2007.03813). LoRA-SB takes it on the training
-  data; here that would be a release of private data before round 1, so only public data
-  is accepted (under DP, a dataset other than the private one). The gradient is taken in
+  to find the gradient subspace of a private task is Zhou et al. 2021, arXiv:2007.03813).
+  LoRA-SB takes it on the training data; here that would be a release of private data
+  before round 1, so only public data is accepted (under DP, a dataset other than the
+  private one). The gradient is taken in
   the model's dtype without autocast, so parties on the same hardware and torch build get
   the same bits; elsewhere the factors agree to float rounding unless two of the top
   singular values nearly tie.
@@ -147,7 +148,7 @@ def gradient_factors_(model: nn.Module, losses: Iterable[torch.Tensor]) -> int:
             for module, w in zip(layers, weights):
                 if w.grad is None:
                     raise ValueError("gradient_factors_: a LoRA-SB layer got no gradient from the losses")
-                grad = w.grad.T if getattr(module, "fan_in_fan_out", False) else w.grad
+                grad = _out_by_in(module, w.grad)
                 for adapter, lin_a in module.lora_A.items():
                     a, b = svd_factors(grad, lin_a.out_features)
                     lin_a.weight.copy_(a)
@@ -164,8 +165,8 @@ def convert_(model: nn.Module, seed: int, factors: str = "random") -> int:
 
     ``A`` and ``B`` get `fixed_factors` (``factors = "random"``, and ``"gradient"`` until
     `gradient_factors_` replaces them: one generator seeded with ``seed``, in module order)
-    or `svd_factors` of the layer's base weight (``"svd"``) and stop training; a zero ``r x r`` core ``R`` is added and is
-    the only LoRA parameter that trains (the task head, peft's
+    or `svd_factors` of the layer's base weight (``"svd"``) and stop training; a zero
+    ``r x r`` core ``R`` is added and is the only LoRA parameter that trains (the task head, peft's
     ``modules_to_save``, trains as usual).
     """
     gen = torch.Generator().manual_seed(int(seed))
@@ -189,8 +190,7 @@ def convert_(model: nn.Module, seed: int, factors: str = "random") -> int:
                 )
             r = lin_a.out_features
             if factors == "svd":
-                weight = module.get_base_layer().weight
-                a, b = svd_factors(weight.T if getattr(module, "fan_in_fan_out", False) else weight, r)
+                a, b = svd_factors(_out_by_in(module, module.get_base_layer().weight), r)
             else:
                 a, b = fixed_factors(r, lin_a.in_features, lin_b.out_features, gen)
             with torch.no_grad():
@@ -224,7 +224,13 @@ def delta_weight(module, adapter: str = "default") -> torch.Tensor:
     core = getattr(module, CORE)[adapter].weight
     a = module.lora_A[adapter].weight
     w = (b @ core @ a) * module.scaling[adapter]
-    return w.T if getattr(module, "fan_in_fan_out", False) else w
+    return _out_by_in(module, w)
+
+
+def _out_by_in(module, t: torch.Tensor) -> torch.Tensor:
+    """``t`` between the (out x in) layout and the layer's storage: transposed for Conv1D-style
+    (``fan_in_fan_out``) layers, as is."""
+    return t.T if getattr(module, "fan_in_fan_out", False) else t
 
 
 def folded_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
