@@ -235,6 +235,27 @@ def test_compressed_broadcast_sends_the_prototype_head_in_full_first(tmp_path):
     assert all(P.DOWNLINK in m.content for m in grid.sent[2])  # then the compressed payloads
 
 
+def test_delta_catchup_codes_the_prototype_head_from_the_seeded_version_0(tmp_path):
+    from fedtune.compression import build_codec
+
+    cfg = proto_cfg(**{"federation.rounds": 2, "compression.downlink": "int8", "compression.downlink_catchup": "delta"})
+    _, rows, grid = run(cfg, tmp_path)
+    assert all(not r["rejected"] for r in rows[1:])  # every client decoded from its own version 0
+    ws = workspace.get(cfg)
+    head, _ = installed_head(tmp_path, ws.model)
+    seeded = ws.initial_state()
+    layout = {k: tuple(seeded[k].shape) for k in sorted(ws.trainable_keys())}
+    codec = build_codec(cfg.compression, "downlink")
+    for m in grid.sent[1]:  # round 1: one int8 payload of (global - seeded version 0), no full copy
+        assert P.ARRAYS not in m.content
+        down = m.content[P.DOWNLINK]
+        assert int(down["from-version"]) == 0 and len(down["payloads"]) == 1
+        got = codec.decode(down["payloads"][0], layout, seed=0)
+        for k, v in head.items():  # the head the client decodes: the prototype head within int8's step
+            step = (v - seeded[k]).abs().max() / 127
+            torch.testing.assert_close(seeded[k] + got[k], v, rtol=0, atol=float(step) * 0.51)
+
+
 # -- zeroth-order rounds ---------------------------------------------------------------------
 
 

@@ -205,20 +205,23 @@ class Broadcast:
     instead when that is smaller than what it needs, when it is too far behind
     (replay: its payloads are no longer kept), or when it could not start from
     version 0 (its reply was an error). Clients train from their copy; the server
-    adds their deltas to the true global. With ``shared_base`` False (a version 0
-    no client built itself: a prototype head, `install_head`) every node gets the
-    full copy the first time.
+    adds their deltas to the true global. ``seeded``: the seeded initial adapter
+    when ``state`` differs from it (a prototype head installed before round 1,
+    `install_head`): under replay every node gets the full copy the first time;
+    under delta a node with no copy yet is sent ``state - seeded`` coded, like any
+    other node's difference from its copy.
     """
 
-    def __init__(self, cfg: FedtuneConfig, state: Delta, max_payloads: int = 32, *, shared_base: bool = True):
+    def __init__(self, cfg: FedtuneConfig, state: Delta, max_payloads: int = 32, *, seeded: Delta | None = None):
         from fedtune.compression import build_codec
 
         self.codec = build_codec(cfg.compression, "downlink")
         self.per_node = cfg.compression.downlink_catchup == "delta"
         self.keys = sorted(state)
         self.public = {k: state[k].clone() for k in self.keys}  # replay: the public copy; delta: the global
-        self.base = {k: state[k].clone() for k in self.keys} if self.per_node else None
-        self.base_digest = state_digest(self.public)  # version 0
+        version0 = state if seeded is None else seeded  # what a client with no copy holds
+        self.base = {k: version0[k].clone() for k in self.keys} if self.per_node else None
+        self.base_digest = state_digest({k: version0[k] for k in self.keys})
         self.payloads: dict[int, bytes] = {}
         self.version = 0
         self.node_version: dict[int, int] = {}
@@ -226,7 +229,7 @@ class Broadcast:
         self.copies: dict[int, Delta] = {}  # delta: each node's copy, as of node_version
         self.pending: dict[int, Delta] = {}  # delta: the copy a node holds once this round's reply is accepted
         self.resync: set[int] = set()  # nodes whose reply failed after they held a copy: the full adapter next
-        self.shared_base = shared_base
+        self.shared_base = seeded is None or self.per_node  # a client with no copy can start from version 0
         self.max_payloads = max_payloads
         self.full_bytes = sum(v.numel() * 4 for v in self.public.values())
 
@@ -484,10 +487,11 @@ class DeltaRounds:
 
     def install_head(self, head: Delta) -> None:
         # the head is trainable, so it travels with the global every round; a compressed broadcast's
-        # version 0 is no longer what clients build themselves
+        # global is no longer the version 0 clients build themselves
+        seeded = {k: v.clone() for k, v in self.sent().items()}
         self.state.update({k: v.clone() for k, v in head.items()})
         if self.broadcast is not None:
-            self.broadcast = Broadcast(self.cfg, self.sent(), shared_base=False)
+            self.broadcast = Broadcast(self.cfg, self.sent(), seeded=seeded)
 
     def _lora_aggregator(self, ws: workspace.Workspace):
         """Product-space LoRA aggregation where ``aggregation.lora_mode`` asks for it, else None."""
