@@ -37,13 +37,18 @@ declare -A ROWS=(
   [sign-rms-head4-down-delta]="compression.codec=sign,compression.sign_scale=rms,compression.small_codec=int4,compression.downlink=sign,compression.downlink_catchup=delta"
   # fewer coordinates: LoRA rank 2 (19,202 values with the head), uncompressed
   [r2-fp32]="adapter.r=2,adapter.alpha=4"
+  # few coordinates both ways: the Fed-SB core (r x r between fixed factors from the gradient on 128
+  # public IMDB reviews) over mean-pooled MiniLM, the head from the silos' class prototypes
+  [sb-proto]="adapter.method=lora-sb,adapter.sb_factors=gradient,adapter.sb_public_data=imdb,adapter.sb_public_examples=128,model.pooling=mean,adapter.head_init=prototypes,train.lr=2e-3"
+  # ... coded int8 up and down, a returning client sent one int8 payload of the global minus its copy
+  [sb-proto-int8]="adapter.method=lora-sb,adapter.sb_factors=gradient,adapter.sb_public_data=imdb,adapter.sb_public_examples=128,model.pooling=mean,adapter.head_init=prototypes,train.lr=2e-3,compression.codec=int8,compression.downlink=int8,compression.downlink_catchup=delta"
   # SecAgg+ (the server sees only the masked sum): masked values packed at log2(modulus_range) bits
   [secagg]="aggregation.secure=secagg+"
   # every client masks the same random-k coordinates, drawn from the round seed; n/k-scaled
   [secagg-randk25]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25,compression.randk_unbiased=true"
   [secagg-randk25-biased]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25"
 )
-ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 sign-rms-head4-down-sign sign-rms-head4-down-delta r2-fp32 secagg secagg-randk25 secagg-randk25-biased)
+ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 sign-rms-head4-down-sign sign-rms-head4-down-delta r2-fp32 sb-proto sb-proto-int8 secagg secagg-randk25 secagg-randk25-biased)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
