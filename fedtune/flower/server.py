@@ -488,7 +488,7 @@ class DeltaRounds:
     def install_head(self, head: Delta) -> None:
         # the head is trainable, so it travels with the global every round; a compressed broadcast's
         # global is no longer the version 0 clients build themselves
-        seeded = {k: v.clone() for k, v in self.sent().items()}
+        seeded = self.sent()  # update() rebinds the head's keys to new tensors: these stay the seeded ones
         self.state.update({k: v.clone() for k, v in head.items()})
         if self.broadcast is not None:
             self.broadcast = Broadcast(self.cfg, self.sent(), seeded=seeded)
