@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench/results/compression}
+# Fed-SB core + prototype head (rows sb-proto*, simulations/configs/compressed.toml)
+SBP="adapter.method=lora-sb,adapter.sb_factors=gradient,adapter.sb_public_data=imdb,adapter.sb_public_examples=128,model.pooling=mean,adapter.head_init=prototypes,train.lr=2e-3"
 declare -A ROWS=(
   [none-fp32]=""
   [fp16]="compression.codec=fp16"
@@ -39,9 +41,9 @@ declare -A ROWS=(
   [r2-fp32]="adapter.r=2,adapter.alpha=4"
   # few coordinates both ways: the Fed-SB core (r x r between fixed factors from the gradient on 128
   # public IMDB reviews) over mean-pooled MiniLM, the head from the silos' class prototypes
-  [sb-proto]="adapter.method=lora-sb,adapter.sb_factors=gradient,adapter.sb_public_data=imdb,adapter.sb_public_examples=128,model.pooling=mean,adapter.head_init=prototypes,train.lr=2e-3"
+  [sb-proto]="$SBP"
   # ... coded int8 up and down, a returning client sent one int8 payload of the global minus its copy
-  [sb-proto-int8]="adapter.method=lora-sb,adapter.sb_factors=gradient,adapter.sb_public_data=imdb,adapter.sb_public_examples=128,model.pooling=mean,adapter.head_init=prototypes,train.lr=2e-3,compression.codec=int8,compression.downlink=int8,compression.downlink_catchup=delta"
+  [sb-proto-int8]="$SBP,compression.codec=int8,compression.downlink=int8,compression.downlink_catchup=delta"
   # SecAgg+ (the server sees only the masked sum): masked values packed at log2(modulus_range) bits
   [secagg]="aggregation.secure=secagg+"
   # every client masks the same random-k coordinates, drawn from the round seed; n/k-scaled
