@@ -126,8 +126,15 @@ class RunLog:
 
         ``setup``: fields of the round-0 row from what ran before round 1 (the bytes of
         ``adapter.head_init = "prototypes"``'s exchange), counted in the summary's totals."""
+        from fedtune.models import pick_device
+        from fedtune.train import forward_precision
+
         self.run.write_config(config.to_toml(self.cfg))
-        self.progress(header)
+        mp = self.cfg.train.mixed_precision
+        self.progress(
+            f"{header}; forward passes in {forward_precision(pick_device(self.cfg.model), mp)} "
+            f"(train.mixed_precision = {mp!r})"
+        )
         if resumed_round is None:
             self.run.reset_metrics()
             self.last_eval = evaluate(False)

@@ -29,10 +29,16 @@ def bf16_is_fast(device: torch.device) -> bool:
     return False
 
 
-def autocast(device: torch.device, mixed_precision: str):
-    """The forward-pass context for ``train.mixed_precision``: "no", "bf16", or "auto"
-    (bf16 where the device has native bfloat16 matmuls, else float32)."""
+def forward_precision(device: torch.device, mixed_precision: str) -> str:
+    """What ``train.mixed_precision`` ("no", "bf16" or "auto": bf16 where the device has native
+    bfloat16 matmuls) resolves to on ``device``: "bf16" or "fp32"."""
     on = mixed_precision == "bf16" or (mixed_precision == "auto" and bf16_is_fast(device))
+    return "bf16" if on else "fp32"
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """The forward-pass context for ``train.mixed_precision`` (`forward_precision`)."""
+    on = forward_precision(device, mixed_precision) == "bf16"
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on)
 
 

@@ -8,6 +8,7 @@ from fedtune import adapters, config, workspace
 from fedtune.centralized import pooled_train_data, run_centralized, steps_per_round
 from fedtune.cli import main
 from fedtune.flower.server import sample_nodes
+from fedtune.train import forward_precision
 from tests.conftest import metrics_rows
 from tests.test_metrics import LLM
 
@@ -39,7 +40,8 @@ def test_centralized_run_dir_matches_the_federated_layout(tiny_cfg, tmp_path, ca
     toml.write_text(config.to_toml(cfg))
     out = tmp_path / "central"
     assert main(["centralized", "--config", str(toml), "--set", "federation.eval_every=2", "--out", str(out)]) == 0
-    assert "centralized baseline" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "centralized baseline" in printed
     rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     # rounds x clients per round x local steps, evaluated at each round's step boundary
@@ -49,6 +51,9 @@ def test_centralized_run_dir_matches_the_federated_layout(tiny_cfg, tmp_path, ca
     assert all(r["bytes_up"] == r["bytes_down"] == 0 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "centralized" and summary["total_steps"] == 24
+    # "auto" resolved on this machine, in the header and the summary
+    precision = forward_precision(workspace.get(cfg).device, cfg.train.mixed_precision)
+    assert summary["precision"] == precision and f"forward passes in {precision}" in printed
     assert summary["final"] == rows[-1]["eval"] and summary["train_examples"] == 1000  # data.max_train_examples
     assert config.load(out / "config.toml").to_dict() == cfg.replace(**{"federation.eval_every": 2}).to_dict()
     assert (out / "adapter" / "adapter_config.json").is_file()

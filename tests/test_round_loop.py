@@ -39,6 +39,7 @@ SUMMARY_FIELDS = {
     "model",
     "task",
     "adapter",
+    "precision",
     "aggregation",
     "num_clients",
     "compression",

@@ -5,7 +5,7 @@ import torch
 
 from fedtune import adapters, config, workspace
 from fedtune.errors import ConfigError
-from fedtune.train import bf16_is_fast, evaluate, train_local
+from fedtune.train import bf16_is_fast, evaluate, forward_precision, train_local
 
 
 def _linear_output_dtypes(model):
@@ -50,6 +50,8 @@ def test_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(tiny_cf
             h.remove()
     assert torch.isfinite(torch.tensor(out["train_loss"]))
     assert all(v.dtype == torch.float32 for v in adapters.get_state(ws.model).values())
+    # what a run's header and summary.json record is what the forward passes ran in
+    assert forward_precision(ws.device, mode) == {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
 
 
 def test_mixed_precision_rejects_unknown_mode(tiny_cfg):
