@@ -63,6 +63,7 @@ def run_row(config: str, name: str, overrides: list[str], out: Path, extra: list
         "total_bytes_up": summary["total_bytes_up"],
         "total_bytes_down": summary["total_bytes_down"],
         "privacy": summary.get("privacy"),
+        "precision": summary.get("precision", "?"),  # what train.mixed_precision resolved to on this machine
         "wall_s": wall,
         "curve": [r.get("eval", {}).get("accuracy", r.get("eval", {}).get("loss")) for r in rows],
     }
@@ -79,19 +80,19 @@ def markdown(results: list[dict]) -> str:
     base = next((r for r in results if "error" not in r), None)
     lines = [
         "| row | final accuracy | uplink B / client-round | vs first row | downlink B / client-round "
-        "| total up (MB) | total down (MB) | epsilon | wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| total up (MB) | total down (MB) | epsilon | precision | wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['row']} | error: {r['error']} | | | | | | | |")
+            lines.append(f"| {r['row']} | error: {r['error']} | | | | | | | | |")
             continue
         ratio = base["uplink_bytes_per_client_round"] / r["uplink_bytes_per_client_round"] if base else float("nan")
         acc = r["accuracy"] if r["accuracy"] is not None else float("nan")
         lines.append(
             f"| {r['row']} | {acc:.4f} | {r['uplink_bytes_per_client_round']:,.0f} | {ratio:.1f}x | "
             f"{r['downlink_bytes_per_client_round']:,.0f} | "
-            f"{r['total_bytes_up'] / 1e6:.2f} | {r['total_bytes_down'] / 1e6:.2f} | {_epsilon(r)} | {r['wall_s']:.0f} |"
+            f"{r['total_bytes_up'] / 1e6:.2f} | {r['total_bytes_down'] / 1e6:.2f} | {_epsilon(r)} | {r['precision']} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
 
