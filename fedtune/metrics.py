@@ -292,14 +292,13 @@ def run_summary(
     """The summary.json of a run: the fields every training mode writes, then ``extra``.
 
     ``records`` (metrics.jsonl rows, the final evaluation last) add the
-    forgetting check when the run measured it. ``precision`` is what
-    ``train.mixed_precision`` resolved to on the machine writing the summary
-    ("auto" gives bf16 only where matmuls have native bfloat16, so the same
-    config trains in fp32 elsewhere; a deployed client resolves it on its own
-    device).
+    forgetting check when the run measured it. ``precision`` is what the
+    forward passes ran in on the machine writing the summary (`fedtune.train.run_precision`:
+    ``train.mixed_precision = "auto"`` gives bf16 only where matmuls have native
+    bfloat16, so the same config trains in fp32 elsewhere; a deployed client
+    resolves it on its own device).
     """
-    from fedtune.models import pick_device
-    from fedtune.train import forward_precision
+    from fedtune.train import run_precision
 
     summary: dict[str, Any] = {
         "final": dict(final),
@@ -312,7 +311,7 @@ def run_summary(
         "model": cfg.model.name,
         "task": task,
         "adapter": cfg.adapter.method,
-        "precision": forward_precision(pick_device(cfg.model), cfg.train.mixed_precision),
+        "precision": run_precision(cfg),
         "aggregation": dict(aggregation),
         "num_clients": cfg.federation.num_clients,
         "compression": cfg.to_dict()["compression"],

@@ -126,14 +126,12 @@ class RunLog:
 
         ``setup``: fields of the round-0 row from what ran before round 1 (the bytes of
         ``adapter.head_init = "prototypes"``'s exchange), counted in the summary's totals."""
-        from fedtune.models import pick_device
-        from fedtune.train import forward_precision
+        from fedtune.train import run_precision
 
         self.run.write_config(config.to_toml(self.cfg))
-        mp = self.cfg.train.mixed_precision
         self.progress(
-            f"{header}; forward passes in {forward_precision(pick_device(self.cfg.model), mp)} "
-            f"(train.mixed_precision = {mp!r})"
+            f"{header}; forward passes in {run_precision(self.cfg)} "
+            f"(train.mixed_precision = {self.cfg.train.mixed_precision!r}, model.dtype = {self.cfg.model.dtype!r})"
         )
         if resumed_round is None:
             self.run.reset_metrics()

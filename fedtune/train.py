@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from fedtune.config import CAUSAL_LM, LABEL_WORDS, TrainConfig
+from fedtune.config import CAUSAL_LM, LABEL_WORDS, FedtuneConfig, TrainConfig
 from fedtune.data import collate
 from fedtune.labelwords import WORD_CLASSES, WORD_TOKENS, class_scores
 
@@ -34,6 +34,17 @@ def forward_precision(device: torch.device, mixed_precision: str) -> str:
     bfloat16 matmuls) resolves to on ``device``: "bf16" or "fp32"."""
     on = mixed_precision == "bf16" or (mixed_precision == "auto" and bf16_is_fast(device))
     return "bf16" if on else "fp32"
+
+
+def run_precision(cfg: FedtuneConfig) -> str:
+    """The precision a run's forward passes take on this machine: the base weights' dtype where
+    ``model.dtype`` makes them half precision (``"auto"``: bfloat16 on a CUDA GPU with it), else
+    `forward_precision`. What a run's first line and summary.json report."""
+    from fedtune.models import pick_device, pick_dtype
+
+    device = pick_device(cfg.model)
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(pick_dtype(cfg.model, device))
+    return half or forward_precision(device, cfg.train.mixed_precision)
 
 
 def autocast(device: torch.device, mixed_precision: str):

@@ -52,7 +52,9 @@ def test_centralized_run_dir_matches_the_federated_layout(tiny_cfg, tmp_path, ca
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "centralized" and summary["total_steps"] == 24
     # "auto" resolved on this machine, in the header and the summary
-    precision = forward_precision(workspace.get(cfg).device, cfg.train.mixed_precision)
+    precision = {torch.float32: forward_precision(workspace.get(cfg).device, cfg.train.mixed_precision)}[
+        next(workspace.get(cfg).model.base_model.parameters()).dtype
+    ]
     assert summary["precision"] == precision and f"forward passes in {precision}" in printed
     assert summary["final"] == rows[-1]["eval"] and summary["train_examples"] == 1000  # data.max_train_examples
     assert config.load(out / "config.toml").to_dict() == cfg.replace(**{"federation.eval_every": 2}).to_dict()

@@ -5,7 +5,7 @@ import torch
 
 from fedtune import adapters, config, workspace
 from fedtune.errors import ConfigError
-from fedtune.train import bf16_is_fast, evaluate, forward_precision, train_local
+from fedtune.train import bf16_is_fast, evaluate, forward_precision, run_precision, train_local
 
 
 def _linear_output_dtypes(model):
@@ -52,6 +52,16 @@ def test_mixed_precision_autocasts_the_forward_and_keeps_float32_weights(tiny_cf
     assert all(v.dtype == torch.float32 for v in adapters.get_state(ws.model).values())
     # what a run's header and summary.json record is what the forward passes ran in
     assert forward_precision(ws.device, mode) == {torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+
+
+def test_run_precision_names_half_precision_base_weights_whatever_the_autocast(tiny_cfg):
+    def precision(dtype, mixed):
+        return run_precision(tiny_cfg.replace(**{"model.dtype": dtype, "train.mixed_precision": mixed}))
+
+    assert precision("bfloat16", "no") == "bf16" and precision("float16", "no") == "fp16"
+    assert precision("float32", "no") == "fp32" and precision("float32", "bf16") == "bf16"
+    cfg = tiny_cfg.replace(**{"model.dtype": "bfloat16", "train.mixed_precision": "no"})
+    assert next(workspace.get(cfg).model.parameters()).dtype == torch.bfloat16
 
 
 def test_mixed_precision_rejects_unknown_mode(tiny_cfg):
