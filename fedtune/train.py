@@ -39,7 +39,7 @@ def forward_precision(device: torch.device, mixed_precision: str) -> str:
 def run_precision(cfg: FedtuneConfig) -> str:
     """The precision a run's forward passes take on this machine: the base weights' dtype where
     ``model.dtype`` makes them half precision (``"auto"``: bfloat16 on a CUDA GPU with it), else
-    `forward_precision`. What a run's first line and summary.json report."""
+    `forward_precision`. What a run's line naming the model and summary.json report."""
     from fedtune.models import pick_device, pick_dtype
 
     device = pick_device(cfg.model)
