@@ -27,6 +27,7 @@ import torch
 
 from fedtune.config import CAUSAL_LM, DataConfig, FedtuneConfig
 from fedtune.errors import ConfigError
+from fedtune.train import run_precision
 
 _TOKEN = re.compile(r"[a-z0-9]+")
 
@@ -298,8 +299,6 @@ def run_summary(
     bfloat16, so the same config trains in fp32 elsewhere; a deployed client
     resolves it on its own device).
     """
-    from fedtune.train import run_precision
-
     summary: dict[str, Any] = {
         "final": dict(final),
         "rounds": cfg.federation.rounds,

@@ -24,6 +24,7 @@ from fedtune import config
 from fedtune.config import FedtuneConfig
 from fedtune.metrics import run_summary
 from fedtune.rundir import RunDir
+from fedtune.train import run_precision
 
 log = logging.getLogger("fedtune")
 
@@ -126,8 +127,6 @@ class RunLog:
 
         ``setup``: fields of the round-0 row from what ran before round 1 (the bytes of
         ``adapter.head_init = "prototypes"``'s exchange), counted in the summary's totals."""
-        from fedtune.train import run_precision
-
         self.run.write_config(config.to_toml(self.cfg))
         self.progress(
             f"{header}; forward passes in {run_precision(self.cfg)} "

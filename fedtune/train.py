@@ -15,6 +15,7 @@ import torch
 from fedtune.config import CAUSAL_LM, LABEL_WORDS, FedtuneConfig, TrainConfig
 from fedtune.data import collate
 from fedtune.labelwords import WORD_CLASSES, WORD_TOKENS, class_scores
+from fedtune.models import pick_device, pick_dtype
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -40,8 +41,6 @@ def run_precision(cfg: FedtuneConfig) -> str:
     """The precision a run's forward passes take on this machine: the base weights' dtype where
     ``model.dtype`` makes them half precision (``"auto"``: bfloat16 on a CUDA GPU with it), else
     `forward_precision`. What a run's line naming the model and summary.json report."""
-    from fedtune.models import pick_device, pick_dtype
-
     device = pick_device(cfg.model)
     half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(pick_dtype(cfg.model, device))
     return half or forward_precision(device, cfg.train.mixed_precision)

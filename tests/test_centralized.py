@@ -52,15 +52,14 @@ def test_centralized_run_dir_matches_the_federated_layout(tiny_cfg, tmp_path, ca
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "centralized" and summary["total_steps"] == 24
     # "auto" resolved on this machine, in the header and the summary
-    precision = {torch.float32: forward_precision(workspace.get(cfg).device, cfg.train.mixed_precision)}[
-        next(workspace.get(cfg).model.base_model.parameters()).dtype
-    ]
+    ws = workspace.get(cfg)
+    assert next(ws.model.base_model.parameters()).dtype == torch.float32  # so the autocast alone decides
+    precision = forward_precision(ws.device, cfg.train.mixed_precision)
     assert summary["precision"] == precision and f"forward passes in {precision}" in printed
     assert summary["final"] == rows[-1]["eval"] and summary["train_examples"] == 1000  # data.max_train_examples
     assert config.load(out / "config.toml").to_dict() == cfg.replace(**{"federation.eval_every": 2}).to_dict()
     assert (out / "adapter" / "adapter_config.json").is_file()
     # the cached workspace is handed back with its initial adapter
-    ws = workspace.get(cfg)
     state, init = adapters.get_state(ws.model), ws.initial_state()
     assert all(torch.equal(state[k], init[k]) for k in init)
 
