@@ -610,9 +610,18 @@ def test_an_unauthorized_heartbeat_is_one_line_not_a_traceback(capsys):
     hook = quiet_unauthorized(passed.append)
     hook(types.SimpleNamespace(exc_value=err))
     assert _one_line(capsys.readouterr().err) == UNAUTHORIZED_MESSAGE and not passed
+    # the heartbeat's other answer to a dropped key (flwr 1.41's sender raises this on success = False)
+    hook(
+        types.SimpleNamespace(
+            exc_value=RuntimeError("Heartbeat failed unexpectedly. The SuperLink does not recognize this SuperNode.")
+        )
+    )
+    assert _one_line(capsys.readouterr().err) == UNAUTHORIZED_MESSAGE and not passed
     other = types.SimpleNamespace(exc_value=ValueError("x"))
     hook(other)
-    assert passed == [other]  # anything else: the default hook's traceback
+    another = types.SimpleNamespace(exc_value=RuntimeError("x"))
+    hook(another)
+    assert passed == [other, another]  # anything else: the default hook's traceback
     # a real thread dying of it prints the line only
     threading_hook = threading.excepthook
     threading.excepthook = quiet_unauthorized(threading_hook)

@@ -61,6 +61,8 @@ __all__ = [
     "activation_refused",
     "capped_backoff",
     "install",
+    "is_unauthorized",
+    "is_unrecognized",
     "install_connection",
     "main",
     "patient_invoker",
@@ -286,13 +288,20 @@ def is_unauthorized(exc: BaseException | None) -> bool:
     return type(exc).__name__ == "HTTPStatusError" and getattr(response, "status_code", None) == 401
 
 
+def is_unrecognized(exc: BaseException | None) -> bool:
+    """The heartbeat's other answer to a key the SuperLink dropped: a reply with ``success = False``,
+    which flwr 1.41's sender raises as ``RuntimeError("... does not recognize this SuperNode.")``."""
+    return isinstance(exc, RuntimeError) and "does not recognize this SuperNode" in str(exc)
+
+
 def quiet_unauthorized(hook: Callable[[Any], None]) -> Callable[[Any], None]:
     """A ``threading.excepthook`` that says `UNAUTHORIZED_MESSAGE` in one line instead of the traceback
-    of Flower's heartbeat thread (which has already told the SuperNode to stop), and leaves every
-    other exception to ``hook``."""
+    of Flower's heartbeat thread, and leaves every other exception to ``hook``. The thread dies of a
+    401 (after it has told the SuperNode to stop) or, when the SuperLink dropped the key between two
+    heartbeats, of `is_unrecognized`'s error (the SuperNode's next pull then meets the 401 and stops)."""
 
     def excepthook(args) -> None:
-        if is_unauthorized(args.exc_value):
+        if is_unauthorized(args.exc_value) or is_unrecognized(args.exc_value):
             print(UNAUTHORIZED_MESSAGE, file=sys.stderr, flush=True)
             return
         hook(args)
