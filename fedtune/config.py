@@ -85,6 +85,11 @@ class AdapterConfig(Section):
     of the *public* dataset ``sb_public_data`` (LoRA-SB's initialisation, on public data
     as in Zhou et al. 2021's public gradient subspace), so the core trains where the
     task's gradient lies; every party computes it from the same public examples.
+    ``sb_gradient_head``: the classifier head that gradient flows through. ``"seeded"``:
+    the head as the model is built (random unless loaded); ``"prototypes"``: the
+    nearest-class-mean head of the same public examples (`fedtune.prototypes`), so the
+    gradient points where the task's classes separate instead of along a random head's
+    direction; the model keeps its own head afterwards.
 
     ``head_init``: how a classifier's head starts. ``"random"``: as the model is built
     (seeded, the same on every party). ``"prototypes"``: before round 1 every node sends
@@ -106,6 +111,7 @@ class AdapterConfig(Section):
     sb_factors: str = "random"
     sb_public_data: str = ""
     sb_public_examples: int = 64
+    sb_gradient_head: str = "seeded"
 
     def problems(self) -> list[str]:
         e: list[str] = []
@@ -127,6 +133,13 @@ class AdapterConfig(Section):
                 f"adapter.sb_public_data: only sb_factors = 'gradient' reads it, and sb_factors is "
                 f"{self.sb_factors!r}; set sb_factors = 'gradient' or leave sb_public_data out "
                 f"(got {self.sb_public_data!r})"
+            )
+        choice(e, "adapter.sb_gradient_head", self.sb_gradient_head, ("seeded", "prototypes"))
+        if self.sb_gradient_head != "seeded" and self.sb_factors != "gradient":
+            e.append(
+                f"adapter.sb_gradient_head: picks the head of sb_factors = 'gradient', and sb_factors is "
+                f"{self.sb_factors!r}; set sb_factors = 'gradient' or leave sb_gradient_head out "
+                f"(got {self.sb_gradient_head!r})"
             )
         choice(e, "adapter.head_init", self.head_init, ("random", "prototypes"))
         positive(e, "adapter.r", self.r)
@@ -564,6 +577,11 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
     errors.extend(_aggregation_problems(cfg))
     if cfg.adapter.head_init == "prototypes":
         errors.extend(_head_init_problems(cfg))
+    if cfg.adapter.sb_gradient_head == "prototypes" and cfg.model.task in (CAUSAL_LM, LABEL_WORDS):
+        errors.append(
+            f"adapter.sb_gradient_head: 'prototypes' builds a classification head from the public examples, "
+            f"and model.task = {cfg.model.task!r} has none; leave it out (got 'prototypes')"
+        )
     if cfg.train.mode == "zo":
         errors.extend(_zo_problems(cfg))
     if cfg.aggregation.lora_mode == "hetero":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -201,6 +202,11 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
             f"adapter.head_init: 'prototypes' initialises a classification head, and model.name = "
             f"{cfg.model.name!r} ({resolved.task}) has none; use 'random' (got 'prototypes')"
         )
+    if cfg.adapter.sb_gradient_head == "prototypes" and resolved.task != CLASSIFICATION:
+        problems.append(
+            f"adapter.sb_gradient_head: 'prototypes' builds a classification head from the public examples, and "
+            f"model.name = {cfg.model.name!r} ({resolved.task}) has none; leave it out (got 'prototypes')"
+        )
     if cfg.model.pooling == "mean" and task != CLASSIFICATION:
         problems.append(
             f"model.pooling: 'mean' needs a BERT-family sequence classifier, and model.name = {cfg.model.name!r} is "
@@ -275,12 +281,37 @@ def public_examples(cfg: FedtuneConfig, task: str, classes: int) -> list[dict]:
 def _public_gradient_factors_(ws: Workspace, batch_size: int = 16) -> None:
     """LoRA-SB's gradient initialisation on public examples (`fedtune.lorasb.gradient_factors_`):
     the mean loss over them, in eval mode and the model's dtype (no autocast: the same bits on every
-    party with the same hardware)."""
+    party with the same hardware). With ``adapter.sb_gradient_head = "prototypes"`` the loss is taken
+    through the public examples' own nearest-class-mean head, and the model's head is put back after."""
+    classes = ws.num_labels if ws.task != CAUSAL_LM else 0
+    tokenized = ws.tokenize(public_examples(ws.cfg, ws.task, classes))
+    through_prototypes = ws.cfg.adapter.sb_gradient_head == "prototypes"
+    with _public_prototype_head(ws, tokenized, classes, batch_size) if through_prototypes else nullcontext():
+        _gradient_factors_(ws, tokenized, batch_size)
+
+
+@contextmanager
+def _public_prototype_head(ws: Workspace, tokenized: list[dict], classes: int, batch_size: int):
+    """The model's head replaced by the nearest-class-mean head of ``tokenized`` (`fedtune.prototypes`)
+    for the duration; its own head, bit for bit, afterwards."""
+    from fedtune import prototypes
+
+    keys = prototypes.head_keys(ws.model)
+    own = {k: v for k, v in adapters.get_state(ws.model).items() if k in keys}
+    stats = prototypes.data_stats(
+        ws.model, tokenized, pad_id=ws.pad_id, task=ws.task, num_classes=classes, batch_size=batch_size
+    )
+    adapters.set_state_(ws.model, prototypes.head_state(ws.model, *prototypes.head_from_stats(stats)))
+    try:
+        yield
+    finally:
+        adapters.set_state_(ws.model, own)
+
+
+def _gradient_factors_(ws: Workspace, tokenized: list[dict], batch_size: int) -> None:
     from fedtune import lorasb
     from fedtune.train import batch_loss
 
-    classes = ws.num_labels if ws.task != CAUSAL_LM else 0
-    tokenized = ws.tokenize(public_examples(ws.cfg, ws.task, classes))
     n = len(tokenized)
 
     def losses():

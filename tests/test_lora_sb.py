@@ -495,6 +495,53 @@ def test_gradient_factors_are_the_svd_of_the_public_gradient_by_hand(tiny_cfg):
         torch.testing.assert_close(ws.model(**batch).logits, ref(**batch).logits)
 
 
+def test_gradient_factors_through_the_public_prototype_head_by_hand(tiny_cfg):
+    """``adapter.sb_gradient_head = "prototypes"``: the factors are the SVD of the gradient taken through
+    the public examples' nearest-class-mean head, built here by hand from the vectors the base model's
+    head receives (class means rounded to float16, bias -|mu_c|^2 / 2); the model keeps its seeded head."""
+    import numpy as np
+
+    from fedtune import data
+
+    cfg = tiny_cfg.replace(**{**GRADIENT, "adapter.sb_gradient_head": "prototypes"})
+    ws = workspace.build(cfg)
+    public = data.public_sample(cfg.data, "imdb", 12, cfg.adapter.init_seed, ws.task)
+    batch = data.collate(ws.tokenize(public), ws.pad_id, ws.task)
+    labels = batch["labels"]
+    assert set(labels.tolist()) == {0, 1}
+    ref = workspace.build(tiny_cfg.replace(**SB)).model.eval()
+    head = ref.get_base_model().classifier
+    head = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+    seen = []
+    hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().double()))
+    with torch.no_grad():
+        ref(**{k: v for k, v in batch.items() if k != "labels"})
+    hook.remove()
+    means = torch.stack([seen[0][labels == c].mean(0) for c in (0, 1)]).to(torch.float16).to(torch.float32)
+    seeded = (head.weight.detach().clone(), head.bias.detach().clone())
+    with torch.no_grad():
+        head.weight.copy_(means)
+        head.bias.copy_((-0.5 * (means.double() ** 2).sum(1)).float())
+    layers = {n: m for n, m in ref.named_modules() if hasattr(m, lorasb.CORE)}
+    for m in layers.values():
+        m.get_base_layer().weight.requires_grad_(True)
+    ref(**batch).loss.backward()
+    got = _sb_layers(ws.model)
+    r = cfg.adapter.r
+    for name, m in layers.items():
+        u, _, vh = np.linalg.svd(m.get_base_layer().weight.grad.double().numpy())
+        a = got[name].lora_A["default"].weight.detach()
+        b = got[name].lora_B["default"].weight.detach()
+        np.testing.assert_allclose((b @ b.T).double().numpy(), u[:, :r] @ u[:, :r].T, atol=1e-4)
+        np.testing.assert_allclose((a.T @ a).double().numpy(), vh[:r].T @ vh[:r], atol=1e-4)
+    # not the factors of the seeded head's gradient; the model's own head is the seeded one, bit for bit
+    plain = _factors(workspace.build(tiny_cfg.replace(**GRADIENT)).model)
+    assert all(not torch.allclose(v, plain[k], atol=1e-3) for k, v in _factors(ws.model).items())
+    own = ws.model.get_base_model().classifier
+    own = own.modules_to_save["default"] if hasattr(own, "modules_to_save") else own
+    assert torch.equal(own.weight, seeded[0]) and torch.equal(own.bias, seeded[1])
+
+
 @pytest.mark.parametrize(
     "overrides,needle",
     [
@@ -502,6 +549,15 @@ def test_gradient_factors_are_the_svd_of_the_public_gradient_by_hand(tiny_cfg):
         ({**SB, "adapter.sb_factors": "gradient"}, "adapter.sb_public_data: sb_factors = 'gradient' takes"),
         ({**SB, "adapter.sb_public_data": "imdb"}, "adapter.sb_public_data: only sb_factors = 'gradient' reads it"),
         ({**SB, "adapter.sb_factors": "qr"}, "adapter.sb_factors: must be one of random, svd, gradient (got 'qr')"),
+        (
+            {**SB, "adapter.sb_gradient_head": "prototypes"},
+            "adapter.sb_gradient_head: picks the head of sb_factors = 'gradient', and sb_factors is 'random'",
+        ),
+        ({**GRADIENT, "adapter.sb_gradient_head": "mean"}, "adapter.sb_gradient_head: must be one of seeded, prototypes"),
+        (
+            {**GRADIENT, "adapter.sb_gradient_head": "prototypes", "model.task": "label-words"},
+            "adapter.sb_gradient_head: 'prototypes' builds a classification head from the public examples",
+        ),
         (
             {
                 **GRADIENT,
