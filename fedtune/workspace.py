@@ -301,7 +301,14 @@ def _public_prototype_head(ws: Workspace, tokenized: list[dict], classes: int, b
     stats = prototypes.data_stats(
         ws.model, tokenized, pad_id=ws.pad_id, task=ws.task, num_classes=classes, batch_size=batch_size
     )
-    adapters.set_state_(ws.model, prototypes.head_state(ws.model, *prototypes.head_from_stats(stats)))
+    try:
+        head = prototypes.head_from_stats(stats)
+    except ValueError as err:  # a class with no public example has no mean
+        raise ConfigError(
+            f"adapter.sb_gradient_head: 'prototypes' needs every class among the adapter.sb_public_examples = "
+            f"{ws.cfg.adapter.sb_public_examples} public examples of {ws.cfg.adapter.sb_public_data!r}: {err}"
+        ) from err
+    adapters.set_state_(ws.model, prototypes.head_state(ws.model, *head))
     try:
         yield
     finally:
