@@ -553,7 +553,10 @@ def test_gradient_factors_through_the_public_prototype_head_by_hand(tiny_cfg):
             {**SB, "adapter.sb_gradient_head": "prototypes"},
             "adapter.sb_gradient_head: picks the head of sb_factors = 'gradient', and sb_factors is 'random'",
         ),
-        ({**GRADIENT, "adapter.sb_gradient_head": "mean"}, "adapter.sb_gradient_head: must be one of seeded, prototypes"),
+        (
+            {**GRADIENT, "adapter.sb_gradient_head": "mean"},
+            "adapter.sb_gradient_head: must be one of seeded, prototypes",
+        ),
         (
             {**GRADIENT, "adapter.sb_gradient_head": "prototypes", "model.task": "label-words"},
             "adapter.sb_gradient_head: 'prototypes' builds a classification head from the public examples",
