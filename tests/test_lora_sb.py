@@ -593,3 +593,11 @@ def test_check_config_refuses_public_data_that_does_not_load_or_fit(tiny_cfg, tm
     three.write_text("text,label\nfine,0\ngood,1\nbad,2\n")
     with pytest.raises(ConfigError, match=r"adapter.sb_public_data: .*labels up to class 2, and the model scores 2"):
         check_data(tiny_cfg.replace(**{**GRADIENT, "adapter.sb_public_data": str(three)}))
+
+
+def test_prototype_gradient_head_refuses_a_public_sample_missing_a_class(tiny_cfg, tmp_path):
+    one = tmp_path / "one.csv"
+    one.write_text("text,label\n" + "".join(f"fine film {i},0\n" for i in range(12)))
+    cfg = tiny_cfg.replace(**{**GRADIENT, "adapter.sb_public_data": str(one), "adapter.sb_gradient_head": "prototypes"})
+    with pytest.raises(ConfigError, match=r"adapter.sb_gradient_head: 'prototypes' needs every class .*\[1\] have no"):
+        workspace.build(cfg)
