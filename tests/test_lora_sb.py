@@ -495,6 +495,12 @@ def test_gradient_factors_are_the_svd_of_the_public_gradient_by_hand(tiny_cfg):
         torch.testing.assert_close(ws.model(**batch).logits, ref(**batch).logits)
 
 
+def _trained_head(model):
+    """The classifier linear layer the forward runs: peft's trained copy when it wraps the head."""
+    head = model.get_base_model().classifier
+    return head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+
+
 def test_gradient_factors_through_the_public_prototype_head_by_hand(tiny_cfg):
     """``adapter.sb_gradient_head = "prototypes"``: the factors are the SVD of the gradient taken through
     the public examples' nearest-class-mean head, built here by hand from the vectors the base model's
@@ -510,8 +516,7 @@ def test_gradient_factors_through_the_public_prototype_head_by_hand(tiny_cfg):
     labels = batch["labels"]
     assert set(labels.tolist()) == {0, 1}
     ref = workspace.build(tiny_cfg.replace(**SB)).model.eval()
-    head = ref.get_base_model().classifier
-    head = head.modules_to_save["default"] if hasattr(head, "modules_to_save") else head
+    head = _trained_head(ref)
     seen = []
     hook = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().double()))
     with torch.no_grad():
@@ -537,8 +542,7 @@ def test_gradient_factors_through_the_public_prototype_head_by_hand(tiny_cfg):
     # not the factors of the seeded head's gradient; the model's own head is the seeded one, bit for bit
     plain = _factors(workspace.build(tiny_cfg.replace(**GRADIENT)).model)
     assert all(not torch.allclose(v, plain[k], atol=1e-3) for k, v in _factors(ws.model).items())
-    own = ws.model.get_base_model().classifier
-    own = own.modules_to_save["default"] if hasattr(own, "modules_to_save") else own
+    own = _trained_head(ws.model)
     assert torch.equal(own.weight, seeded[0]) and torch.equal(own.bias, seeded[1])
 
 
