@@ -288,7 +288,10 @@ def num_labels(splits: Splits, requested: int | None, dataset: str) -> int:
 def public_sample(cfg: DataConfig, dataset: str, n: int, seed: int, task: str) -> list[Example]:
     """``n`` examples of ``dataset`` (bundled name or file, read with ``cfg``'s columns), or all
     of them if it has fewer: a seeded sample, the same on every party (``adapter.sb_public_data``)."""
-    ex = load_examples(replace(cfg, dataset=dataset, domains=()), task)
+    try:
+        ex = load_examples(replace(cfg, dataset=dataset, domains=()), task)
+    except ConfigError as err:  # the key the user set is sb_public_data, not data.dataset
+        raise ConfigError([p.replace("data.dataset:", "adapter.sb_public_data:", 1) for p in err.problems]) from None
     if not ex:
         raise ConfigError(f"adapter.sb_public_data: {dataset!r} has no examples")
     if task != CAUSAL_LM:

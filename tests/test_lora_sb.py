@@ -591,8 +591,10 @@ def test_check_config_refuses_public_data_that_does_not_load_or_fit(tiny_cfg, tm
     from fedtune.workspace import check_data
 
     missing = tiny_cfg.replace(**{**GRADIENT, "adapter.sb_public_data": str(tmp_path / "none.csv")})
-    with pytest.raises(Exception, match="none.csv"):
+    with pytest.raises(ConfigError, match=r"adapter.sb_public_data: file not found: .*none.csv"):
         check_data(missing)
+    with pytest.raises(ConfigError, match=r"adapter.sb_public_data: 'nope' is neither a bundled dataset"):
+        check_data(tiny_cfg.replace(**{**GRADIENT, "adapter.sb_public_data": "nope"}))
     three = tmp_path / "three.csv"
     three.write_text("text,label\nfine,0\ngood,1\nbad,2\n")
     with pytest.raises(ConfigError, match=r"adapter.sb_public_data: .*labels up to class 2, and the model scores 2"):
