@@ -134,6 +134,12 @@ class AdapterConfig(Section):
                 f"{self.sb_factors!r}; set sb_factors = 'gradient' or leave sb_public_data out "
                 f"(got {self.sb_public_data!r})"
             )
+        if self.sb_public_examples != AdapterConfig.sb_public_examples and self.sb_factors != "gradient":
+            e.append(
+                f"adapter.sb_public_examples: only sb_factors = 'gradient' reads it, and sb_factors is "
+                f"{self.sb_factors!r}; set sb_factors = 'gradient' or leave sb_public_examples out "
+                f"(got {self.sb_public_examples!r})"
+            )
         choice(e, "adapter.sb_gradient_head", self.sb_gradient_head, ("seeded", "prototypes"))
         if self.sb_gradient_head != "seeded" and self.sb_factors != "gradient":
             e.append(
@@ -238,6 +244,11 @@ class TrainConfig(Section):
         fraction(e, "train.lr_min_ratio", self.lr_min_ratio, open_low=False)
         choice(e, "train.mode", self.mode, ("backprop", "zo"))
         between(e, "train.momentum", self.momentum, 0, 1, "[)")
+        if self.momentum and self.optimizer != "sgd":  # AdamW's momentum is its betas
+            e.append(
+                f"train.momentum: only used with train.optimizer = 'sgd', which is {self.optimizer!r}; unset it "
+                f"(got {self.momentum!r})"
+            )
         positive(e, "train.weight_decay", self.weight_decay, allow_zero=True)
         positive(e, "train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         return e
@@ -584,6 +595,14 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
         )
     if cfg.train.mode == "zo":
         errors.extend(_zo_problems(cfg))
+    else:  # a [zo] setting away from its default would be ignored by gradient training
+        default = _zo_default()
+        errors.extend(
+            f"zo.{f.name}: only used with train.mode = 'zo', which is {cfg.train.mode!r}; unset it "
+            f"(got {getattr(cfg.zo, f.name)!r})"
+            for f in dataclasses.fields(default)
+            if getattr(cfg.zo, f.name) != getattr(default, f.name)
+        )
     if cfg.aggregation.lora_mode == "hetero":
         errors.extend(_hetero_problems(cfg))
     if cfg.aggregation.secure != "none":

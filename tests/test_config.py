@@ -448,3 +448,32 @@ def test_sections_built_in_python_hold_tuples_and_keep_flowers_defaults():
     adam = AggregationConfig(server_optimizer="fedadam")
     assert (adam.server_lr, adam.beta_1, adam.proximal_mu) == (0.1, 0.9, None)
     assert AggregationConfig(secure="secagg+").num_shares == 3
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"zo.lr": 0.1}, "zo.lr: only used with train.mode = 'zo', which is 'backprop'; unset it (got 0.1)"),
+        ({"zo.pro": True}, "zo.pro: only used with train.mode = 'zo', which is 'backprop'"),
+        ({"train.momentum": 0.9}, "train.momentum: only used with train.optimizer = 'sgd', which is 'adamw'"),
+        (
+            {"adapter.method": "lora-sb", "adapter.sb_public_examples": 32},
+            "adapter.sb_public_examples: only sb_factors = 'gradient' reads it, and sb_factors is 'random'",
+        ),
+    ],
+)
+def test_a_setting_the_run_would_not_read_is_refused(overrides, needle):
+    got = problems(overrides)
+    assert len(got) == 1 and got[0].startswith(needle), got
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"train.optimizer": "sgd", "train.momentum": 0.9},
+        {**ZO, "zo.lr": 0.1, "zo.pro": True},
+        {"train.mode": "backprop", "zo.lr": 1e-6},  # a [zo] value equal to its default changes nothing
+    ],
+)
+def test_the_same_settings_where_they_are_read_are_accepted(overrides):
+    config.load(None, overrides)
