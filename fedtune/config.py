@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.errors import ConfigError
-from fedtune.validation import Section, at_least, between, build_section, choice, fraction, positive
+from fedtune.validation import Section, at_least, between, build_section, choice, fraction, only_with, positive
 
 CLASSIFICATION = "classification"
 CAUSAL_LM = "causal-lm"
@@ -244,11 +244,8 @@ class TrainConfig(Section):
         fraction(e, "train.lr_min_ratio", self.lr_min_ratio, open_low=False)
         choice(e, "train.mode", self.mode, ("backprop", "zo"))
         between(e, "train.momentum", self.momentum, 0, 1, "[)")
-        if self.momentum and self.optimizer != "sgd":  # AdamW's momentum is its betas
-            e.append(
-                f"train.momentum: only used with train.optimizer = 'sgd', which is {self.optimizer!r}; unset it "
-                f"(got {self.momentum!r})"
-            )
+        # AdamW's momentum is its betas; 0 (the default) is no momentum, so it counts as unset
+        only_with(e, "train.momentum", self.momentum or None, "train.optimizer", self.optimizer, ("sgd",))
         positive(e, "train.weight_decay", self.weight_decay, allow_zero=True)
         positive(e, "train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         return e
@@ -597,12 +594,10 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
         errors.extend(_zo_problems(cfg))
     else:  # a [zo] setting away from its default would be ignored by gradient training
         default = _zo_default()
-        errors.extend(
-            f"zo.{f.name}: only used with train.mode = 'zo', which is {cfg.train.mode!r}; unset it "
-            f"(got {getattr(cfg.zo, f.name)!r})"
-            for f in dataclasses.fields(default)
-            if getattr(cfg.zo, f.name) != getattr(default, f.name)
-        )
+        for f in dataclasses.fields(default):
+            value = getattr(cfg.zo, f.name)
+            if value != getattr(default, f.name):
+                only_with(errors, f"zo.{f.name}", value, "train.mode", cfg.train.mode, ("zo",))
     if cfg.aggregation.lora_mode == "hetero":
         errors.extend(_hetero_problems(cfg))
     if cfg.aggregation.secure != "none":
