@@ -27,6 +27,8 @@ B64="train.batch_size=64,train.physical_batch_size=32"
 # bundled review set than the run's (PUBLIC=rotten_tomatoes for the IMDB rows), 128 of them
 PUBLIC=${PUBLIC:-imdb}
 GF="adapter.sb_factors=gradient,adapter.sb_public_data=$PUBLIC,adapter.sb_public_examples=128"
+INT4="compression.codec=int4,compression.downlink=int4,compression.downlink_catchup=delta"
+INT8="compression.codec=int8,compression.downlink=int8,compression.downlink_catchup=delta"
 declare -A ROWS=(
   [lora]=""
   [lora-sb]="adapter.method=lora-sb,train.lr=5e-3"
@@ -42,6 +44,11 @@ declare -A ROWS=(
   [dp-gf2-nonprivate]="$ALL10,$GF,adapter.r=2,train.lr=2e-3"
   [dp-gf2-eps8]="$ALL10,$GF,adapter.r=2,train.lr=2e-3,$SDP,privacy.target_epsilon=8"
   [lora-sb-gf2]="adapter.method=lora-sb,train.lr=2e-3,adapter.r=2,$GF"
+  # communication both ways: LoRA rank 1 (alpha 2, the same alpha / r as the lora row) coded int4 up
+  # and down, a returning silo sent one payload of (global - the copy the server keeps for it)
+  [lora-r1-int4]="adapter.r=1,adapter.alpha=2,$INT4"
+  # the Fed-SB core at r 8 between public-gradient factors, int8 both ways the same way
+  [lora-sb-gf8-int8]="adapter.method=lora-sb,train.lr=3e-3,$GF,$INT8"
   [dp-b64-nonprivate]="$ALL10,$B64"
   [dp-b64-eps8]="$ALL10,$B64,$SDP,privacy.target_epsilon=8"
 )
