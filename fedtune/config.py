@@ -242,6 +242,9 @@ class TrainConfig(Section):
         choice(e, "train.mixed_precision", self.mixed_precision, ("no", "bf16", "auto"))
         choice(e, "train.lr_schedule", self.lr_schedule, ("constant", "cosine"))
         fraction(e, "train.lr_min_ratio", self.lr_min_ratio, open_low=False)
+        only_with(
+            e, "train.lr_min_ratio", self.changed("lr_min_ratio"), "train.lr_schedule", self.lr_schedule, ("cosine",)
+        )
         choice(e, "train.mode", self.mode, ("backprop", "zo"))
         between(e, "train.momentum", self.momentum, 0, 1, "[)")
         # AdamW's momentum is its betas; 0 (the default) is no momentum, so it counts as unset
@@ -566,6 +569,11 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
             f"adapter.sb_public_data: the factors would be a gradient of data.dataset itself, the data "
             f"privacy.mode = {cfg.privacy.mode!r} protects, and that gradient is not privatised; name a public "
             f"dataset (got {cfg.adapter.sb_public_data!r})"
+        )
+    if cfg.privacy.mode == "sample" and cfg.train.logit_adjustment == 0 and cfg.privacy.changed("label_noise"):
+        errors.append(
+            "privacy.label_noise: noises the label counts behind train.logit_adjustment, which is 0 (no counts are "
+            f"released); unset it (got {cfg.privacy.label_noise!r})"
         )
     if cfg.privacy.mode == "sample" and cfg.adapter.method == "dora":
         errors.append(

@@ -231,6 +231,17 @@ class Section:
         """``section.name``, the way messages name a key."""
         return f"{self.SECTION}.{name}"
 
+    def changed(self, name: str) -> Any:
+        """The value of field ``name`` if it differs from the field's default, else None.
+
+        What `only_with` should judge for a setting that always has a value: left at
+        its default it changes nothing wherever it is ignored (and a saved config,
+        which writes every default, still loads).
+        """
+        value = getattr(self, name)
+        f = next(f for f in dataclasses.fields(self) if f.name == name)
+        return None if value == _default(f) else value
+
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         errors: list[str] = []

@@ -679,8 +679,45 @@ def test_config_unknown_codec_lists_valid_ones_and_all_errors_at_once():
 
 def test_every_valid_codec_builds_from_config():
     for name in VALID_CODECS:
-        assert build_codec(CompressionConfig(codec=name, block_size=8)).name == name
+        blocks = {"block_size": 8} if name.split("+")[-1] in ("int8", "int4", "sign") else {}
+        assert build_codec(CompressionConfig(codec=name, **blocks)).name == name
     assert "randk+ternary" not in VALID_CODECS and math.isfinite(CompressionConfig().ratio)
+
+
+@pytest.mark.parametrize(
+    "given,key",
+    [
+        ({"codec": "int8", "ratio": 0.5}, "ratio"),
+        ({"block_size": 64}, "block_size"),
+        ({"codec": "topk+fp16", "block_size": 64}, "block_size"),
+        ({"codec": "sign", "ternary_alpha": 2.0}, "ternary_alpha"),
+        ({"codec": "sign", "ternary_scale": "dense"}, "ternary_scale"),
+        ({"codec": "int8", "downlink": "int8", "sign_scale": "rms"}, "sign_scale"),
+        ({"codec": "topk", "randk_unbiased": True}, "randk_unbiased"),
+        ({"error_feedback": True}, "error_feedback"),
+        ({"codec": "sign", "small_numel": 100}, "small_numel"),
+    ],
+)
+def test_config_refuses_a_setting_no_codec_in_use_reads(given, key):
+    with pytest.raises(ConfigError) as info:
+        CompressionConfig(**given)
+    (line,) = str(info.value).splitlines()[1:]  # that one problem, naming the key and the codecs in use
+    assert line.strip().startswith(f"compression.{key}:") and repr(given[key]) in line
+    assert f"compression.codec = {given.get('codec', 'none')!r}" in line or key in ("error_feedback", "small_numel")
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"codec": "int8", "downlink": "randk", "ratio": 0.5},  # the downlink reads it
+        {"codec": "topk+ternary", "ternary_alpha": 2.0, "ternary_scale": "dense", "ratio": 0.05},
+        {"codec": "topk", "small_codec": "int4", "block_size": 64},  # the small tensors' codec reads it
+        {"codec": "sign", "small_codec": "int4", "sign_scale": "rms", "small_numel": 100},
+        {"codec": "int8", "ratio": 0.1, "sign_scale": "mean_abs"},  # defaults change nothing: a saved config loads
+    ],
+)
+def test_config_accepts_a_setting_a_codec_in_use_reads(given):
+    assert CompressionConfig(**given).codec == given["codec"]
 
 
 # ------------------------------------------------------------- split by tensor size

@@ -450,6 +450,9 @@ def test_sections_built_in_python_hold_tuples_and_keep_flowers_defaults():
     assert AggregationConfig(secure="secagg+").num_shares == 3
 
 
+SAMPLE_DP = {"privacy.mode": "sample", "privacy.target_epsilon": 8.0, "privacy.max_grad_norm": 1.0}
+
+
 @pytest.mark.parametrize(
     "overrides, needle",
     [
@@ -459,6 +462,24 @@ def test_sections_built_in_python_hold_tuples_and_keep_flowers_defaults():
         (
             {"adapter.method": "lora-sb", "adapter.sb_public_examples": 32},
             "adapter.sb_public_examples: only sb_factors = 'gradient' reads it, and sb_factors is 'random'",
+        ),
+        (
+            {"train.lr_min_ratio": 0.5},
+            "train.lr_min_ratio: only used with train.lr_schedule = 'cosine', which is 'constant'; unset it (got 0.5)",
+        ),
+        (
+            {"aggregation.trim_beta": 0.3},
+            "aggregation.trim_beta: only used with aggregation.robust = 'trimmed-mean', which is 'none'",
+        ),
+        ({"privacy.label_noise": 3.0}, "privacy.label_noise: only used with privacy.mode = 'sample', which is 'none'"),
+        (
+            {**SAMPLE_DP, "privacy.label_noise": 3.0},
+            "privacy.label_noise: noises the label counts behind train.logit_adjustment, which is 0",
+        ),
+        (
+            {"compression.codec": "int8", "compression.ratio": 0.5},
+            "compression.ratio: read only by topk / randk codecs, and compression.codec = 'int8', "
+            "compression.downlink = 'none' (got 0.5)",
         ),
     ],
 )
@@ -473,6 +494,10 @@ def test_a_setting_the_run_would_not_read_is_refused(overrides, needle):
         {"train.optimizer": "sgd", "train.momentum": 0.9},
         {**ZO, "zo.lr": 0.1, "zo.pro": True},
         {"train.mode": "backprop", "zo.lr": 1e-6},  # a [zo] value equal to its default changes nothing
+        {"train.lr_schedule": "cosine", "train.lr_min_ratio": 0.5},
+        {"train.lr_schedule": "constant", "train.lr_min_ratio": 0.1},  # the default: as a saved config writes it
+        {"aggregation.robust": "trimmed-mean", "aggregation.trim_beta": 0.3},
+        {**SAMPLE_DP, "train.logit_adjustment": 1.0, "privacy.label_noise": 3.0},
     ],
 )
 def test_the_same_settings_where_they_are_read_are_accepted(overrides):

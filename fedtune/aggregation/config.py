@@ -219,6 +219,15 @@ class AggregationConfig(Section):
             only_with(e, "aggregation.rank", self.rank, "aggregation.lora_mode", self.lora_mode, ("exact",))
         positive(e, "aggregation.max_update_norm", self.max_update_norm)
         between(e, "aggregation.trim_beta", self.trim_beta, 0, 0.5, "[)")
+        if 0 <= self.trim_beta < 0.5:
+            only_with(
+                e,
+                "aggregation.trim_beta",
+                self.changed("trim_beta"),
+                "aggregation.robust",
+                self.robust,
+                ("trimmed-mean",),
+            )
         positive(e, "aggregation.num_malicious", self.num_malicious, allow_zero=True)
         positive(e, "aggregation.krum_select", self.krum_select)
         only_with(e, "aggregation.krum_select", self.krum_select, "aggregation.robust", self.robust, ("multikrum",))

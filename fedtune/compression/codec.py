@@ -233,17 +233,19 @@ def make_codec(
     randk_unbiased: bool = False,
 ) -> ChainCodec:
     """Codec for one name of `VALID_CODECS`; arguments as in `CompressionConfig` (and validated by it)."""
-    from fedtune.compression.config import CompressionConfig  # config imports this module
+    from fedtune.compression.config import READERS, CompressionConfig  # config imports this module
 
-    CompressionConfig(
-        codec=name,
-        ratio=ratio,
-        block_size=block_size,
-        ternary_alpha=ternary_alpha,
-        ternary_scale=ternary_scale,
-        sign_scale=sign_scale,
-        randk_unbiased=randk_unbiased,
-    )
+    settings = {
+        "ratio": ratio,
+        "block_size": block_size,
+        "ternary_alpha": ternary_alpha,
+        "ternary_scale": ternary_scale,
+        "sign_scale": sign_scale,
+        "randk_unbiased": randk_unbiased,
+    }
+    # validated as a config of this one codec; a setting it does not read is not its to check
+    parts = set(name.split("+"))
+    CompressionConfig(codec=name, **{k: v for k, v in settings.items() if parts & set(READERS[k])})
     sparse_name, _, value_name = name.rpartition("+")
     if not sparse_name and value_name in SPARSIFIERS:
         sparse_name, value_name = value_name, "fp32"

@@ -88,9 +88,44 @@ class CompressionConfig(Section):
         positive(e, "compression.ternary_alpha", self.ternary_alpha)
         choice(e, "compression.ternary_scale", self.ternary_scale, Ternary.SCALES)
         choice(e, "compression.sign_scale", self.sign_scale, Sign.SCALES)
-        if self.randk_unbiased and not any(x.startswith("randk") for x in (self.codec, self.downlink)):
-            e.append(
-                f"compression.randk_unbiased: needs a randk codec, and compression.codec = {self.codec!r}, "
-                f"compression.downlink = {self.downlink!r} (got True)"
-            )
+        # a value already refused for itself is not also reported as unread
+        e.extend(p for p in self._unread_problems() if not any(x.startswith(p.split(":")[0] + ":") for x in e))
         return e
+
+    def _unread_problems(self) -> list[str]:
+        """Settings away from their defaults that no codec in use reads (they would be ignored)."""
+        e: list[str] = []
+        small = self.small_codec != "same"
+        if self.codec == "none" and self.error_feedback:
+            e.append(
+                "compression.error_feedback: applies to a compressed uplink, and compression.codec is 'none' "
+                "(nothing is dropped to feed back) (got True)"
+            )
+        if not small and self.changed("small_numel") is not None:
+            e.append(
+                "compression.small_numel: the size under which compression.small_codec applies, and small_codec is "
+                f"'same'; unset it (got {self.small_numel!r})"
+            )
+        names = [self.codec, self.downlink] + ([self.small_codec] if small else [])
+        if any(n not in VALID_CODECS for n in names):
+            return e  # which settings apply is moot until every codec is known
+        parts = {p for n in names for p in n.split("+")}
+        in_use = f"compression.codec = {self.codec!r}, compression.downlink = {self.downlink!r}" + (
+            f", compression.small_codec = {self.small_codec!r}" if small else ""
+        )
+        for name, readers in READERS.items():
+            value = self.changed(name)
+            if value is not None and not parts & set(readers):
+                e.append(f"compression.{name}: read only by {' / '.join(readers)} codecs, and {in_use} (got {value!r})")
+        return e
+
+
+# the codec parts (`VALID_CODECS` names split at "+") that read each setting
+READERS = {
+    "ratio": ("topk", "randk"),
+    "block_size": ("int8", "int4", "sign"),
+    "ternary_alpha": ("ternary",),
+    "ternary_scale": ("ternary",),
+    "sign_scale": ("sign",),
+    "randk_unbiased": ("randk",),
+}

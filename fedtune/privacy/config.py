@@ -156,6 +156,7 @@ class PrivacyConfig(Section):
             return e  # which settings a mode needs is moot until the mode is known
         for name, modes in _FIELD_MODES.items():
             only_with(e, f"privacy.{name}", getattr(self, name), "privacy.mode", self.mode, modes)
+        only_with(e, "privacy.label_noise", self.changed("label_noise"), "privacy.mode", self.mode, ("sample",))
         if self.mode == "sample":
             if (self.noise_multiplier is None) == (self.target_epsilon is None):
                 e.append(
