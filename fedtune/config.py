@@ -248,7 +248,7 @@ class TrainConfig(Section):
         choice(e, "train.mode", self.mode, ("backprop", "zo"))
         between(e, "train.momentum", self.momentum, 0, 1, "[)")
         # AdamW's momentum is its betas; 0 (the default) is no momentum, so it counts as unset
-        only_with(e, "train.momentum", self.momentum or None, "train.optimizer", self.optimizer, ("sgd",))
+        only_with(e, "train.momentum", self.changed("momentum"), "train.optimizer", self.optimizer, ("sgd",))
         positive(e, "train.weight_decay", self.weight_decay, allow_zero=True)
         positive(e, "train.max_grad_norm", self.max_grad_norm, allow_zero=True)
         return e
@@ -601,11 +601,8 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
     if cfg.train.mode == "zo":
         errors.extend(_zo_problems(cfg))
     else:  # a [zo] setting away from its default would be ignored by gradient training
-        default = _zo_default()
-        for f in dataclasses.fields(default):
-            value = getattr(cfg.zo, f.name)
-            if value != getattr(default, f.name):
-                only_with(errors, f"zo.{f.name}", value, "train.mode", cfg.train.mode, ("zo",))
+        for f in dataclasses.fields(cfg.zo):
+            only_with(errors, f"zo.{f.name}", cfg.zo.changed(f.name), "train.mode", cfg.train.mode, ("zo",))
     if cfg.aggregation.lora_mode == "hetero":
         errors.extend(_hetero_problems(cfg))
     if cfg.aggregation.secure != "none":
