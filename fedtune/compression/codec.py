@@ -232,7 +232,8 @@ def make_codec(
     sign_scale: str = "mean_abs",
     randk_unbiased: bool = False,
 ) -> ChainCodec:
-    """Codec for one name of `VALID_CODECS`; arguments as in `CompressionConfig` (and validated by it)."""
+    """Codec for one name of `VALID_CODECS`; arguments as in `CompressionConfig`, which validates
+    those this codec reads (the others are not its to use)."""
     from fedtune.compression.config import READERS, CompressionConfig  # config imports this module
 
     settings = {
@@ -243,7 +244,6 @@ def make_codec(
         "sign_scale": sign_scale,
         "randk_unbiased": randk_unbiased,
     }
-    # validated as a config of this one codec; a setting it does not read is not its to check
     parts = set(name.split("+"))
     CompressionConfig(codec=name, **{k: v for k, v in settings.items() if parts & set(READERS[k])})
     sparse_name, _, value_name = name.rpartition("+")

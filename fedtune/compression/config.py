@@ -45,6 +45,9 @@ class CompressionConfig(Section):
         error_feedback: keep what compression dropped and add it to the next
             round's delta (`compensate` / `residual_after`); the client layer
             stores the residual in its per-node state.
+
+    A setting away from its default that no codec in use (uplink, downlink, small
+    tensors) reads is refused: `READERS` says which codecs read which setting.
     """
 
     SECTION = "compression"
