@@ -134,7 +134,7 @@ class AdapterConfig(Section):
                 f"{self.sb_factors!r}; set sb_factors = 'gradient' or leave sb_public_data out "
                 f"(got {self.sb_public_data!r})"
             )
-        if self.sb_public_examples != AdapterConfig.sb_public_examples and self.sb_factors != "gradient":
+        if self.changed("sb_public_examples") is not None and self.sb_factors != "gradient":
             e.append(
                 f"adapter.sb_public_examples: only sb_factors = 'gradient' reads it, and sb_factors is "
                 f"{self.sb_factors!r}; set sb_factors = 'gradient' or leave sb_public_examples out "

@@ -218,8 +218,9 @@ class AggregationConfig(Section):
                 e.append(f"aggregation.rank: must be a positive integer, 'lossless' or unset (got {self.rank!r})")
             only_with(e, "aggregation.rank", self.rank, "aggregation.lora_mode", self.lora_mode, ("exact",))
         positive(e, "aggregation.max_update_norm", self.max_update_norm)
+        reported = len(e)
         between(e, "aggregation.trim_beta", self.trim_beta, 0, 0.5, "[)")
-        if 0 <= self.trim_beta < 0.5:
+        if len(e) == reported:  # a value out of range is reported once, for its range
             only_with(
                 e,
                 "aggregation.trim_beta",
