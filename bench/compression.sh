@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-bench/results/compression}
-# Fed-SB core + prototype head (rows sb-proto*, simulations/configs/compressed.toml)
+# Fed-SB core + prototype head (rows sb-proto*, sb12-proto-int8 = simulations/configs/compressed.toml)
 SBP="adapter.method=lora-sb,adapter.sb_factors=gradient,adapter.sb_public_data=imdb,adapter.sb_public_examples=128,model.pooling=mean,adapter.head_init=prototypes,train.lr=2e-3"
 declare -A ROWS=(
   [none-fp32]=""
@@ -44,13 +44,15 @@ declare -A ROWS=(
   [sb-proto]="$SBP"
   # ... coded int8 up and down, a returning client sent one int8 payload of the global minus its copy
   [sb-proto-int8]="$SBP,compression.codec=int8,compression.downlink=int8,compression.downlink_catchup=delta"
+  # ... at r 12 (144 values a core), factors from 512 public reviews: simulations/configs/compressed.toml
+  [sb12-proto-int8]="$SBP,adapter.r=12,adapter.alpha=24,adapter.sb_public_examples=512,compression.codec=int8,compression.downlink=int8,compression.downlink_catchup=delta"
   # SecAgg+ (the server sees only the masked sum): masked values packed at log2(modulus_range) bits
   [secagg]="aggregation.secure=secagg+"
   # every client masks the same random-k coordinates, drawn from the round seed; n/k-scaled
   [secagg-randk25]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25,compression.randk_unbiased=true"
   [secagg-randk25-biased]="aggregation.secure=secagg+,compression.codec=randk,compression.ratio=0.25"
 )
-ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 sign-rms-head4-down-sign sign-rms-head4-down-delta r2-fp32 sb-proto sb-proto-int8 secagg secagg-randk25 secagg-randk25-biased)
+ORDER=(none-fp32 fp16 int8 int4 topk10 topk10+ternary topk10+ternary+EF topk5+ternary+EF topk10+ternary-dense topk10+ternary+EF-dense topk5+ternary+EF-dense sign sign+EF sign-b512 sign-rms sign-rms-b512 sign-rms+EF sign-rms-head4 sign-rms-head4-down-sign sign-rms-head4-down-delta r2-fp32 sb-proto sb-proto-int8 sb12-proto-int8 secagg secagg-randk25 secagg-randk25-biased)
 [ $# -gt 0 ] && ORDER=("$@")
 args=()
 for r in "${ORDER[@]}"; do args+=(--row "$r:${ROWS[$r]}"); done
