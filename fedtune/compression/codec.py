@@ -234,7 +234,7 @@ def make_codec(
 ) -> ChainCodec:
     """Codec for one name of `VALID_CODECS`; arguments as in `CompressionConfig`, which validates
     those this codec reads (the others are not its to use)."""
-    from fedtune.compression.config import READERS, CompressionConfig  # config imports this module
+    from fedtune.compression.config import CompressionConfig, settings_read_by  # config imports this module
 
     settings = {
         "ratio": ratio,
@@ -244,8 +244,8 @@ def make_codec(
         "sign_scale": sign_scale,
         "randk_unbiased": randk_unbiased,
     }
-    parts = set(name.split("+"))
-    CompressionConfig(codec=name, **{k: v for k, v in settings.items() if parts & set(READERS[k])})
+    read = settings_read_by([name])
+    CompressionConfig(codec=name, **{k: v for k, v in settings.items() if k in read})
     sparse_name, _, value_name = name.rpartition("+")
     if not sparse_name and value_name in SPARSIFIERS:
         sparse_name, value_name = value_name, "fp32"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fedtune.compression.codec import VALID_CODECS
@@ -112,13 +113,13 @@ class CompressionConfig(Section):
         names = [self.codec, self.downlink] + ([self.small_codec] if small else [])
         if any(n not in VALID_CODECS for n in names):
             return e  # which settings apply is moot until every codec is known
-        parts = {p for n in names for p in n.split("+")}
+        read = settings_read_by(names)
         in_use = f"compression.codec = {self.codec!r}, compression.downlink = {self.downlink!r}" + (
             f", compression.small_codec = {self.small_codec!r}" if small else ""
         )
         for name, readers in READERS.items():
             value = self.changed(name)
-            if value is not None and not parts & set(readers):
+            if value is not None and name not in read:
                 e.append(f"compression.{name}: read only by {' / '.join(readers)} codecs, and {in_use} (got {value!r})")
         return e
 
@@ -132,3 +133,9 @@ READERS = {
     "sign_scale": ("sign",),
     "randk_unbiased": ("randk",),
 }
+
+
+def settings_read_by(codecs: Iterable[str]) -> set[str]:
+    """The `READERS` settings that some part of one of ``codecs`` (`VALID_CODECS` names) reads."""
+    parts = {p for name in codecs for p in name.split("+")}
+    return {setting for setting, readers in READERS.items() if parts & set(readers)}
