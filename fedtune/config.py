@@ -570,7 +570,11 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
             f"privacy.mode = {cfg.privacy.mode!r} protects, and that gradient is not privatised; name a public "
             f"dataset (got {cfg.adapter.sb_public_data!r})"
         )
-    if cfg.privacy.mode == "sample" and cfg.train.logit_adjustment == 0 and cfg.privacy.changed("label_noise"):
+    if (
+        cfg.privacy.mode == "sample"
+        and cfg.train.logit_adjustment == 0
+        and cfg.privacy.changed("label_noise") is not None
+    ):
         errors.append(
             "privacy.label_noise: noises the label counts behind train.logit_adjustment, which is 0 (no counts are "
             f"released); unset it (got {cfg.privacy.label_noise!r})"
