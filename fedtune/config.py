@@ -254,7 +254,12 @@ class TrainConfig(Section):
         return e
 
 
-SAMPLINGS = ("fixed", "poisson")  # federation.sampling
+SAMPLINGS = ("fixed", "poisson", "label-balanced")  # federation.sampling
+
+
+def fixed_sample_size(available: int, fraction: float, minimum: int) -> int:
+    """How many of ``available`` nodes a fixed-size round samples: ``fraction`` of them, at least ``minimum``."""
+    return min(available, max(int(available * fraction), minimum))
 
 
 @dataclass(frozen=True)
@@ -268,7 +273,10 @@ class FederationConfig(Section):
     the sampler that client-level DP's accountant analyses exactly (`sample_rate`).
     Under ``"poisson"`` ``min_train_clients`` is no floor: drawing again until enough
     clients were in would change that analysis, so a value above the expected count
-    is refused and a smaller one is not enforced.
+    is refused and a smaller one is not enforced. ``"label-balanced"`` draws as many
+    clients as ``"fixed"``, chosen so that the round's pooled classes are as mixed as
+    the federation's (`fedtune.flower.server.balanced_sample_nodes`): each client tells
+    the server its count of training examples per class, once, with its partition id.
     """
 
     SECTION = "federation"
@@ -287,7 +295,7 @@ class FederationConfig(Section):
     def clients_per_round(self) -> int:
         """How many clients the server samples each round with all of them up (`sample_nodes`' rule);
         under ``"poisson"`` the whole part of the expected count (at least 1)."""
-        return min(self.num_clients, max(int(self.num_clients * self.fraction_train), self.min_train_clients))
+        return fixed_sample_size(self.num_clients, self.fraction_train, self.min_train_clients)
 
     @property
     def expected_clients_per_round(self) -> float:
@@ -595,6 +603,8 @@ def cross_section_problems(cfg: FedtuneConfig) -> list[str]:
             "or use forgetting_source = 'rotten_tomatoes'"
         )
     errors.extend(_aggregation_problems(cfg))
+    if cfg.federation.sampling == "label-balanced":
+        errors.extend(_balanced_sampling_problems(cfg))
     if cfg.adapter.head_init == "prototypes":
         errors.extend(_head_init_problems(cfg))
     if cfg.adapter.sb_gradient_head == "prototypes" and cfg.model.task in (CAUSAL_LM, LABEL_WORDS):
@@ -730,6 +740,24 @@ def _scaffold_problems(cfg: FedtuneConfig) -> list[str]:
             "privacy.mode: 'client-local' cannot be combined with aggregation.server_optimizer = 'scaffold' "
             "(delta_c_i is computed from the unclipped, un-noised update and would travel in the clear, outside "
             "the clipping and the accountant); use 'none'"
+        )
+    return e
+
+
+def _balanced_sampling_problems(cfg: FedtuneConfig) -> list[str]:
+    """What ``federation.sampling = 'label-balanced'`` (class counts sent in the clear, clients picked by them) cannot serve."""
+    e: list[str] = []
+    if cfg.model.task == CAUSAL_LM:
+        e.append(
+            "federation.sampling: 'label-balanced' balances the classes of a round's clients, and model.task = "
+            "'causal-lm' has no classes; use 'fixed'"
+        )
+    if cfg.privacy.mode != "none":
+        e.append(
+            f"federation.sampling: 'label-balanced' cannot be combined with privacy.mode = {cfg.privacy.mode!r} "
+            "(each client's class counts reach the server without noise, outside the privacy accounting, and "
+            "choosing clients by them breaks the uniform or Poisson client sampling the accountant assumes); "
+            "use 'fixed' or 'poisson'"
         )
     return e
 

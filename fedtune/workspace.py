@@ -207,6 +207,11 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
             f"adapter.sb_gradient_head: 'prototypes' builds a classification head from the public examples, and "
             f"model.name = {cfg.model.name!r} ({resolved.task}) has none; leave it out (got 'prototypes')"
         )
+    if cfg.federation.sampling == "label-balanced" and resolved.task == CAUSAL_LM:
+        problems.append(
+            f"federation.sampling: 'label-balanced' balances the classes of a round's clients, and model.name = "
+            f"{cfg.model.name!r} is trained as a causal LM, whose examples have no class; use 'fixed'"
+        )
     if cfg.model.pooling == "mean" and task != CLASSIFICATION:
         problems.append(
             f"model.pooling: 'mean' needs a BERT-family sequence classifier, and model.name = {cfg.model.name!r} is "

@@ -92,8 +92,11 @@ def make_client_app(cfg: FedtuneConfig | None = None, mods: list | None = None) 
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
+        from fedtune.flower.client import class_counts
         from fedtune.flower.identity import identity_reply
 
-        return identity_reply(msg, context.node_config)  # the server orders nodes by it to sample
+        run_cfg = cfg or _config_from_context(context)
+        # the server orders nodes by it to sample (and, label-balanced, mixes classes by the counts)
+        return identity_reply(msg, context.node_config, lambda: class_counts(context, run_cfg))
 
     return app

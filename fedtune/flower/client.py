@@ -62,6 +62,20 @@ def local_data(ws: workspace.Workspace, context: Context, cfg: FedtuneConfig) ->
     return pid, data
 
 
+def class_counts(context: Context, cfg: FedtuneConfig) -> list[int]:
+    """This silo's training examples per class, for ``federation.sampling = "label-balanced"``; they
+    leave only when the run says so."""
+    if cfg.federation.sampling != "label-balanced":
+        raise ValueError(
+            f"server asked for class counts but federation.sampling is {cfg.federation.sampling!r}, not 'label-balanced'"
+        )
+    ws = workspace.get(cfg)
+    if ws.task == CAUSAL_LM:
+        raise ValueError("server asked for class counts, and a causal LM's examples have no class")
+    _, data = local_data(ws, context, cfg)
+    return torch.bincount(torch.tensor([int(d["label"]) for d in data]), minlength=ws.num_labels).tolist()
+
+
 def receive_global(msg: Message, context: Context, cfg: FedtuneConfig, base: Delta | None = None) -> Delta:
     """The adapter to start from: a full record, or compressed broadcasts applied to our copy
     (with no copy yet: to ``base``, the seeded initial adapter's travelling keys, version 0)."""

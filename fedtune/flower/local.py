@@ -27,6 +27,7 @@ class LocalGrid:
         run_config: dict | None = None,
         fail: Callable[[int, int], bool] | None = None,
         node_ids: list[int] | None = None,
+        class_counts: Callable[[Context], list[int]] | None = None,
     ):
         from flwr.supercore.task_identity import TaskIdentity
 
@@ -40,6 +41,7 @@ class LocalGrid:
             raise ValueError(f"node_ids: need {num_nodes} distinct ids, got {node_ids!r}")
         self.client_fn = client_fn
         self.fail = fail  # (node_id, round) -> True to simulate a crashed client
+        self.class_counts = class_counts  # a node's answer to a query for its class counts
         self.contexts = {
             nid: Context(
                 run_id=1,
@@ -51,6 +53,12 @@ class LocalGrid:
             for i, nid in enumerate(self.node_ids)
         }
 
+    def _counter(self, context: Context) -> Callable[[], list[int]] | None:
+        if self.class_counts is None:
+            return None
+        count = self.class_counts
+        return lambda: count(context)
+
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
@@ -58,14 +66,15 @@ class LocalGrid:
         replies = []
         for msg in messages:
             nid = msg.metadata.dst_node_id
-            if msg.metadata.message_type == MessageType.QUERY:  # as a ClientApp's @app.query()
-                replies.append(identity_reply(msg, self.contexts[nid].node_config))
-                continue
-            rnd = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+            context = self.contexts[nid]
             try:
-                if self.fail and self.fail(nid, rnd):
-                    raise RuntimeError("simulated client failure")
-                reply = self.client_fn(msg, self.contexts[nid])
+                if msg.metadata.message_type == MessageType.QUERY:  # as a ClientApp's @app.query()
+                    reply = identity_reply(msg, context.node_config, self._counter(context))
+                else:
+                    rnd = int(msg.content["config"]["server-round"]) if "config" in msg.content else 0
+                    if self.fail and self.fail(nid, rnd):
+                        raise RuntimeError("simulated client failure")
+                    reply = self.client_fn(msg, context)
             except Exception as exc:  # as Flower does: an error reply, never a server crash
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
             replies.append(reply)

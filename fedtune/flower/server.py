@@ -3,9 +3,10 @@
 `ServerLoop` owns what every federated run does the same way: sampling
 (seeded by (seed, round) over nodes ordered by partition id, so a run is
 reproducible and a resumed run samples what the uninterrupted one would have;
-a fixed-size sample, or Poisson with ``federation.sampling = "poisson"``, whose
+a fixed-size sample, Poisson with ``federation.sampling = "poisson"``, whose
 rounds may sample nobody: such a round sends nothing, and only client-central
-DP still releases its noise),
+DP still releases its noise, or a fixed-size sample whose classes are mixed
+like the federation's, ``"label-balanced"``),
 sending a round and collecting its replies, mapping SuperLink error replies to
 the node they were sent to (a sampled node's reply to another node's message,
 or a second reply, is dropped), rejections with reasons, privacy accounting
@@ -38,7 +39,7 @@ import math
 import os
 import pickle
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -51,7 +52,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedtune import adapters, config, workspace
 from fedtune.aggregation import AggregationConfig, Layout, validate_update
-from fedtune.config import FedtuneConfig
+from fedtune.config import FedtuneConfig, fixed_sample_size
 from fedtune.delta import Delta
 from fedtune.errors import FedtuneError, PayloadError
 from fedtune.flower import protocol as P
@@ -75,6 +76,9 @@ from fedtune.workspace import export_adapter
 
 log = logging.getLogger("fedtune")
 
+# label-balanced sampling: candidates within this L1 distance of the best class mix are drawn alike
+BALANCE_SLACK = 0.1
+
 
 def sample_nodes(
     node_ids: Iterable[int],
@@ -94,7 +98,7 @@ def sample_nodes(
     `poisson_sample_nodes` is the Poisson sampler.
     """
     nodes = list(order(node_ids))
-    k = min(len(nodes), max(int(len(nodes) * fraction), minimum))
+    k = fixed_sample_size(len(nodes), fraction, minimum)
     rng = np.random.default_rng([seed, rnd])
     picks = rng.choice(len(nodes), size=k, replace=False)  # indices: node ids can exceed int64
     return sorted(nodes[int(i)] for i in picks)
@@ -121,6 +125,60 @@ def poisson_sample_nodes(
     rng = np.random.default_rng([seed, rnd])
     keep = rng.random(len(nodes)) < rate
     return sorted(n for n, k in zip(nodes, keep) if k)
+
+
+def balanced_sample_nodes(
+    class_counts: Mapping[int, Sequence[int] | None],
+    k: int,
+    *,
+    seed: int,
+    rnd: int,
+    weighted: bool,
+    order: Callable[[Iterable[int]], list[int]] = sorted,
+) -> list[int]:
+    """Pick ``k`` nodes whose pooled class mix is closest to the federation's, reproducibly from (seed, round).
+
+    Label-balanced client selection (after Yang et al. 2021, "Federated learning with
+    class imbalance reduction", arXiv:2011.11266): the first node is uniform at
+    random; each next one is drawn uniformly from the nodes that bring the round's
+    class shares within `BALANCE_SLACK` (L1) of the best choice, so that under label
+    skew a round does not train only silos of one label, and every node still takes
+    part. The round's shares average each node's shares, weighted by its example
+    count when ``weighted`` (as ``aggregation.weighting = "examples"`` averages their
+    updates), else equally; the target is all nodes' examples together.
+    ``class_counts``: node -> its training examples per class, or None for a node
+    that did not say (counted as holding the target mix, at the mean known weight).
+    """
+    nodes = list(order(class_counts))
+    k = min(k, len(nodes))
+    known = {n: np.asarray(c, dtype=np.float64) for n, c in class_counts.items() if c is not None}
+    total = sum(known.values()) if known else None
+    target = total / max(total.sum(), 1.0) if total is not None else None
+    mean_weight = float(np.mean([c.sum() for c in known.values()])) if known else 1.0
+
+    def shares(n: int):
+        return known[n] / max(known[n].sum(), 1.0) if n in known else target
+
+    def weight(n: int) -> float:
+        return (float(known[n].sum()) if n in known else mean_weight) if weighted else 1.0
+
+    rng = np.random.default_rng([seed, rnd])
+    chosen = [nodes[int(rng.integers(len(nodes)))]]
+    while len(chosen) < k:
+        rest = [n for n in nodes if n not in chosen]
+        if target is None:  # nobody said: a uniform draw
+            chosen.append(rest[int(rng.integers(len(rest)))])
+            continue
+        gaps = []
+        for n in rest:
+            group = [*chosen, n]
+            w = np.array([weight(m) for m in group])
+            mix = sum(wi * shares(m) for wi, m in zip(w, group)) / max(w.sum(), 1e-12)
+            gaps.append(float(np.abs(mix - target).sum()))
+        best = min(gaps)
+        near = [n for n, g in zip(rest, gaps) if g <= best + BALANCE_SLACK]
+        chosen.append(near[int(rng.integers(len(near)))])
+    return sorted(chosen)
 
 
 class _FixedGrid:
@@ -354,12 +412,13 @@ def round_seed(cfg: FedtuneConfig, rnd: int) -> int:
 
 
 class NodeSampler:
-    """This round's clients: `sample_nodes` (or `poisson_sample_nodes`, ``federation.sampling``) seeded by
-    (federation.seed, round) over nodes ordered by partition id."""
+    """This round's clients: `sample_nodes` (or `poisson_sample_nodes`, `balanced_sample_nodes`:
+    ``federation.sampling``) seeded by (federation.seed, round) over nodes ordered by partition id."""
 
     def __init__(self, cfg: FedtuneConfig):
         self.fed = cfg.federation
-        self.identities = NodeIdentities()
+        self.weighted = cfg.aggregation.weighting == "examples"
+        self.identities = NodeIdentities(ask_counts=cfg.federation.sampling == "label-balanced")
 
     def sample(self, grid: Grid, rnd: int, available: Iterable[int] | None = None) -> list[int]:
         fed = self.fed
@@ -370,6 +429,12 @@ class NodeSampler:
         if fed.sampling == "poisson":  # no minimum: min_train_clients is not enforced (FederationConfig)
             return poisson_sample_nodes(
                 available, fed.fraction_train, seed=fed.seed, rnd=rnd, order=self.identities.order
+            )
+        if fed.sampling == "label-balanced":
+            k = fixed_sample_size(len(available), fed.fraction_train, fed.min_train_clients)
+            counts = {n: self.identities.class_counts.get(n) for n in available}
+            return balanced_sample_nodes(
+                counts, k, seed=fed.seed, rnd=rnd, weighted=self.weighted, order=self.identities.order
             )
         return sample_nodes(
             available, fed.fraction_train, fed.min_train_clients, seed=fed.seed, rnd=rnd, order=self.identities.order
