@@ -269,7 +269,10 @@ def test_zeroth_order_rounds_take_a_varying_count_and_empty_rounds(tiny_cfg, tmp
 
 def test_refusals_name_the_keys(tiny_cfg):
     cases = [
-        ({"federation.sampling": "bernoulli"}, "federation.sampling: must be one of fixed, poisson, label-balanced (got 'bernoulli')"),
+        (
+            {"federation.sampling": "bernoulli"},
+            "federation.sampling: must be one of fixed, poisson, label-balanced (got 'bernoulli')",
+        ),
         (
             # q N = 4 x 0.25 = 1 expected a round, min_train_clients = 2 (tiny.toml) would be a floor
             {"federation.sampling": "poisson", "federation.fraction_train": 0.25},
