@@ -147,6 +147,23 @@ def test_a_run_trains_the_rounds_the_sampler_picks_from_every_silos_true_counts(
     assert identities.class_counts == {1000 + pid: c for pid, c in truth.items()}
 
 
+def test_a_resumed_run_asks_again_and_trains_the_rounds_of_an_uninterrupted_one(tmp_path):
+    from tests.test_resume import Crash, CrashingGrid
+
+    cfg, _ = _six_silos(rounds=4)
+
+    def grid(cls=LocalGrid, **kw):
+        return cls(6, lambda m, c: handle_train(m, c, cfg), class_counts=lambda c: class_counts(c, cfg), **kw)
+
+    ServerLoop(cfg, tmp_path / "whole", progress=lambda s: None).main(grid())
+    out = tmp_path / "broken"
+    with pytest.raises(Crash):
+        ServerLoop(cfg, out, progress=lambda s: None).main(grid(CrashingGrid, crash_round=3))
+    ServerLoop(cfg, out, progress=lambda s: None, resume=True).main(grid())
+    assert _trained(out) == _trained(tmp_path / "whole")
+    assert len({tuple(r) for r in _trained(out)}) > 1
+
+
 @pytest.mark.slow
 def test_on_flowers_simulation_engine_the_client_app_answers_the_counts(tmp_path):
     from fedtune.flower.simulation import simulate
