@@ -55,8 +55,8 @@ def test_the_draw_is_reproducible_and_follows_seed_and_round():
 
 
 def test_each_added_node_is_within_the_slack_of_the_best_choice_by_hand():
-    # weighted by examples: node 1 (90 of class 0) + node 2 (10 of class 1) mix 90/10, far from the
-    # federation's (100 + 90 + 10 + 0) / ... shares; compute every candidate's gap by hand
+    # the federation holds 90 + 40 = 130 of class 0 and 10 + 80 + 40 = 130 of class 1 (50/50); weighted by
+    # examples, node 1 (90 of class 0) + node 2 (10 of class 1) mix 90/10, far from it; every gap by hand
     counts = {1: [90, 0], 2: [0, 10], 3: [0, 80], 4: [40, 40]}
     total = np.array([130.0, 130.0])
     target = total / total.sum()  # 50/50
