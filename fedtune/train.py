@@ -137,10 +137,15 @@ def train_local(
         )
 
 
+def label_counts(data: list[dict], num_labels: int) -> torch.Tensor:
+    """How many of ``data``'s examples carry each label 0..num_labels-1 (int64)."""
+    return torch.bincount(torch.tensor([int(d["label"]) for d in data], dtype=torch.long), minlength=num_labels)
+
+
 def label_log_prior(data: list[dict], num_labels: int, counts: list[float] | None = None) -> torch.Tensor:
     """log of the client's label distribution (from ``counts`` if given), add-one smoothed (never -inf)."""
     if counts is None:
-        c = torch.bincount(torch.tensor([d["label"] for d in data]), minlength=num_labels).double()
+        c = label_counts(data, num_labels).double()
     else:
         if len(counts) != num_labels:
             raise ValueError(f"label counts {counts!r}: expected {num_labels} counts")

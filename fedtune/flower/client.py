@@ -27,7 +27,7 @@ from fedtune.env import setup_environment
 from fedtune.flower import protocol as P
 from fedtune.flower.records import from_arrayrecord, pack, state_digest
 from fedtune.seeds import derive_seed
-from fedtune.train import round_lr, train_local
+from fedtune.train import label_counts, round_lr, train_local
 
 
 def partition_id(context: Context, cfg: FedtuneConfig) -> int:
@@ -73,7 +73,7 @@ def class_counts(context: Context, cfg: FedtuneConfig) -> list[int]:
     if ws.task == CAUSAL_LM:
         raise ValueError("server asked for class counts, and a causal LM's examples have no class")
     _, data = local_data(ws, context, cfg)
-    return torch.bincount(torch.tensor([int(d["label"]) for d in data]), minlength=ws.num_labels).tolist()
+    return label_counts(data, ws.num_labels).tolist()
 
 
 def receive_global(msg: Message, context: Context, cfg: FedtuneConfig, base: Delta | None = None) -> Delta:
