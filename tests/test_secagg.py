@@ -366,6 +366,7 @@ def _run_in_process(cfg, out, client_fn=None):
     from flwr.app import Context, Message, RecordDict
     from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
+    from fedtune.flower.client import class_counts
     from fedtune.flower.local import LocalGrid
     from fedtune.flower.secagg import handle_secagg_train, run_secagg
 
@@ -380,7 +381,11 @@ def _run_in_process(cfg, out, client_fn=None):
         def send_and_receive(self, messages, *, timeout=None):
             return [wire(r) for r in super().send_and_receive([wire(m) for m in messages], timeout=timeout)]
 
-    grid = Grid(cfg.federation.num_clients, client_fn or (lambda m, c: handle_secagg_train(m, c, cfg)))
+    grid = Grid(
+        cfg.federation.num_clients,
+        client_fn or (lambda m, c: handle_secagg_train(m, c, cfg)),
+        class_counts=lambda c: class_counts(c, cfg),  # asked only when federation.sampling = "label-balanced"
+    )
     steps = []
     logging.getLogger("flwr").setLevel(logging.WARNING)
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
@@ -514,3 +519,30 @@ def test_a_malformed_masked_vector_drops_that_client_not_the_round(tmp_path):
     # the dropped client's weight is not in the mean: it differs from the mean over all three
     full = _weighted_mean(*zip(*_client_deltas(cfg, before, rnd, [0, 1, 2])))
     assert max(float((secure_mean[k] - full[k]).abs().max()) for k in ref) > 100 * bound
+
+
+def test_label_balanced_sampling_picks_the_secagg_rounds_from_every_silos_true_counts(tmp_path):
+    """Under SecAgg+ the server still learns each silo's class counts (the identity query, outside the
+    masked sum) and trains exactly the rounds the label-balanced sampler picks from them."""
+    from fedtune.flower.server import balanced_sample_nodes, sample_nodes
+
+    cfg = _load(
+        **{
+            "federation.sampling": "label-balanced",
+            "federation.num_clients": 6,
+            "federation.fraction_train": 0.5,
+            "federation.rounds": 3,
+            "data.dirichlet_alpha": 0.2,
+        }
+    )
+    ws = workspace.get(cfg)
+    truth = {}
+    for pid, idx in enumerate(ws.partitions()):
+        labels = [ws.splits.train[i]["label"] for i in idx]
+        truth[pid] = [labels.count(0), labels.count(1)]
+    _, rows, _ = _run_in_process(cfg, tmp_path)
+    # LocalGrid's node 1000 + i holds partition i; the sampler orders nodes by partition id
+    trained = [sorted(c["node"] - 1000 for c in row["clients"]) for row in rows[1:]]
+    expected = [balanced_sample_nodes(truth, 3, seed=cfg.federation.seed, rnd=r, weighted=True) for r in (1, 2, 3)]
+    assert trained == expected
+    assert trained != [sample_nodes(range(6), 0.5, 3, seed=cfg.federation.seed, rnd=r) for r in (1, 2, 3)]
