@@ -113,12 +113,18 @@ def test_a_node_tells_its_true_class_counts_only_when_the_run_samples_by_them(ti
     assert dict(reply.content[P.METRICS]) == {"partition-id": 0}
 
 
-def _six_silos(rounds: int):
-    """The tiny config over 6 label-skewed silos, 2 a round, and each silo's true class counts."""
+def _six_silos(rounds: int, **overrides):
+    """The tiny config over 6 label-skewed silos, 2 a round (unless ``overrides`` say otherwise), and
+    each silo's true class counts."""
     cfg = config.load(CONFIGS / "tiny.toml").replace(
-        **BALANCED,
-        **{"federation.num_clients": 6, "federation.fraction_train": 0.34, "federation.rounds": rounds},
-        **{"data.dirichlet_alpha": 0.2},
+        **{
+            **BALANCED,
+            "federation.num_clients": 6,
+            "federation.fraction_train": 0.34,
+            "federation.rounds": rounds,
+            "data.dirichlet_alpha": 0.2,
+            **overrides,
+        }
     )
     ws = workspace.get(cfg)
     truth = {}

@@ -526,20 +526,9 @@ def test_label_balanced_sampling_picks_the_secagg_rounds_from_every_silos_true_c
     masked sum) and trains exactly the rounds the label-balanced sampler picks from them."""
     from fedtune.flower.server import balanced_sample_nodes, sample_nodes
 
-    cfg = _load(
-        **{
-            "federation.sampling": "label-balanced",
-            "federation.num_clients": 6,
-            "federation.fraction_train": 0.5,
-            "federation.rounds": 3,
-            "data.dirichlet_alpha": 0.2,
-        }
-    )
-    ws = workspace.get(cfg)
-    truth = {}
-    for pid, idx in enumerate(ws.partitions()):
-        labels = [ws.splits.train[i]["label"] for i in idx]
-        truth[pid] = [labels.count(0), labels.count(1)]
+    from .test_balanced_sampling import _six_silos
+
+    cfg, truth = _six_silos(rounds=3, **SECURE, **{"federation.fraction_train": 0.5})  # 3 a round
     _, rows, _ = _run_in_process(cfg, tmp_path)
     # LocalGrid's node 1000 + i holds partition i; the sampler orders nodes by partition id
     trained = [sorted(c["node"] - 1000 for c in row["clients"]) for row in rows[1:]]
