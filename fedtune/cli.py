@@ -30,6 +30,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override one setting, e.g. --set train.lr=2e-3 (repeatable)",
     )
+    add_unset_arg(p)
+
+
+def add_unset_arg(p: argparse.ArgumentParser) -> None:
+    """``--unset SECTION.KEY``: the key the config file sets goes back to its default (an override ``~KEY``)."""
+    p.add_argument(
+        "--unset",
+        dest="overrides",
+        action="append",
+        type=lambda key: f"~{key}",
+        metavar="SECTION.KEY",
+        help="drop a setting the config file makes, back to its default, e.g. --unset aggregation.server_lr "
+        "(repeatable; with --set, the later one wins)",
+    )
 
 
 def _load_config(args, extra: dict | None = None):

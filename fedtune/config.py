@@ -963,10 +963,30 @@ def parse_value(text: str) -> Any:
         return text
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
+"""An override's value that removes the key from the config file, so the setting takes its default."""
+
+
 def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """``["train.lr=2e-3", "data.partition=iid"]`` -> ``{"train.lr": 0.002, ...}``."""
+    """``["train.lr=2e-3", "~aggregation.server_lr"]`` -> ``{"train.lr": 0.002, "aggregation.server_lr": UNSET}``.
+
+    ``~SECTION.KEY`` (Hydra's spelling) unsets a key the config file sets, so it
+    falls back to its default: e.g. a file's ``server_lr`` when switching its
+    server optimizer back to FedAvg, which takes none.
+    """
     out: dict[str, Any] = {}
     for item in items:
+        if item.startswith("~"):
+            key = item[1:].strip()
+            if "=" in key or "." not in key:
+                raise ConfigError(f"--unset {key!r}: expected SECTION.KEY, e.g. aggregation.server_lr")
+            out[key] = UNSET
+            continue
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or "." not in key:
@@ -995,18 +1015,50 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One TOML config file as nested data, on top of the file its ``base`` key names (if any).
+
+    ``base = "other.toml"`` (a path relative to this file) makes this file a variant:
+    it holds only what it changes, key by key, section by section, as ``--set`` would.
+    """
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}" + (f" (the base of {seen[-1]})" if seen else ""))
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f'{path}: base must name another config file, e.g. base = "default.toml" (got {base!r})')
+    base_path = path.parent / base
+    chain = (*seen, path)
+    if any(base_path.resolve() == p.resolve() for p in chain):
+        raise ConfigError(f"{path}: base = {base!r} makes a cycle: {' -> '.join(str(p) for p in (*chain, base_path))}")
+    return _merge(_read(base_path, chain), data)
+
+
+def _unset(data: dict[str, Any]) -> dict[str, Any]:
+    """Drop the keys an override unsets (`UNSET`); each must be a setting fedtune has."""
+    errors = []
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            continue
+        for key in [k for k, v in values.items() if v is UNSET]:
+            del values[key]
+            fields = {f.name for f in dataclasses.fields(_section_class(section))} if section in SECTIONS else set()
+            if key not in fields:
+                errors.append(f"--unset {section}.{key}: there is no such setting")
+    if errors:
+        raise ConfigError(errors)
+    return data
+
+
 def load(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> FedtuneConfig:
-    """Load a TOML config file (or the defaults) and apply dotted-key overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
-    return from_dict(_merge(data, _nest(overrides or {})))
+    """Load a TOML config file (or the defaults) and apply dotted-key overrides (`UNSET` removes a key)."""
+    data = _read(Path(path)) if path is not None else {}
+    return from_dict(_unset(_merge(data, _nest(overrides or {}))))
 
 
 def from_run_config(run_config: Mapping[str, Any], base_dir: str | Path | None = None) -> FedtuneConfig:

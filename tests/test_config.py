@@ -213,6 +213,61 @@ def test_overrides_parse_toml_values():
         config.parse_overrides(["lr=1"])
 
 
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_variant_holds_only_what_it_changes_on_top_of_its_base(tmp_path):
+    (tmp_path / "sub").mkdir()
+    base = _write(tmp_path / "base.toml", "[model]\nname = 'tiny-bert'\n[train]\nlr = 0.1\nlocal_steps = 3\n")
+    mid = _write(tmp_path / "sub" / "mid.toml", "base = '../base.toml'\n[train]\nlr = 0.2\n")
+    top = _write(tmp_path / "top.toml", "base = 'sub/mid.toml'\n[federation]\nrounds = 7\n")
+    cfg = config.load(top)
+    # a chain of bases, each path relative to the file naming it, key by key as --set would
+    assert cfg.to_dict() == config.load(base, {"train.lr": 0.2, "federation.rounds": 7}).to_dict()
+    assert cfg.train.local_steps == 3 and cfg.model.name == "tiny-bert"
+    assert config.load(top, {"train.lr": 0.3}).train.lr == 0.3  # overrides still come last
+    # the run directory records the resolved config, which loads without its base
+    assert config.from_dict(tomllib.loads(config.to_toml(cfg))).to_dict() == cfg.to_dict()
+    assert config.load(mid).train.lr == 0.2
+
+
+def test_a_missing_base_or_a_cycle_of_bases_is_refused_naming_the_files(tmp_path):
+    a = _write(tmp_path / "a.toml", "base = 'gone.toml'\n")
+    assert problems({}, a) == (f"config file not found: {tmp_path / 'gone.toml'} (the base of {a})",)
+    _write(tmp_path / "b.toml", "base = 'c.toml'\n")
+    c = _write(tmp_path / "c.toml", "base = './b.toml'\n")
+    (why,) = problems({}, c)
+    assert "makes a cycle" in why and str(tmp_path / "b.toml") in why
+    assert "base must name another config file" in problems({}, _write(tmp_path / "d.toml", "base = 3\n"))[0]
+
+
+def test_unset_drops_a_key_the_file_sets_back_to_its_default(tmp_path):
+    long = CONFIGS / "smollm2-chatterbot-long.toml"
+    assert config.parse_overrides(["~aggregation.server_lr"]) == {"aggregation.server_lr": config.UNSET}
+    # FedAvg has no server step, so the file's server_lr is refused unless it is unset
+    (why,) = problems({"aggregation.server_optimizer": "fedavg"}, long)
+    assert why.startswith("aggregation.server_lr: only used with")
+    cfg = config.load(long, config.parse_overrides(["aggregation.server_optimizer=fedavg", "~aggregation.server_lr"]))
+    assert cfg.aggregation.server_optimizer == "fedavg" and cfg.aggregation.server_lr is None
+    # the key goes from the file and its base alike: fedtune's default, not the base's 10
+    default = config.load(None).train.local_steps
+    assert (
+        default not in (10, 20) and config.load(long, {"train.local_steps": config.UNSET}).train.local_steps == default
+    )
+    # the later of --set and --unset wins, as with two --set
+    argv = ["check-config", "--config-only", "--config", str(long), "--set", "aggregation.server_optimizer=fedavg"]
+    assert cli.main([*argv, "--unset", "aggregation.server_lr"]) == 0
+    assert cli.main([*argv, "--unset", "aggregation.server_lr", "--set", "aggregation.server_lr=2.0"]) == 2
+    assert problems(config.parse_overrides(["~aggregation.server_rate", "~nope.x"]), long) == (
+        "--unset aggregation.server_rate: there is no such setting",
+        "--unset nope.x: there is no such setting",
+    )
+    with pytest.raises(ConfigError, match="expected SECTION.KEY"):
+        config.parse_overrides(["~server_lr"])
+
+
 def test_run_config_from_flower(tmp_path):
     cfg = config.from_run_config({"config": "simulations/configs/tiny.toml", "train.lr": 0.5}, base_dir=ROOT)
     assert cfg.model.name == "tiny-bert" and cfg.train.lr == 0.5

@@ -172,6 +172,16 @@ def test_run_config_round_trips_through_flwr_and_fedtune():
     assert cfg.train.lr == 2e-3 and cfg.data.partition == "iid" and cfg.model.name == "tiny-bert"
 
 
+def test_an_unset_travels_through_flwr_to_the_server_apps_config():
+    long = "simulations/configs/smollm2-chatterbot-long.toml"
+    overrides = ["aggregation.server_optimizer=fedavg", "~aggregation.server_lr"]
+    argv = dcli.run_argv("app", "prod", config=long, overrides=overrides)
+    run_config = parse_config_args([argv[argv.index("--run-config") + 1]])
+    cfg = config.from_run_config(run_config, base_dir=ROOT)
+    assert cfg.aggregation.server_optimizer == "fedavg" and cfg.aggregation.server_lr is None
+    assert cfg.train.local_steps == 20  # the rest of the file (and its base) still holds
+
+
 def test_resume_travels_as_the_declared_run_config_key_and_reaches_the_server_app(tmp_path):
     argv = dcli.run_argv("app", "prod", overrides=[f"output.dir={tmp_path}"], resume=True)
     run_config = parse_config_args([argv[argv.index("--run-config") + 1]])
@@ -216,9 +226,9 @@ def test_run_argv_without_config_or_overrides():
     assert dcli.run_argv(".", "prod", stream=False) == ["flwr", "run", ".", "prod"]
 
 
-@pytest.mark.parametrize("item", ['output.name="x"', "output.name=it's", "output.dir=C:\\x", "lr=1"])
+@pytest.mark.parametrize("item", ['output.name="x"', "output.name=it's", "output.dir=C:\\x", "lr=1", "~lr"])
 def test_run_config_rejects_what_flwr_cannot_carry(item):
-    with pytest.raises(ConfigError, match="--set"):
+    with pytest.raises(ConfigError, match="--set|--unset"):
         dcli.run_config_arg(None, [item])
 
 

@@ -216,7 +216,7 @@ def register_argv(
 def run_config_arg(config: str | None = None, overrides: Sequence[str] = (), *, resume: bool = False) -> str:
     """The ``--run-config`` value for fedtune's declared keys (``config``, ``overrides``, ``resume``).
 
-    ``overrides`` are fedtune ``SECTION.KEY=VALUE`` items. They travel in one
+    ``overrides`` are fedtune ``SECTION.KEY=VALUE`` (or ``~SECTION.KEY``) items. They travel in one
     TOML string that fedtune splits with ``shlex``; flwr reads ``--run-config``
     with a regex that allows no escaped quotes, so items must not contain quotes
     or backslashes; an item with spaces is single-quoted inside the string.
@@ -226,11 +226,11 @@ def run_config_arg(config: str | None = None, overrides: Sequence[str] = (), *, 
         if '"' in config or "\\" in config or any(c.isspace() for c in config):
             raise ConfigError(f"--config: path must not contain spaces, '\"' or '\\', got {config!r}")
         parts.append(f'config="{config}"')
+    from fedtune.config import parse_overrides
+
     items = []
     for item in overrides:
-        key, sep, _ = item.partition("=")
-        if not sep or "." not in key.strip():
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. train.lr=2e-3")
+        parse_overrides([item])  # SECTION.KEY=VALUE or ~SECTION.KEY, else refused naming the item
         if any(c in item for c in "\"'\\"):
             raise ConfigError(f"--set {item!r}: quotes and backslashes cannot pass through flwr --run-config")
         items.append(f"'{item}'" if any(c.isspace() for c in item) else item)
@@ -694,6 +694,8 @@ def _check_run_config(app: Path, config_file: str | None, overrides: Sequence[st
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``fedtune deploy {certs,keys,superlink,supernode,register,run-line}``."""
+    from fedtune.cli import add_unset_arg
+
     deploy = sub.add_parser("deploy", help="run across organizations: certificates, SuperLink, SuperNodes")
     dsub = deploy.add_subparsers(dest="deploy_command", required=True)
 
@@ -772,6 +774,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SECTION.KEY=VALUE",
         help="fedtune override (repeatable)",
     )
+    add_unset_arg(p)
     p.add_argument("--no-stream", action="store_true", help="return once the run is submitted")
     p.add_argument(
         "--resume",
