@@ -96,6 +96,14 @@ class AdapterConfig(Section):
     its per-class means of the pooled features the head sees, and the head starts as the
     nearest-class-mean classifier (`fedtune.prototypes`; what zeroth-order training
     needs, as it cannot train a random head).
+
+    ``init_from``: start from an adapter a fedtune run exported (its ``RUN/adapter``
+    directory, which holds ``fedtune_state.safetensors``) instead of the seeded one:
+    continue a run under a new config, or train on public data first and on the
+    private silos after. It replaces the whole adapter state (LoRA-SB's fixed factors
+    included) on every party, so every party must hold the directory, like
+    ``sb_public_data``; the model and the adapter's method, ``r``, ``alpha`` and target
+    modules must be the ones it was trained with (`fedtune.workspace.init_state`).
     """
 
     SECTION = "adapter"
@@ -112,10 +120,16 @@ class AdapterConfig(Section):
     sb_public_data: str = ""
     sb_public_examples: int = 64
     sb_gradient_head: str = "seeded"
+    init_from: str = ""
 
     def problems(self) -> list[str]:
         e: list[str] = []
         choice(e, "adapter.method", self.method, ("lora", "dora", "prompt", "head", "lora-sb"))
+        if self.init_from and self.head_init == "prototypes":
+            e.append(
+                "adapter.head_init: 'prototypes' replaces the head before round 1, and adapter.init_from starts "
+                f"from a trained one ({self.init_from!r}); use 'random' or leave init_from out"
+            )
         choice(e, "adapter.sb_factors", self.sb_factors, ("random", "svd", "gradient"))
         positive(e, "adapter.sb_public_examples", self.sb_public_examples)
         if self.sb_factors != "random" and self.method != "lora-sb":

@@ -179,7 +179,8 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
 
     The config's own checks (`fedtune.config.from_dict`) need neither; these do:
     the model name resolves (no weights are read) on a device this machine has,
-    the adapter and pooling fit the model's task, the data loads with the
+    the adapter and pooling fit the model's task, ``adapter.init_from`` holds a fitting
+    adapter, the data loads with the
     configured columns, ``model.num_labels`` agrees with the data's labels
     (`fedtune.data.num_labels`), and the partition gives every client examples.
     ``fedtune simulate`` and ``fedtune check-config`` run it; returns the resolved model.
@@ -207,6 +208,8 @@ def check_data(cfg: FedtuneConfig) -> models.ResolvedModel:
             f"adapter.sb_gradient_head: 'prototypes' builds a classification head from the public examples, and "
             f"model.name = {cfg.model.name!r} ({resolved.task}) has none; leave it out (got 'prototypes')"
         )
+    if cfg.adapter.init_from:  # the directory is there and fits (its tensors are checked when the model loads)
+        problems.extend(init_problems(cfg))
     if cfg.federation.sampling == "label-balanced" and resolved.task == CAUSAL_LM:
         problems.append(
             f"federation.sampling: 'label-balanced' balances the classes of a round's clients, and model.name = "
@@ -264,8 +267,72 @@ def build(cfg: FedtuneConfig) -> Workspace:
     )
     if cfg.adapter.sb_factors == "gradient":
         _public_gradient_factors_(ws)
+    if cfg.adapter.init_from:
+        adapters.set_state_(ws.model, init_state(cfg, adapters.get_state(ws.model)))
     ws.initial_state()  # snapshot before any round loads another state
     return ws
+
+
+INIT_STATE = "fedtune_state.safetensors"  # an exported adapter's full state, as `adapter.init_from` reads it
+INIT_META = "fedtune_state.json"  # what it fits: the model and the adapter settings that give its tensors meaning
+_INIT_ADAPTER_KEYS = ("method", "r", "alpha", "target_modules", "num_virtual_tokens")
+
+
+def _init_meta(cfg: FedtuneConfig) -> dict:
+    adapter = cfg.adapter.to_dict()
+    return {"model": cfg.model.name, "adapter": {k: _plain(adapter[k]) for k in _INIT_ADAPTER_KEYS}}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def init_problems(cfg: FedtuneConfig) -> list[str]:
+    """What makes ``adapter.init_from`` unusable for ``cfg``, read from its metadata alone (no weights)."""
+    src = Path(cfg.adapter.init_from)
+    if not (src / INIT_STATE).is_file() or not (src / INIT_META).is_file():
+        return [
+            f"adapter.init_from: {str(src)!r} holds no {INIT_STATE} and {INIT_META}; name the adapter "
+            "directory of a fedtune run (RUN/adapter)"
+        ]
+    try:
+        saved = json.loads((src / INIT_META).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        return [f"adapter.init_from: {src / INIT_META} is not valid JSON: {err}"]
+    want = _init_meta(cfg)
+    errors = []
+    if saved.get("model") != want["model"]:
+        errors.append(
+            f"adapter.init_from: {str(src)!r} was trained on model.name = {saved.get('model')!r}, and this run's is "
+            f"{want['model']!r}"
+        )
+    for key, value in want["adapter"].items():
+        if saved.get("adapter", {}).get(key) != value:
+            errors.append(
+                f"adapter.{key}: {value!r}, and the adapter of adapter.init_from = {str(src)!r} was trained with "
+                f"{saved.get('adapter', {}).get(key)!r}; set it so or start from another adapter"
+            )
+    return errors
+
+
+def init_state(cfg: FedtuneConfig, built: Delta) -> Delta:
+    """The adapter state ``adapter.init_from`` names, checked against ``built`` (the seeded adapter):
+    the same tensors, shape for shape; refused naming the setting otherwise."""
+    from safetensors.torch import load_file
+
+    errors = init_problems(cfg)
+    if errors:
+        raise ConfigError(errors)
+    state = load_file(str(Path(cfg.adapter.init_from) / INIT_STATE))
+    missing, extra = sorted(set(built) - set(state)), sorted(set(state) - set(built))
+    shapes = [k for k in set(built) & set(state) if tuple(built[k].shape) != tuple(state[k].shape)]
+    if missing or extra or shapes:
+        raise ConfigError(
+            f"adapter.init_from: {cfg.adapter.init_from!r} does not fit this model's adapter "
+            f"(missing {missing[:2]}, unexpected {extra[:2]}, other shape {sorted(shapes)[:2]}); was it trained "
+            "with another head (model.num_labels) or base model?"
+        )
+    return {k: state[k].to(torch.float32) for k in built}
 
 
 def public_examples(cfg: FedtuneConfig, task: str, classes: int) -> list[dict]:
@@ -359,5 +426,11 @@ def export_adapter(ws: Workspace, state: Delta, target) -> None:
             from fedtune import labelwords
 
             labelwords.write_export(tmp, labelwords.export_spec(ws.cfg.label_words, ws.tokenizer, ws.label_word_ids))
+
+        # the full state (LoRA-SB's core and factors apart, not folded) for `adapter.init_from`
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(Path(tmp) / INIT_STATE))
+        (Path(tmp) / INIT_META).write_text(json.dumps(_init_meta(ws.cfg), indent=1) + "\n")
 
     replace_dir(target, fill)

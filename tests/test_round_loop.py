@@ -162,6 +162,8 @@ def test_swa_evaluates_and_exports_the_mean_of_the_globals_since_swa_start(tiny_
     ws = workspace.get(cfg)
     adapters.set_state_(ws.model, swa)
     assert summary["final"] == held_out_metrics(ws, cfg, final=True)  # what was evaluated is the average
+    exported = load_file(str(tmp_path / "adapter" / workspace.INIT_STATE))  # and what was exported
+    assert set(exported) == set(swa) and all(torch.equal(exported[k], swa[k]) for k in swa)
 
 
 def test_swa_is_refused_where_it_would_not_run(tiny_cfg):

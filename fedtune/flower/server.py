@@ -865,7 +865,7 @@ class DeltaRounds:
             self.control = control
 
     def export(self, adapter_dir: Path) -> None:
-        export_adapter(self.ws, self.state, adapter_dir)
+        export_adapter(self.ws, self.global_state(), adapter_dir)  # FedSWA: the average that was evaluated
 
     def finish(self, run_dir: Path) -> dict[str, Any]:
         out: dict[str, Any] = {
