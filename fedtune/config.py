@@ -102,8 +102,10 @@ class AdapterConfig(Section):
     continue a run under a new config, or train on public data first and on the
     private silos after. It replaces the whole adapter state (LoRA-SB's fixed factors
     included) on every party, so every party must hold the directory, like
-    ``sb_public_data``; the model and the adapter's method, ``r``, ``alpha`` and target
-    modules must be the ones it was trained with (`fedtune.workspace.init_state`).
+    ``sb_public_data``, and the settings that would build the seeded state
+    (``init_seed``, ``sb_*``) are refused with it; the model and the adapter's method,
+    ``r``, ``alpha`` and target modules must be the ones it was trained with
+    (`fedtune.workspace.init_state`).
     """
 
     SECTION = "adapter"
@@ -130,6 +132,12 @@ class AdapterConfig(Section):
                 "adapter.head_init: 'prototypes' replaces the head before round 1, and adapter.init_from starts "
                 f"from a trained one ({self.init_from!r}); use 'random' or leave init_from out"
             )
+        for name in ("init_seed", "sb_factors", "sb_public_data", "sb_public_examples", "sb_gradient_head"):
+            if self.init_from and self.changed(name) is not None:
+                e.append(
+                    f"adapter.{name}: the seeded adapter and LoRA-SB's factors come whole from adapter.init_from = "
+                    f"{self.init_from!r}, so this would not be read; leave it out (got {getattr(self, name)!r})"
+                )
         choice(e, "adapter.sb_factors", self.sb_factors, ("random", "svd", "gradient"))
         positive(e, "adapter.sb_public_examples", self.sb_public_examples)
         if self.sb_factors != "random" and self.method != "lora-sb":

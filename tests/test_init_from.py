@@ -82,6 +82,21 @@ def test_an_adapter_that_does_not_fit_is_refused_before_the_run(trained, tmp_pat
     assert "adapter.r:" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="adapter.head_init: 'prototypes' replaces the head"):
         config.load(None, {"adapter.init_from": src, "adapter.head_init": "prototypes", "model.pooling": "mean"})
+    # what would build the seeded state is not read: refused, not ignored
+    over = {"adapter.method": "lora-sb", "adapter.sb_factors": "svd", "adapter.init_seed": 3}
+    assert problems_of({"adapter.init_from": src, **over}) == (
+        f"adapter.init_seed: the seeded adapter and LoRA-SB's factors come whole from adapter.init_from = {src!r}, "
+        "so this would not be read; leave it out (got 3)",
+        f"adapter.sb_factors: the seeded adapter and LoRA-SB's factors come whole from adapter.init_from = {src!r}, "
+        "so this would not be read; leave it out (got 'svd')",
+    )
+    assert config.load(None, over).adapter.sb_factors == "svd"  # accepted without init_from
+
+
+def problems_of(overrides):
+    with pytest.raises(ConfigError) as exc:
+        config.load(None, overrides)
+    return exc.value.problems
 
 
 def test_a_plain_lora_export_starts_a_run_too(tmp_path):
