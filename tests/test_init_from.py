@@ -11,6 +11,7 @@ from fedtune.centralized import run_centralized
 from fedtune.cli import main
 from fedtune.errors import ConfigError
 from tests.conftest import CONFIGS, metrics_rows, run_capturing_updates
+from tests.test_config import problems
 
 SHORT = {"federation.rounds": 2, "train.local_steps": 3, "train.lr": 5e-2}
 
@@ -84,19 +85,13 @@ def test_an_adapter_that_does_not_fit_is_refused_before_the_run(trained, tmp_pat
         config.load(None, {"adapter.init_from": src, "adapter.head_init": "prototypes", "model.pooling": "mean"})
     # what would build the seeded state is not read: refused, not ignored
     over = {"adapter.method": "lora-sb", "adapter.sb_factors": "svd", "adapter.init_seed": 3}
-    assert problems_of({"adapter.init_from": src, **over}) == (
+    assert problems({"adapter.init_from": src, **over}) == (
         f"adapter.init_seed: the seeded adapter and LoRA-SB's factors come whole from adapter.init_from = {src!r}, "
         "so this would not be read; leave it out (got 3)",
         f"adapter.sb_factors: the seeded adapter and LoRA-SB's factors come whole from adapter.init_from = {src!r}, "
         "so this would not be read; leave it out (got 'svd')",
     )
     assert config.load(None, over).adapter.sb_factors == "svd"  # accepted without init_from
-
-
-def problems_of(overrides):
-    with pytest.raises(ConfigError) as exc:
-        config.load(None, overrides)
-    return exc.value.problems
 
 
 def test_a_plain_lora_export_starts_a_run_too(tmp_path):
