@@ -28,8 +28,8 @@ B64="train.batch_size=64,train.physical_batch_size=32"
 PUBLIC=${PUBLIC:-imdb}
 GF="adapter.sb_factors=gradient,adapter.sb_public_data=$PUBLIC,adapter.sb_public_examples=128"
 # the gf2 rows started from an adapter trained on public data (WARM=RUN/adapter, adapter.init_from),
-# round 0 evaluated on every held-out example
-WARMED="adapter.init_from=${WARM:-},federation.round_eval_examples=0"
+# round 0 evaluated on every held-out example; WARM_LR: their AdamW step (default 1e-3)
+WARMED="adapter.init_from=${WARM:-},federation.round_eval_examples=0,train.lr=${WARM_LR:-1e-3}"
 INT4="compression.codec=int4,compression.downlink=int4,compression.downlink_catchup=delta"
 INT8="compression.codec=int8,compression.downlink=int8,compression.downlink_catchup=delta"
 declare -A ROWS=(
@@ -54,8 +54,8 @@ declare -A ROWS=(
   # `fedtune centralized` on rotten_tomatoes with the gf2 adapter settings; the core and its factors
   # come from there); round 0 evaluates that start on every held-out review, so the rows also say
   # what the public data alone gives
-  [dp-gf2-warm-nonprivate]="$ALL10,adapter.r=2,train.lr=1e-3,$WARMED"
-  [dp-gf2-warm-eps8]="$ALL10,adapter.r=2,train.lr=1e-3,$WARMED,$SDP,privacy.target_epsilon=8"
+  [dp-gf2-warm-nonprivate]="$ALL10,adapter.r=2,$WARMED"
+  [dp-gf2-warm-eps8]="$ALL10,adapter.r=2,$WARMED,$SDP,privacy.target_epsilon=8"
   [lora-sb-gf2]="adapter.method=lora-sb,train.lr=2e-3,adapter.r=2,$GF"
   # communication both ways: LoRA rank 1 (alpha 2, the same alpha / r as the lora row) coded int4 up
   # and down, a returning silo sent one payload of (global - the copy the server keeps for it)
