@@ -279,12 +279,8 @@ _INIT_ADAPTER_KEYS = ("method", "r", "alpha", "target_modules", "num_virtual_tok
 
 
 def _init_meta(cfg: FedtuneConfig) -> dict:
-    adapter = cfg.adapter.to_dict()
-    return {"model": cfg.model.name, "adapter": {k: _plain(adapter[k]) for k in _INIT_ADAPTER_KEYS}}
-
-
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
+    adapter = cfg.to_dict()["adapter"]  # JSON-plain: tuples as lists
+    return {"model": cfg.model.name, "adapter": {k: adapter[k] for k in _INIT_ADAPTER_KEYS}}
 
 
 def init_problems(cfg: FedtuneConfig) -> list[str]:
